@@ -1,0 +1,206 @@
+"""Column names and types of every stage's outputs, in one place.
+
+Every table a stage writes is conformed to one of these schemas before it is
+committed, and every table a stage reads is validated against one, so a
+missing or mistyped column is a one-line error naming the file and column
+instead of a KeyError deep in a worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable
+
+import pyarrow as pa
+
+from pipeline.errors import SchemaError
+
+# --- uid ---------------------------------------------------------------------
+
+
+def compute_uid(normalised_url: str, caption: str) -> str:
+    """DESIGN.md's uid: first 32 hex chars of sha256(normalised_url + "\\n" + caption)."""
+    digest = hashlib.sha256(f"{normalised_url}\n{caption}".encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:32]
+
+
+def compute_uids(urls: Iterable[str], captions: Iterable[str]) -> pa.Array:
+    """compute_uid over two aligned columns, as a pyarrow string array."""
+    return pa.array([compute_uid(u, c) for u, c in zip(urls, captions)], type=pa.string())
+
+
+# --- crawl status vocabulary ----------------------------------------------------
+# Every input URL ends with exactly one status. "permanent" failures are never
+# re-fetched (by `crawl --retry-failed` either); "transient" ones may be.
+
+SUCCESS = "success"
+STATUS_KINDS: dict[str, str] = {
+    SUCCESS: "ok",
+    # refused before any request
+    "invalid_url": "permanent",
+    "refused_scheme": "permanent",
+    "refused_address": "permanent",
+    "blocked": "permanent",
+    "robots_disallowed": "permanent",
+    # HTTP outcomes
+    "not_found": "permanent",  # 404, 410
+    "legal_unavailable": "permanent",  # 451
+    "http_client_error": "permanent",  # other 4xx
+    "rate_limited": "transient",  # 429 after its retries
+    "server_error": "transient",  # 5xx after its retries
+    "opted_out": "permanent",  # X-Robots-Tag noai / noimageai / noindex ...
+    "redirect_error": "permanent",  # loop, too many hops, bad scheme
+    # transport
+    "timeout": "transient",
+    "connection_error": "transient",
+    "dns_error": "transient",
+    "truncated": "transient",  # Content-Length mismatch, cut chunked body
+    "too_large": "permanent",  # byte cap, compression bomb
+    # image checks
+    "not_an_image": "permanent",
+    "format_not_allowed": "permanent",
+    "decompression_bomb": "permanent",
+    "image_too_small": "permanent",
+    "image_too_large": "permanent",
+    "bad_aspect_ratio": "permanent",
+    "decode_error": "permanent",
+}
+
+
+def is_transient(status: str) -> bool:
+    """True for failures worth fetching again later (timeouts, 5xx, 429...)."""
+    return STATUS_KINDS.get(status) == "transient"
+
+
+# --- schemas -------------------------------------------------------------------
+
+INGEST = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("url", pa.string(), nullable=False),
+        pa.field("caption", pa.string()),
+    ]
+)
+
+CRAWL = pa.schema(
+    [
+        # img2dataset's columns, same names and meaning
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("url", pa.string(), nullable=False),
+        pa.field("caption", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error_message", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("original_width", pa.int32()),
+        pa.field("original_height", pa.int32()),
+        pa.field("sha256", pa.string()),
+        # clipline's additions
+        pa.field("http_status", pa.int16()),
+        pa.field("bytes", pa.int64()),
+        pa.field("format", pa.string()),
+        pa.field("attempts", pa.int8()),
+        pa.field("fetch_ms", pa.float32()),
+    ]
+)
+
+DEDUP = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("dup_of", pa.string()),
+        pa.field("dup_reason", pa.string()),
+        pa.field("cluster_size", pa.int32()),
+    ]
+)
+
+FILTER = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("keep", pa.bool_(), nullable=False),
+        pa.field("drop_reason", pa.string()),
+        pa.field("language", pa.string()),
+        pa.field("language_score", pa.float32()),
+        pa.field("clip_score", pa.float32()),
+    ]
+)
+
+DATASET = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("url", pa.string(), nullable=False),
+        pa.field("caption", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("original_width", pa.int32()),
+        pa.field("original_height", pa.int32()),
+        pa.field("sha256", pa.string()),
+        pa.field("language", pa.string()),
+        pa.field("clip_score", pa.float32()),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "ingest": INGEST,
+    "crawl": CRAWL,
+    "dedup": DEDUP,
+    "filter": FILTER,
+    "dataset": DATASET,
+}
+
+
+def _same_kind(actual: pa.DataType, expected: pa.DataType) -> bool:
+    """Types that can be cast without loss of meaning count as matching."""
+    if actual == expected or pa.types.is_null(actual):
+        return True
+    if pa.types.is_string(expected):
+        return pa.types.is_string(actual) or pa.types.is_large_string(actual) or pa.types.is_string_view(actual)
+    if pa.types.is_integer(expected):
+        return pa.types.is_integer(actual)
+    if pa.types.is_floating(expected):
+        return pa.types.is_floating(actual) or pa.types.is_integer(actual)
+    return False
+
+
+def validate(table: pa.Table | pa.Schema, schema: pa.Schema, where: str) -> None:
+    """Raise SchemaError naming `where` and the first missing or mistyped column."""
+    actual = table if isinstance(table, pa.Schema) else table.schema
+    for field in schema:
+        idx = actual.get_field_index(field.name)
+        if idx < 0:
+            have = ", ".join(actual.names) or "none"
+            raise SchemaError(f"{where}: missing column '{field.name}' ({field.type}); columns present: {have}")
+        if not _same_kind(actual.field(idx).type, field.type):
+            raise SchemaError(
+                f"{where}: column '{field.name}' has type {actual.field(idx).type}, expected {field.type}"
+            )
+
+
+def conform(table: pa.Table, schema: pa.Schema, where: str, keep_extra: bool = False) -> pa.Table:
+    """Validate, then cast to `schema` and order its columns first.
+
+    Extra columns are kept after them (``keep_extra``) or dropped. Nulls in a
+    non-nullable column are an error.
+    """
+    validate(table, schema, where)
+    columns, fields = [], []
+    for field in schema:
+        column = table.column(field.name)
+        if column.type != field.type:
+            column = column.cast(field.type)
+        if not field.nullable and column.null_count:
+            raise SchemaError(f"{where}: column '{field.name}' has {column.null_count} null value(s)")
+        columns.append(column)
+        fields.append(field)
+    if keep_extra:
+        for name in table.column_names:
+            if schema.get_field_index(name) < 0:
+                columns.append(table.column(name))
+                fields.append(table.schema.field(name))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
+def empty(schema: pa.Schema) -> pa.Table:
+    """A zero-row table of `schema` (a shard whose rows were all dropped is still written)."""
+    return schema.empty_table()

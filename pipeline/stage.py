@@ -1,0 +1,198 @@
+"""What a stage is, and how one shard of it is committed. No Ray here: see runner.py.
+
+A stage is two plain functions:
+
+- ``plan(ctx) -> list[int]``, run once on the driver: which shard indices
+  exist (usually the committed shards of the stage before);
+- ``run_shard(ctx) -> dict``, run once per shard, anywhere: reads its inputs
+  through ``ctx``, writes its outputs into local staging files through ``ctx``
+  and returns its statistics (counts, bytes).
+
+The stage never touches final names. ``execute_shard`` commits its staged
+outputs whole (rename / whole-object upload), then writes the shard's marker
+``{stage}/_committed/{shard:05d}.json`` last. The marker holds the statistics,
+each output's byte count and sha256, and the hash of the stage config. A rerun
+skips marked shards; a shard killed before its marker is redone from scratch,
+and since stages are deterministic the redone outputs are byte-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import ClipError, StorageError
+from pipeline.storage import PARQUET_OPTIONS, Storage
+
+log = logging.getLogger(__name__)
+
+MARKER_DIR = "_committed"
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:05d}"
+
+
+def marker_path(stage: str, shard: int) -> str:
+    return f"{stage}/{MARKER_DIR}/{shard_name(shard)}.json"
+
+
+def config_sha256(config: Any) -> str:
+    """A stable hash of a (dataclass) config, used to refuse mixing outputs of two configs."""
+    obj = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def committed_shards(storage: Storage, stage: str) -> list[int]:
+    """Shard indices of `stage` whose marker exists (one listing, no reads)."""
+    names = storage.list(f"{stage}/{MARKER_DIR}", suffix=".json")
+    return sorted(int(Path(n).stem) for n in names)
+
+
+@dataclass
+class PlanContext:
+    """What a stage's plan() sees on the driver."""
+
+    storage: Storage
+    config: Any  # the stage's own frozen config
+    run: Any  # the whole RunConfig
+
+    def committed_shards(self, stage: str) -> list[int]:
+        """Shard indices of `stage` whose marker exists."""
+        return committed_shards(self.storage, stage)
+
+
+@dataclass
+class ShardContext:
+    """What a stage's run_shard() sees for one shard."""
+
+    stage: str
+    shard: int
+    storage: Storage
+    config: Any
+    run: Any
+    staging_dir: Path
+    staged: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.shard)
+
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        return self.storage.read_parquet(rel, columns=columns)
+
+    def output_path(self, rel: str) -> Path:
+        """A local file to write output `rel` into; committed after run_shard returns."""
+        if rel in self.staged:
+            raise AssertionError(f"output {rel} staged twice")
+        local = self.staging_dir / f"out{len(self.staged)}-{Path(rel).name}"
+        self.staged[rel] = local
+        return local
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        pq.write_table(table, self.output_path(rel), **PARQUET_OPTIONS)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A named data stage: `plan` on the driver, `run_shard` per shard."""
+
+    name: str
+    plan: Callable[[PlanContext], list[int]]
+    run_shard: Callable[[ShardContext], dict]
+    config_key: str | None = None  # attribute of RunConfig holding this stage's config
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def config_of(self, run: Any) -> Any:
+        return getattr(run, self.config_key or self.name, None)
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    """What executing one shard came to; `error` is set for a non-retryable input error."""
+
+    shard: int
+    stats: dict
+    skipped: bool = False
+    error: str | None = None
+
+
+def read_marker(storage: Storage, stage: str, shard: int) -> dict | None:
+    rel = marker_path(stage, shard)
+    return storage.read_json(rel) if storage.exists(rel) else None
+
+
+def execute_shard(stage: Stage, shard: int, storage: Storage, run: Any) -> ShardOutcome:
+    """Run one shard of `stage` and commit it: outputs whole, then the marker.
+
+    Skips a shard that is already committed with the same config. A ClipError
+    (bad input, told in one line) is returned as an outcome, not raised, so the
+    runner does not retry what cannot succeed; other exceptions propagate and
+    are retried by the runner.
+    """
+    config = stage.config_of(run)
+    config_hash = config_sha256(config)
+    marker = read_marker(storage, stage.name, shard)
+    if marker is not None:
+        if marker.get("config_sha256") != config_hash:
+            return ShardOutcome(
+                shard,
+                {},
+                error=f"{stage.name}/{shard_name(shard)} was committed with another {stage.name} config; "
+                "use a new output location or delete that stage's outputs",
+            )
+        return ShardOutcome(shard, marker.get("stats", {}), skipped=True)
+
+    staging = Path(tempfile.mkdtemp(prefix=f"clipline-{stage.name}-{shard_name(shard)}-"))
+    try:
+        ctx = ShardContext(stage.name, shard, storage, config, run, staging)
+        started = time.time()
+        try:
+            stats = dict(stage.run_shard(ctx) or {})
+        except ClipError as e:
+            return ShardOutcome(shard, {}, error=f"{stage.name}/{shard_name(shard)}: {e}")
+        outputs = {}
+        for rel, local in ctx.staged.items():
+            if not local.exists():
+                raise AssertionError(f"stage {stage.name} staged {rel} but wrote nothing")
+            outputs[rel] = {"bytes": local.stat().st_size, "sha256": file_sha256(local)}
+            storage.put_file(local, rel)
+        storage.write_json(
+            marker_path(stage.name, shard),
+            {
+                "stage": stage.name,
+                "shard": shard,
+                "config_sha256": config_hash,
+                "outputs": outputs,
+                "stats": stats,
+                "duration_s": round(time.time() - started, 3),
+                "host": os.uname().nodename,
+                "pid": os.getpid(),
+            },
+        )
+        return ShardOutcome(shard, stats)
+    except OSError as e:
+        raise StorageError(f"{stage.name}/{shard_name(shard)}: {e}") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
