@@ -117,7 +117,13 @@ def run_stage(
         report.stats[shard] = marker.get("stats", {})
     pending = [s for s in shards if s not in report.stats]
     if report.skipped:
-        log.info("%s: %d of %d shards already committed, running %d", stage.name, len(report.skipped), len(shards), len(pending))
+        log.info(
+            "%s: %d of %d shards already committed, running %d",
+            stage.name,
+            len(report.skipped),
+            len(shards),
+            len(pending),
+        )
 
     failures: dict[int, str] = {}
     bar = tqdm(

@@ -26,7 +26,7 @@ def compute_uid(normalised_url: str, caption: str) -> str:
 
 def compute_uids(urls: Iterable[str], captions: Iterable[str]) -> pa.Array:
     """compute_uid over two aligned columns, as a pyarrow string array."""
-    return pa.array([compute_uid(u, c) for u, c in zip(urls, captions)], type=pa.string())
+    return pa.array([compute_uid(u, c) for u, c in zip(urls, captions, strict=True)], type=pa.string())
 
 
 # --- crawl status vocabulary ----------------------------------------------------

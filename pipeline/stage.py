@@ -49,10 +49,32 @@ def marker_path(stage: str, shard: int) -> str:
     return f"{stage}/{MARKER_DIR}/{shard_name(shard)}.json"
 
 
+IDENTITY = "identity"  # field metadata key: {"identity": False} = does not change outputs
+
+
+def output_identity(config: Any) -> Any:
+    """The part of a config that decides a stage's outputs, as plain data.
+
+    Fields declared with ``field(metadata={"identity": False})`` (thread counts,
+    progress bars, test fault injection) are left out, so changing them does
+    not invalidate committed shards.
+    """
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {
+            f.name: output_identity(getattr(config, f.name))
+            for f in dataclasses.fields(config)
+            if f.metadata.get(IDENTITY, True)
+        }
+    if isinstance(config, (list, tuple)):
+        return [output_identity(v) for v in config]
+    if isinstance(config, dict):
+        return {str(k): output_identity(v) for k, v in config.items()}
+    return config
+
+
 def config_sha256(config: Any) -> str:
-    """A stable hash of a (dataclass) config, used to refuse mixing outputs of two configs."""
-    obj = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    """A stable hash of a config's output identity, used to refuse mixing outputs of two configs."""
+    return hashlib.sha256(json.dumps(output_identity(config), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -236,7 +236,9 @@ def _s3_client():
     import boto3
     from botocore.config import Config
 
-    key = tuple(os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE"))
+    key = tuple(
+        os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE")
+    )
     with _clients_lock:
         if key not in _clients:
             config = Config(
@@ -267,7 +269,9 @@ def _s3_error(e: Exception, where: str) -> StorageError:
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     if isinstance(e, NoCredentialsError):
-        return StorageError(f"{where}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
+        return StorageError(
+            f"{where}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+        )
     if isinstance(e, EndpointConnectionError):
         return StorageError(f"{where}: cannot reach the S3 endpoint ({e})")
     if isinstance(e, ClientError):
@@ -349,7 +353,7 @@ class S3Storage(Storage):
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
                 for obj in page.get("Contents", []):
                     if obj["Key"].endswith(suffix):
-                        names.append(obj["Key"][len(strip):])
+                        names.append(obj["Key"][len(strip) :])
         except Exception as e:
             raise _s3_error(e, self.url(prefix)) from e
         return sorted(names)

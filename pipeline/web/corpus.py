@@ -48,18 +48,63 @@ BACKGROUNDS = ("plain", "striped", "dotted", "gradient", "noisy")
 _WORDS = {
     "de": {
         "shape": {"circle": "Kreis", "square": "Quadrat", "triangle": "Dreieck", "star": "Stern", "cross": "Kreuz"},
-        "colour": {"red": "Rot", "green": "Grün", "blue": "Blau", "yellow": "Gelb", "purple": "Lila", "orange": "Orange"},
-        "bg": {"plain": "einfarbig", "striped": "gestreift", "dotted": "gepunktet", "gradient": "verlaufend", "noisy": "verrauscht"},
+        "colour": {
+            "red": "Rot",
+            "green": "Grün",
+            "blue": "Blau",
+            "yellow": "Gelb",
+            "purple": "Lila",
+            "orange": "Orange",
+        },
+        "bg": {
+            "plain": "einfarbig",
+            "striped": "gestreift",
+            "dotted": "gepunktet",
+            "gradient": "verlaufend",
+            "noisy": "verrauscht",
+        },
     },
     "fr": {
-        "shape": {"circle": ("cercle", "m"), "square": ("carré", "m"), "triangle": ("triangle", "m"), "star": ("étoile", "f"), "cross": ("croix", "f")},
-        "colour": {"red": ("rouge", "rouge"), "green": ("vert", "verte"), "blue": ("bleu", "bleue"), "yellow": ("jaune", "jaune"), "purple": ("violet", "violette"), "orange": ("orange", "orange")},
+        "shape": {
+            "circle": ("cercle", "m"),
+            "square": ("carré", "m"),
+            "triangle": ("triangle", "m"),
+            "star": ("étoile", "f"),
+            "cross": ("croix", "f"),
+        },
+        "colour": {
+            "red": ("rouge", "rouge"),
+            "green": ("vert", "verte"),
+            "blue": ("bleu", "bleue"),
+            "yellow": ("jaune", "jaune"),
+            "purple": ("violet", "violette"),
+            "orange": ("orange", "orange"),
+        },
         "bg": {"plain": "uni", "striped": "rayé", "dotted": "à pois", "gradient": "dégradé", "noisy": "granuleux"},
     },
     "es": {
-        "shape": {"circle": ("círculo", "m"), "square": ("cuadrado", "m"), "triangle": ("triángulo", "m"), "star": ("estrella", "f"), "cross": ("cruz", "f")},
-        "colour": {"red": ("rojo", "roja"), "green": ("verde", "verde"), "blue": ("azul", "azul"), "yellow": ("amarillo", "amarilla"), "purple": ("morado", "morada"), "orange": ("naranja", "naranja")},
-        "bg": {"plain": "liso", "striped": "de rayas", "dotted": "de puntos", "gradient": "degradado", "noisy": "con ruido"},
+        "shape": {
+            "circle": ("círculo", "m"),
+            "square": ("cuadrado", "m"),
+            "triangle": ("triángulo", "m"),
+            "star": ("estrella", "f"),
+            "cross": ("cruz", "f"),
+        },
+        "colour": {
+            "red": ("rojo", "roja"),
+            "green": ("verde", "verde"),
+            "blue": ("azul", "azul"),
+            "yellow": ("amarillo", "amarilla"),
+            "purple": ("morado", "morada"),
+            "orange": ("naranja", "naranja"),
+        },
+        "bg": {
+            "plain": "liso",
+            "striped": "de rayas",
+            "dotted": "de puntos",
+            "gradient": "degradado",
+            "noisy": "con ruido",
+        },
     },
 }
 _EN_BG = {"plain": "plain", "striped": "striped", "dotted": "dotted", "gradient": "gradient", "noisy": "noisy"}
@@ -161,7 +206,10 @@ def _background(rng: np.random.Generator, kind: str, w: int, h: int) -> Image.Im
 
 def _shape_points(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
     if shape == "triangle":
-        return [(cx + r * math.cos(rot + k * 2 * math.pi / 3), cy + r * math.sin(rot + k * 2 * math.pi / 3)) for k in range(3)]
+        return [
+            (cx + r * math.cos(rot + k * 2 * math.pi / 3), cy + r * math.sin(rot + k * 2 * math.pi / 3))
+            for k in range(3)
+        ]
     if shape == "star":
         pts = []
         for k in range(10):
@@ -170,19 +218,32 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, rot: float) -> lis
             pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
         return pts
     if shape == "square":
-        return [(cx + r * 0.8 * math.cos(rot + math.pi / 4 + k * math.pi / 2) * math.sqrt(2) / 1.2,
-                 cy + r * 0.8 * math.sin(rot + math.pi / 4 + k * math.pi / 2) * math.sqrt(2) / 1.2) for k in range(4)]
+        return [
+            (
+                cx + r * 0.8 * math.cos(rot + math.pi / 4 + k * math.pi / 2) * math.sqrt(2) / 1.2,
+                cy + r * 0.8 * math.sin(rot + math.pi / 4 + k * math.pi / 2) * math.sqrt(2) / 1.2,
+            )
+            for k in range(4)
+        ]
     raise AssertionError(shape)
 
 
-def render(seed: int | list[int], colour: str, shape: str, bg: str, size: tuple[int, int], position: str) -> Image.Image:
+def render(
+    seed: int | list[int], colour: str, shape: str, bg: str, size: tuple[int, int], position: str
+) -> Image.Image:
     """Draw one image: a `colour` `shape` on a `bg` background, deterministic in `seed` (an int or int list)."""
     rng = np.random.default_rng(seed)
     w, h = size
     img = _background(rng, bg, w, h)
     draw = ImageDraw.Draw(img)
     r = min(w, h) * float(rng.uniform(0.18, 0.32))
-    fx, fy = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 0.7), "bottom right": (0.7, 0.7), "centre": (0.5, 0.5)}[position]
+    fx, fy = {
+        "top left": (0.3, 0.3),
+        "top right": (0.7, 0.3),
+        "bottom left": (0.3, 0.7),
+        "bottom right": (0.7, 0.7),
+        "centre": (0.5, 0.5),
+    }[position]
     cx = w * fx + float(rng.uniform(-0.05, 0.05)) * w
     cy = h * fy + float(rng.uniform(-0.05, 0.05)) * h
     fill = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + rng.integers(-18, 19, size=3), 0, 255))
@@ -235,7 +296,8 @@ class WebSpec:
     faults: bool = True  # one URL (or a few) per fault of FAULTS.md
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        """As stored in spec.json (tuples become lists, so a reloaded spec compares equal)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 SIZES: dict[str, WebSpec] = {
@@ -347,17 +409,27 @@ def _bad_files(rng: random.Random, good: Image.Image) -> dict[str, tuple[bytes, 
     png = encode(good, "png")
     files: dict[str, tuple[bytes, str]] = {}
     files["html_as_jpeg"] = (b"<!DOCTYPE html><html><body><h1>Not found</h1></body></html>", "image/jpeg")
-    files["svg_as_jpeg"] = (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', "image/jpeg")
+    files["svg_as_jpeg"] = (
+        b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+        "image/jpeg",
+    )
     files["zero_bytes"] = (b"", "image/jpeg")
     files["random_bytes"] = (bytes(rng.getrandbits(8) for _ in range(4096)), "image/jpeg")
     files["truncated_jpeg"] = (jpeg[: len(jpeg) // 2], "image/jpeg")
     files["truncated_png"] = (png[: len(png) // 2], "image/png")
+
     # PNG whose IHDR declares 60000 x 60000 (3.6 G pixels) with a tiny IDAT.
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
-    files["png_bomb"] = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b""), "image/png")
+    files["png_bomb"] = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + chunk(b"IEND", b""),
+        "image/png",
+    )
     # JPEG whose SOF0 declares 65000 x 65000.
     sof = jpeg.find(b"\xff\xc0")
     patched = bytearray(jpeg)
@@ -366,8 +438,14 @@ def _bad_files(rng: random.Random, good: Image.Image) -> dict[str, tuple[bytes, 
     buf = io.BytesIO()
     good.save(buf, "TIFF")
     files["tiff"] = (buf.getvalue(), "image/tiff")
-    files["psd"] = (b"8BPS\x00\x01" + b"\x00" * 6 + struct.pack(">HIIHH", 3, 64, 64, 8, 3) + b"\x00" * 64, "image/vnd.adobe.photoshop")
-    files["eps"] = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nnewpath 0 0 moveto 64 64 lineto stroke\n%%EOF\n", "application/postscript")
+    files["psd"] = (
+        b"8BPS\x00\x01" + b"\x00" * 6 + struct.pack(">HIIHH", 3, 64, 64, 8, 3) + b"\x00" * 64,
+        "image/vnd.adobe.photoshop",
+    )
+    files["eps"] = (
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nnewpath 0 0 moveto 64 64 lineto stroke\n%%EOF\n",
+        "application/postscript",
+    )
     buf = io.BytesIO()
     good.save(buf, "BMP")
     files["bmp"] = (buf.getvalue(), "image/bmp")
@@ -468,33 +546,42 @@ def generate(root: str | Path, spec: WebSpec = WebSpec()) -> Path:
         private = spec.faults and site == 0 and image_id % 97 == 13
         behaviour = "robots_disallowed" if private else "image"
         original = dict(
-                site=site,
-                path=f"/{'private' if private else 'img'}/{image_id:06d}.{EXT[fmt]}",
-                behaviour=behaviour,
-                file=name,
-                content_type=MIME[fmt],
-                caption=caption,
-                language=lang,
-                colour=colour,
-                shape=shape,
-                label=class_name(colour, shape),
-                image_id=image_id,
-                dup_kind=None,
-                expected_status="robots_disallowed" if private else "success",
+            site=site,
+            path=f"/{'private' if private else 'img'}/{image_id:06d}.{EXT[fmt]}",
+            behaviour=behaviour,
+            file=name,
+            content_type=MIME[fmt],
+            caption=caption,
+            language=lang,
+            colour=colour,
+            shape=shape,
+            label=class_name(colour, shape),
+            image_id=image_id,
+            dup_kind=None,
+            expected_status="robots_disallowed" if private else "success",
         )
         rows.append(original)
         # Planted duplicates, on another site so they land in other shards.
         if rng.random() < spec.exact_dup_fraction:
             same_caption = rng.random() < 0.5
             rows.append(
-                dict(original, site=(site + 1) % spec.content_sites, path=f"/mirror/{image_id:06d}.{EXT[fmt]}",
-                     behaviour="image", caption=caption if same_caption else caption_for(rng, "en", colour, shape, bg, position),
-                     language=lang if same_caption else "en", dup_kind="exact", expected_status="success")
+                dict(
+                    original,
+                    site=(site + 1) % spec.content_sites,
+                    path=f"/mirror/{image_id:06d}.{EXT[fmt]}",
+                    behaviour="image",
+                    caption=caption if same_caption else caption_for(rng, "en", colour, shape, bg, position),
+                    language=lang if same_caption else "en",
+                    dup_kind="exact",
+                    expected_status="success",
+                )
             )
         if rng.random() < spec.near_dup_fraction:
             variant = rng.choice(("reencode", "resize", "crop"))
             if variant == "resize":
-                near = img.resize((max(32, int(img.width * 0.8)), max(32, int(img.height * 0.8))), Image.Resampling.BICUBIC)
+                near = img.resize(
+                    (max(32, int(img.width * 0.8)), max(32, int(img.height * 0.8))), Image.Resampling.BICUBIC
+                )
             elif variant == "crop":
                 dx, dy = max(1, img.width // 25), max(1, img.height // 25)
                 near = img.crop((dx, dy, img.width - dx, img.height - dy))
@@ -503,9 +590,18 @@ def generate(root: str | Path, spec: WebSpec = WebSpec()) -> Path:
             data = encode(near, "jpeg", quality=rng.randint(45, 70))
             near_name = add_file(f"{image_id:06d}-near-{variant}.jpg", data)
             rows.append(
-                dict(original, site=(site + 2) % spec.content_sites, path=f"/variants/{image_id:06d}-{variant}.jpg", behaviour="image",
-                     file=near_name, content_type="image/jpeg", dup_kind="near", expected_status="success",
-                     caption=caption_for(rng, "en", colour, shape, bg, position), language="en")
+                dict(
+                    original,
+                    site=(site + 2) % spec.content_sites,
+                    path=f"/variants/{image_id:06d}-{variant}.jpg",
+                    behaviour="image",
+                    file=near_name,
+                    content_type="image/jpeg",
+                    dup_kind="near",
+                    expected_status="success",
+                    caption=caption_for(rng, "en", colour, shape, bg, position),
+                    language="en",
+                )
             )
 
     if spec.faults:
@@ -524,10 +620,21 @@ def generate(root: str | Path, spec: WebSpec = WebSpec()) -> Path:
             path = f"/private/fault-{behaviour}.jpg" if behaviour == "robots_disallowed" else f"/fault/{behaviour}.jpg"
             valid = expected == "success"
             rows.append(
-                dict(site=site, path=path, behaviour=behaviour, file=file, content_type=content_type,
-                     caption="a blue circle" if valid else f"fault case {behaviour}", language="en" if valid else None,
-                     colour="blue" if valid else None, shape="circle" if valid else None,
-                     label="blue circle" if valid else None, image_id=-1 - n, dup_kind=None, expected_status=expected)
+                dict(
+                    site=site,
+                    path=path,
+                    behaviour=behaviour,
+                    file=file,
+                    content_type=content_type,
+                    caption="a blue circle" if valid else f"fault case {behaviour}",
+                    language="en" if valid else None,
+                    colour="blue" if valid else None,
+                    shape="circle" if valid else None,
+                    label="blue circle" if valid else None,
+                    image_id=-1 - n,
+                    dup_kind=None,
+                    expected_status=expected,
+                )
             )
 
     pq.write_table(pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA), root / "catalog.parquet")
@@ -539,6 +646,7 @@ def generate(root: str | Path, spec: WebSpec = WebSpec()) -> Path:
 def _write_heldout(root: Path, spec: WebSpec) -> None:
     """Held-out labelled images in image-folder layout, drawn from a separate seed stream."""
     rng = random.Random(spec.seed + 999_983)
+    root.mkdir(parents=True, exist_ok=True)
     rows = []
     classes = [(c, s) for c in COLOURS for s in SHAPES]
     for i in range(spec.heldout):
@@ -550,6 +658,14 @@ def _write_heldout(root: Path, spec: WebSpec) -> None:
         (root / folder).mkdir(parents=True, exist_ok=True)
         rel = f"{folder}/{i:05d}.jpg"
         img.save(root / rel, "JPEG", quality=90)
-        rows.append(dict(file=rel, label=class_name(colour, shape), colour=colour, shape=shape,
-                         caption=caption_for(rng, "en", colour, shape, bg, position)))
-    pq.write_table(pa.Table.from_pylist(rows), root / "labels.parquet")
+        rows.append(
+            dict(
+                file=rel,
+                label=class_name(colour, shape),
+                colour=colour,
+                shape=shape,
+                caption=caption_for(rng, "en", colour, shape, bg, position),
+            )
+        )
+    schema = pa.schema([(k, pa.string()) for k in ("file", "label", "colour", "shape", "caption")])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), root / "labels.parquet")

@@ -382,9 +382,24 @@ class SyntheticWeb:
         for entry in self.catalog.to_pylist():
             rows.append(dict(url=self.url_of(entry), **entry))
         for url, caption, expected in URL_LIST_FAULTS:
-            rows.append(dict(url=url.format(port=self.port), site=None, path=None, behaviour="url_list",
-                             file=None, content_type=None, caption=caption, language=None, colour=None,
-                             shape=None, label=None, image_id=None, dup_kind=None, expected_status=expected))
+            rows.append(
+                dict(
+                    url=url.format(port=self.port),
+                    site=None,
+                    path=None,
+                    behaviour="url_list",
+                    file=None,
+                    content_type=None,
+                    caption=caption,
+                    language=None,
+                    colour=None,
+                    shape=None,
+                    label=None,
+                    image_id=None,
+                    dup_kind=None,
+                    expected_status=expected,
+                )
+            )
         return pa.Table.from_pylist(rows)
 
     def _write_url_lists(self) -> None:
@@ -408,7 +423,9 @@ class SyntheticWeb:
         # Blocklists (FAULTS I6): the URL hash of one image and the byte hash of another.
         images = truth.filter(pc.equal(truth["behaviour"], "image")).to_pylist()
         if len(images) > 2:
-            (self.root / "blocklist_url_sha256.txt").write_text(hashlib.sha256(images[1]["url"].encode()).hexdigest() + "\n")
+            (self.root / "blocklist_url_sha256.txt").write_text(
+                hashlib.sha256(images[1]["url"].encode()).hexdigest() + "\n"
+            )
             (self.root / "blocklist_image_sha256.txt").write_text(
                 hashlib.sha256(self.file_bytes(images[2]["file"])).hexdigest() + "\n"
             )
@@ -431,4 +448,3 @@ def serve_forever(root: str | Path, port: int) -> None:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
-

@@ -1,0 +1,1 @@
+"""clipline eval (see its issue; README.md Status)."""

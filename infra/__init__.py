@@ -1,0 +1,1 @@
+"""clipline infra (see its issue; README.md Status)."""

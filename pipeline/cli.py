@@ -1,0 +1,191 @@
+"""The `clipline` command (also `python -m pipeline`). Parses, calls, prints; no logic of its own.
+
+Bad input raises a ClipError somewhere below; it is printed here as one line
+and the command exits 2 (1 for failed shards, 3 for a command not built yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from pipeline import __version__
+from pipeline.errors import ClipError, NotImplementedStage
+
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+
+DATA_STAGES = ("ingest", "crawl", "dedup", "filter", "shard", "stats")
+LATER = {
+    "train": "#7 streaming trainer",
+    "eval": "#8 evaluation",
+    "submit": "#9 running on a Ray cluster",
+    "jobs": "#9 running on a Ray cluster",
+    "takedown": "#6 final shards and stats",
+}
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML run config (defaults when omitted)")
+    p.add_argument("--out", metavar="LOCATION", help="output location: a directory or s3://bucket/prefix")
+    p.add_argument("--address", metavar="ADDR", help="Ray cluster address (default: a local Ray instance)")
+    p.add_argument("--executor", choices=("ray", "inline"), help="run shards on Ray (default) or inline, for debugging")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set runtime.max_retries=3 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipline",
+        description="Build CLIP-scale image-text datasets on Ray, and train and evaluate CLIP on them.",
+    )
+    parser.add_argument("--version", action="version", version=f"clipline {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="the whole flow on the embedded defaults (synthetic web on loopback)")
+    p.add_argument("--out", default="demo-out", metavar="DIR", help="work directory (default: demo-out)")
+    p.add_argument("--size", default="small", choices=("tiny", "small", "medium"), help="corpus size (default: small)")
+    p.add_argument("--storage", metavar="LOCATION", help="put the data outputs here instead (e.g. s3://bucket/demo)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="every data stage of a config, in order, resumable")
+    _config_args(p)
+    p.add_argument(
+        "--stage",
+        dest="stages",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run only this stage (repeatable; default: the config's stages, else all)",
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=cmd_run)
+
+    for name in DATA_STAGES:
+        p = sub.add_parser(name, help=f"run the {name} stage alone")
+        _config_args(p)
+        p.set_defaults(func=cmd_stage, stage=name)
+
+    for name, issue in LATER.items():
+        p = sub.add_parser(name, help=f"(not implemented yet: issue {issue})")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=cmd_later)
+
+    p = sub.add_parser("web", help="generate (if needed) and serve a synthetic web on loopback")
+    p.add_argument("--root", required=True, metavar="DIR", help="corpus directory (generated if absent)")
+    p.add_argument("--port", type=int, default=0, metavar="P", help="port (default: a free one)")
+    p.add_argument("--size", default="small", choices=("tiny", "small", "medium"))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_web)
+    return parser
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def _load(args) -> RunConfig:
+    from pipeline.config import load_config
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out={args.out}")
+    if args.address:
+        overrides.append(f"runtime.address={args.address}")
+    if args.executor:
+        overrides.append(f"runtime.executor={args.executor}")
+    if args.quiet:
+        overrides.append("runtime.progress=false")
+    return load_config(args.config, overrides)
+
+
+def _run_stages(config, names) -> int:
+    from pipeline import stages as registry
+    from pipeline.storage import open_storage
+
+    selected = registry.select(names)
+    if not selected:
+        raise NotImplementedStage("no data stage is implemented yet (issues #3-#6)")
+    from pipeline.runner import run_stage
+
+    store = open_storage(config.out)
+    rt = config.runtime
+    for stage in selected:
+        report = run_stage(
+            stage,
+            store,
+            config,
+            executor=rt.executor,
+            max_retries=rt.max_retries,
+            address=rt.address,
+            num_cpus=rt.num_cpus,
+            progress=rt.progress,
+        )
+        print(
+            f"{stage.name}: {report.planned} shards ({len(report.ran)} run, {len(report.skipped)} already committed), "
+            f"{report.total('rows')} rows, {report.seconds:.1f}s -> {store.url(stage.name)}"
+        )
+    return 0
+
+
+def cmd_run(args) -> int:
+    from pipeline.config import dump_config
+
+    config = _load(args)
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    return _run_stages(config, args.stages or list(config.stages))
+
+
+def cmd_stage(args) -> int:
+    return _run_stages(_load(args), [args.stage])
+
+
+def cmd_later(args) -> int:
+    raise NotImplementedStage(f"clipline {args.command} is not implemented yet (issue {LATER[args.command]})")
+
+
+def cmd_demo(args) -> int:
+    from pipeline.demo import format_summary, run_demo
+
+    summary = run_demo(args.out, args.size, storage=args.storage, progress=not args.quiet)
+    print(format_summary(summary))
+    return 0
+
+
+def cmd_web(args) -> int:
+    from pipeline.web import SIZES, generate, serve_forever
+
+    spec = replace(SIZES[args.size], seed=args.seed)
+    serve_forever(generate(args.root, spec), args.port)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ClipError as e:
+        print(f"clipline: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("clipline: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

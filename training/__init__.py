@@ -1,0 +1,1 @@
+"""clipline training (see its issue; README.md Status)."""
