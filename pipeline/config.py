@@ -19,7 +19,9 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.crawl import CrawlConfig
 from pipeline.errors import ConfigError
+from pipeline.ingest import IngestConfig
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class RunConfig:
     out: str = "out"  # local directory or s3://bucket/prefix
     stages: tuple[str, ...] = ()  # data stages to run, in pipeline order; empty = all
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    crawl: CrawlConfig = field(default_factory=CrawlConfig)
 
 
 # --- generic dataclass <-> dict, with checking ----------------------------------------

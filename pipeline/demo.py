@@ -8,6 +8,7 @@ Running it twice reuses committed work.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import replace
@@ -15,16 +16,57 @@ from pathlib import Path
 
 from pipeline import stages as stage_registry
 from pipeline.config import RunConfig
+from pipeline.crawl import CrawlConfig
 from pipeline.errors import ConfigError
+from pipeline.ingest import IngestConfig
 from pipeline.storage import open_storage
 from pipeline.web import SIZES, SyntheticWeb, generate
+from pipeline.web.server import SITE_NET
 
 log = logging.getLogger(__name__)
 
 
-def demo_config(size: str, out: str) -> RunConfig:
-    """The embedded default config of the demo at `size`."""
-    return RunConfig(name=f"demo-{size}", out=out)
+def demo_config(size: str, out: str, web_root: Path) -> RunConfig:
+    """The embedded default config of the demo at `size`, crawling the synthetic web at `web_root`."""
+    shard_size = {"tiny": 100, "small": 500, "medium": 2500}[size]
+    return RunConfig(
+        name=f"demo-{size}",
+        out=out,
+        ingest=IngestConfig(
+            inputs=(str(web_root / "urls.parquet"),),
+            shard_size=shard_size,
+            blocklist_url_sha256=(str(web_root / "blocklist_url_sha256.txt"),),
+        ),
+        crawl=CrawlConfig(
+            image_size=64,
+            resize_mode="center_crop",
+            min_image_size=32,
+            max_aspect_ratio=6.0,
+            timeout_s=3.0,
+            deadline_s=5.0,
+            backoff_s=0.5,
+            max_retry_after_s=2.0,
+            allow_networks=(f"{SITE_NET}.0/24",),  # the synthetic web, explicitly; nothing else private
+            dns=False,  # every URL is numeric: no name lookup may leave the machine
+            blocklist_image_sha256=(str(web_root / "blocklist_image_sha256.txt"),),
+        ),
+    )
+
+
+def _serve(web_root: Path, out_store) -> SyntheticWeb:
+    """Serve on the port of the last run, so its committed URLs stay valid; else start the stages afresh."""
+    state = web_root / "server.json"
+    previous = json.loads(state.read_text())["port"] if state.exists() else 0
+    try:
+        web = SyntheticWeb(web_root, previous).start()
+    except OSError:
+        log.warning("port %d of the last run is taken: serving on a new port, data stages start afresh", previous)
+        for name in out_store.list():
+            if name.split("/", 1)[0] in stage_registry.PIPELINE_ORDER:
+                out_store.delete(name)
+        web = SyntheticWeb(web_root, 0).start()
+    state.write_text(json.dumps({"port": web.port}))
+    return web
 
 
 def run_demo(out: str | Path, size: str = "small", storage: str | None = None, progress: bool = True) -> dict:
@@ -36,44 +78,60 @@ def run_demo(out: str | Path, size: str = "small", storage: str | None = None, p
     started = time.time()
     web_root = generate(out / "web", SIZES[size])
     timings["web"] = time.time() - started
-    config = demo_config(size, storage or str(out))
+    config = demo_config(size, storage or str(out), web_root)
     config = replace(config, runtime=replace(config.runtime, progress=progress))
+    store = open_storage(config.out)
     summary: dict = {"size": size, "out": str(out), "storage": config.out, "stages": {}}
-    with SyntheticWeb(web_root) as web:
+    web = _serve(web_root, store)
+    try:
         summary["web"] = {
             "url_list": str(web.url_list),
             "urls": web.truth().num_rows,
             "sites": [web.site_url(s) for s in range(web.sites)],
             "heldout": str(web_root / "heldout"),
         }
-        selected = stage_registry.select(())
-        if selected:
-            from pipeline.runner import run_stage  # imports Ray only when there is work
+        from pipeline.runner import run_stage  # imports Ray only when there is work
 
-            store = open_storage(config.out)
-            for stage in selected:
-                t0 = time.time()
-                report = run_stage(
-                    stage,
-                    store,
-                    config,
-                    executor=config.runtime.executor,
-                    max_retries=config.runtime.max_retries,
-                    progress=progress,
-                )
-                timings[stage.name] = time.time() - t0
-                summary["stages"][stage.name] = {
-                    "shards": report.planned,
-                    "ran": len(report.ran),
-                    "reused": len(report.skipped),
-                    "rows": report.total("rows"),
-                }
+        for stage in stage_registry.select(()):
+            t0 = time.time()
+            report = run_stage(
+                stage,
+                store,
+                config,
+                executor=config.runtime.executor,
+                max_retries=config.runtime.max_retries,
+                progress=progress,
+            )
+            timings[stage.name] = timings.get(stage.name, 0.0) + time.time() - t0
+            summary["stages"][stage.name] = {
+                "shards": report.planned,
+                "ran": len(report.ran),
+                "reused": len(report.skipped),
+                "rows": report.total("rows"),
+                "stats": _merged(report.stats.values()),
+            }
+    finally:
+        web.stop()
     summary["not_implemented"] = {
         name: issue for name, issue in stage_registry.PIPELINE_ORDER.items() if name not in stage_registry.STAGES
     }
     summary["seconds"] = {k: round(v, 2) for k, v in timings.items()}
     summary["seconds"]["total"] = round(time.time() - started, 2)
     return summary
+
+
+def _merged(stats) -> dict:
+    """Per-shard stats summed: numbers add, nested counts (statuses) add per key."""
+    total: dict = {}
+    for s in stats:
+        for k, v in s.items():
+            if isinstance(v, dict):
+                inner = total.setdefault(k, {})
+                for kk, vv in v.items():
+                    inner[kk] = inner.get(kk, 0) + vv
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                total[k] = total.get(k, 0) + v
+    return total
 
 
 def format_summary(summary: dict) -> str:
@@ -83,7 +141,15 @@ def format_summary(summary: dict) -> str:
     lines.append(f"  held-out split for evaluation: {web['heldout']}")
     for name, s in summary["stages"].items():
         took = summary["seconds"][name]
-        lines.append(f"  {name:<7} {s['shards']} shards ({s['reused']} reused), {s['rows']} rows, {took:.1f}s")
+        lines.append(f"  {name:<14} {s['shards']:>4} shards ({s['reused']} reused) {s['rows']:>7} rows  {took:6.1f}s")
+    crawl = summary["stages"].get("crawl")
+    if crawl:
+        statuses = crawl["stats"].get("statuses", {})
+        ok = statuses.get("success", 0)
+        lines.append(
+            f"  crawl: {ok} of {crawl['rows']} URLs fetched; other statuses: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items(), key=lambda kv: -kv[1]) if k != "success")
+        )
     for name, issue in summary["not_implemented"].items():
         lines.append(f"  {name:<7} not implemented yet (issue {issue})")
     lines.append("  train, eval: not implemented yet (issues #7, #8)")

@@ -113,8 +113,9 @@ def run_stage(
                 f"{storage.url(stage.name)} holds shards committed with another {stage.name} config; "
                 "use a new output location or delete that stage's outputs"
             )
-        report.skipped.append(shard)
-        report.stats[shard] = marker.get("stats", {})
+        if not stage.redo:
+            report.skipped.append(shard)
+            report.stats[shard] = marker.get("stats", {})
     pending = [s for s in shards if s not in report.stats]
     if report.skipped:
         log.info(
@@ -145,10 +146,13 @@ def run_stage(
         else:
             report.stats[outcome.shard] = outcome.stats
             (report.skipped if outcome.skipped else report.ran).append(outcome.shard)
-            rows_done += int(outcome.stats.get("rows", 0) or 0)
+            rows_done += int(outcome.stats.get(stage.rate_key, 0) or 0)
         bar.update(1)
         elapsed = max(time.time() - started, 1e-6)
-        bar.set_postfix(rows=rows_done, rows_per_s=f"{rows_done / elapsed:.0f}", failed=len(failures), refresh=False)
+        bar.set_postfix(
+            {stage.rate_key: rows_done, f"{stage.rate_key}/s": f"{rows_done / elapsed:.1f}", "failed": len(failures)},
+            refresh=False,
+        )
 
     try:
         if executor == "inline":

@@ -77,8 +77,11 @@ def is_transient(status: str) -> bool:
 INGEST = pa.schema(
     [
         pa.field("uid", pa.string(), nullable=False),
-        pa.field("url", pa.string(), nullable=False),
-        pa.field("caption", pa.string()),
+        pa.field("url", pa.string(), nullable=False),  # normalised; the raw value when it is invalid
+        pa.field("caption", pa.string()),  # normalised
+        pa.field("status", pa.string()),  # null: to be fetched; else why it was refused before any fetch
+        pa.field("source_file", pa.int32()),  # index into ingest/_plan.json "inputs"
+        pa.field("source_row", pa.int64()),  # row number within that file
     ]
 )
 

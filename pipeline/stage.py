@@ -145,6 +145,8 @@ class Stage:
     config_key: str | None = None  # attribute of RunConfig holding this stage's config
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    rate_key: str = "rows"  # the stats count shown per second in the progress bar
+    redo: bool = False  # run planned shards even when committed, replacing outputs and marker (retry passes)
 
     def config_of(self, run: Any) -> Any:
         return getattr(run, self.config_key or self.name, None)
@@ -184,9 +186,10 @@ def execute_shard(stage: Stage, shard: int, storage: Storage, run: Any) -> Shard
                 error=f"{stage.name}/{shard_name(shard)} was committed with another {stage.name} config; "
                 "use a new output location or delete that stage's outputs",
             )
-        return ShardOutcome(shard, marker.get("stats", {}), skipped=True)
+        if not stage.redo:
+            return ShardOutcome(shard, marker.get("stats", {}), skipped=True)
 
-    staging = Path(tempfile.mkdtemp(prefix=f"clipline-{stage.name}-{shard_name(shard)}-"))
+    staging = Path(tempfile.mkdtemp(prefix=f"clipline-{stage.name.replace('/', '-')}-{shard_name(shard)}-"))
     try:
         ctx = ShardContext(stage.name, shard, storage, config, run, staging)
         started = time.time()

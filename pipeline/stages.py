@@ -1,7 +1,8 @@
 """The data stages in pipeline order. Adding a stage is one line in STAGES.
 
-Each entry names the module attribute holding its `pipeline.stage.Stage`;
-modules are imported only when a stage is used, so `clipline --help` stays fast.
+Each entry names the module attribute holding its `pipeline.stage.Stage`, or
+a tuple of Stages run in order (ingest is map → merge → cut); modules are
+imported only when a stage is used, so `clipline --help` stays fast.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from pipeline.errors import ConfigError, NotImplementedStage
 from pipeline.stage import Stage
 
 # name -> "module:attribute", in pipeline order.
-STAGES: dict[str, str] = {}
+STAGES: dict[str, str] = {
+    "ingest": "pipeline.ingest:STAGES",
+    "crawl": "pipeline.crawl:STAGE",
+}
 
 # Every data stage of DESIGN.md, in order, and the issue that brings it.
 PIPELINE_ORDER: dict[str, str] = {
@@ -25,14 +29,15 @@ PIPELINE_ORDER: dict[str, str] = {
 }
 
 
-def get_stage(name: str) -> Stage:
-    """The Stage called `name`; a one-line error if it is unknown or not built yet."""
+def get_stages(name: str) -> list[Stage]:
+    """The Stage(s) called `name`, in order; a one-line error if unknown or not built yet."""
     if name not in PIPELINE_ORDER and name not in STAGES:
         raise ConfigError(f"unknown stage '{name}' (stages: {', '.join(PIPELINE_ORDER)})")
     if name not in STAGES:
         raise NotImplementedStage(f"stage '{name}' is not implemented yet (issue {PIPELINE_ORDER[name]})")
     module, _, attr = STAGES[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+    found = getattr(importlib.import_module(module), attr)
+    return list(found) if isinstance(found, (tuple, list)) else [found]
 
 
 def implemented() -> list[str]:
@@ -42,7 +47,8 @@ def implemented() -> list[str]:
 def select(names: tuple[str, ...] | list[str]) -> list[Stage]:
     """Stages by name in pipeline order; an empty selection means every implemented stage."""
     wanted = list(names) or implemented()
-    for name in wanted:
-        get_stage(name)  # raises for unknown / unimplemented
     order = list(PIPELINE_ORDER) + [n for n in STAGES if n not in PIPELINE_ORDER]
-    return [get_stage(n) for n in sorted(set(wanted), key=order.index)]
+    selected: list[Stage] = []
+    for name in sorted(set(wanted), key=lambda n: order.index(n) if n in order else len(order)):
+        selected.extend(get_stages(name))
+    return selected

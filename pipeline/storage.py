@@ -82,6 +82,10 @@ class Storage:
         """A streaming binary reader (the object is not loaded whole)."""
         raise NotImplementedError
 
+    def open_seekable(self, rel: str) -> IO[bytes]:
+        """A seekable binary reader, for formats read by offset (parquet footers and row groups)."""
+        raise NotImplementedError
+
     def put_file(self, local_path: str | os.PathLike, rel: str) -> None:
         """Copy a local file to `rel`, atomically."""
         raise NotImplementedError
@@ -200,6 +204,9 @@ class LocalStorage(Storage):
             raise StorageError(f"{self.url(rel)}: not found") from e
         except OSError as e:
             raise _os_error(e, self.url(rel)) from e
+
+    def open_seekable(self, rel: str) -> IO[bytes]:
+        return self.open_read(rel)
 
     def _spool_dir(self, rel: str) -> str:
         # Spool next to the final name so the commit is a same-filesystem rename.
@@ -365,6 +372,9 @@ class S3Storage(Storage):
             raise _s3_error(e, self.url(rel)) from e
         return _BodyReader(body)
 
+    def open_seekable(self, rel: str) -> IO[bytes]:
+        return io.BufferedReader(_S3RangeReader(self, rel, self.size(rel)), buffer_size=1 << 20)
+
     def put_file(self, local_path: str | os.PathLike, rel: str) -> None:
         # upload_file switches to multipart above 8 MiB; the object is invisible until complete.
         try:
@@ -405,3 +415,39 @@ class _BodyReader(io.RawIOBase):
     def close(self) -> None:
         self._body.close()
         super().close()
+
+
+class _S3RangeReader(io.RawIOBase):
+    """Random access to one S3 object through ranged GETs (wrap in a BufferedReader)."""
+
+    def __init__(self, store: S3Storage, rel: str, size: int):
+        self._store, self._rel, self._size, self._pos = store, rel, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, b) -> int:
+        if self._pos >= self._size or len(b) == 0:
+            return 0
+        end = min(self._size, self._pos + len(b)) - 1
+        try:
+            body = self._store.client.get_object(
+                Bucket=self._store.bucket, Key=self._store._key(self._rel), Range=f"bytes={self._pos}-{end}"
+            )["Body"]
+            data = body.read()
+        except Exception as e:
+            raise _s3_error(e, self._store.url(self._rel)) from e
+        b[: len(data)] = data
+        self._pos += len(data)
+        return len(data)

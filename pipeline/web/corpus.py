@@ -450,7 +450,7 @@ def _bad_files(rng: random.Random, good: Image.Image) -> dict[str, tuple[bytes, 
     good.save(buf, "BMP")
     files["bmp"] = (buf.getvalue(), "image/bmp")
     files["tiny_image"] = (encode(good.resize((8, 8)), "jpeg"), "image/jpeg")
-    files["extreme_aspect"] = (encode(good.resize((1200, 12)), "jpeg"), "image/jpeg")
+    files["extreme_aspect"] = (encode(good.resize((2400, 40)), "jpeg"), "image/jpeg")
     # I5
     buf = io.BytesIO()
     good.convert("CMYK").save(buf, "JPEG", quality=90)

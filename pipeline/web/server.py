@@ -88,8 +88,8 @@ class _Handler(BaseHTTPRequestHandler):
         n = self.web.log.enter(self.site, path, self.headers.get("User-Agent", ""))
         try:
             self._route(path, n)
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
-            pass  # the client gave up, as the crawler is meant to on faults
+        except (OSError, ValueError):
+            pass  # the client gave up (as the crawler is meant to on faults), or we reset the connection
         finally:
             self.web.log.leave(self.site)
 
@@ -144,8 +144,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- faults (method name = behaviour)
     def _abort(self):
-        """Close with a TCP RST (SO_LINGER 0) rather than an orderly FIN."""
+        """Close with a TCP RST (SO_LINGER 0) now, before socketserver's orderly FIN."""
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
         self.close_connection = True
 
     def _fault_reset(self, entry, hit):
@@ -204,7 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"{len(half):x}\r\n".encode() + half + b"\r\n")
         self.wfile.write(f"{len(body) - len(half):x}\r\n".encode() + body[len(half) : len(half) + 100])
         self.wfile.flush()
-        self._abort()  # no terminating zero-size chunk
+        self.close_connection = True  # orderly close mid-chunk, and no terminating zero-size chunk
 
     def _fault_gzip_bomb(self, entry, hit):
         self._send(200, self._file(entry), "image/jpeg", headers=[("Content-Encoding", "gzip")])

@@ -69,6 +69,20 @@ def test_large_objects_stream_and_upload_whole(store, tmp_path):
     assert (tmp_path / "back.bin").read_bytes() == data
 
 
+def test_seekable_reader_reads_parquet_row_groups(store, tmp_path):
+    import pyarrow.parquet as pq
+
+    table = pa.table({"n": list(range(10_000))})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=1000)
+    store.put_file(tmp_path / "t.parquet", "t.parquet")
+    with store.open_seekable("t.parquet") as f:
+        pf = pq.ParquetFile(f)
+        assert pf.metadata.num_row_groups == 10
+        assert pf.read_row_groups([3, 7])["n"].to_pylist() == list(range(3000, 4000)) + list(range(7000, 8000))
+        f.seek(-4, 2)
+        assert f.read() == b"PAR1"
+
+
 def test_missing_objects_and_bad_parquet_are_one_line_errors(store):
     with pytest.raises(StorageError, match=r"missing\.bin: not found$"):
         store.read_bytes("missing.bin")

@@ -179,7 +179,7 @@ def test_flaky_faults_fail_once_then_serve(tmp_path, behaviour):
 
 
 def test_connection_reset_mid_body(web):
-    with pytest.raises((ConnectionResetError, http.client.IncompleteRead)):
+    with pytest.raises(ConnectionResetError):
         fetch(web, "reset")
 
 
@@ -193,7 +193,7 @@ def test_refused_port_refuses(web):
 def test_short_body_and_cut_chunked_body(web):
     with pytest.raises(http.client.IncompleteRead):
         fetch(web, "short_body")
-    with pytest.raises((http.client.IncompleteRead, ConnectionResetError)):
+    with pytest.raises(http.client.IncompleteRead):
         fetch(web, "chunked_cut")
 
 
@@ -281,7 +281,7 @@ def test_bad_and_awkward_image_files(web):
     with pytest.raises(OSError):
         Image.open(io.BytesIO(body("truncated_jpeg"))).load()
     assert Image.open(io.BytesIO(body("tiny_image"))).size == (8, 8)
-    assert Image.open(io.BytesIO(body("extreme_aspect"))).size == (1200, 12)
+    assert Image.open(io.BytesIO(body("extreme_aspect"))).size == (2400, 40)
     assert Image.open(io.BytesIO(body("cmyk_jpeg"))).mode == "CMYK"
     assert Image.open(io.BytesIO(body("png_16bit"))).mode.startswith("I")
     pal = Image.open(io.BytesIO(body("palette_alpha")))

@@ -1,0 +1,448 @@
+"""Crawl: work shards → crawl/{shard}.tar (webdataset) + crawl/{shard}.parquet (one row per URL).
+
+The output is img2dataset's: the same parquet columns (uid, url, caption, key,
+status, error_message, width, height, original_width, original_height,
+sha256) plus http_status, bytes, format, attempts and fetch_ms, and a tar of
+{uid}.jpg/.txt/.json per success. The network layer (pipeline/fetch.py) adds
+what img2dataset does not have: the address guard, a total deadline and byte
+cap, robots.txt and X-Robots-Tag, a format allow-list and a bomb check.
+
+Politeness: URLs are handed to the download threads by a per-host scheduler,
+with at most `per_host_concurrency` requests in flight to one host and at
+least 1/`per_host_rps` seconds between request starts. A 429/503 (with or
+without Retry-After) or a 5xx backs off that host only and puts the URL back
+in the queue, up to `max_attempts`. The limits hold per crawl task; with many
+tasks at once a host sees at most tasks × the limit, and hash-partitioned
+ingest shards spread each host's URLs over many tasks.
+
+`clipline crawl --retry-failed` fetches again only the transient failures
+(timeouts, 5xx, 429, connection errors) of committed shards and commits new
+versions of those shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import logging
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+
+from pipeline import schema
+from pipeline.errors import ConfigError
+from pipeline.fetch import AddressGuard, Fetcher, FetchError, FetchPolicy, Network, RobotsCache
+from pipeline.formats import TarWriter, group_samples, iter_tar_members
+from pipeline.images import ImagePolicy, ImageRefused, process
+from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards
+
+log = logging.getLogger(__name__)
+
+RUNTIME_ONLY = {IDENTITY: False}
+RETRIED_IN_CRAWL = frozenset({"rate_limited", "server_error", "connection_error"})
+
+
+@dataclass(frozen=True)
+class CrawlConfig:
+    """How to download, check and resize. Sizes and resize modes follow img2dataset's options."""
+
+    image_size: int = 256
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
+    resize_only_if_bigger: bool = False
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = 95
+    min_image_size: int = 0
+    max_image_area: float = float("inf")
+    max_aspect_ratio: float = float("inf")
+    max_image_pixels: int = 89_478_485
+    allowed_formats: tuple[str, ...] = ("jpeg", "png", "webp", "gif")
+    timeout_s: float = 10.0  # per connect / read
+    deadline_s: float = 30.0  # per download, redirects included
+    max_bytes: int = 20 << 20
+    max_redirects: int = 5
+    max_attempts: int = 3  # per URL, for 429 / 5xx / connection errors
+    backoff_s: float = 1.0  # first backoff of a host without Retry-After; doubles per attempt
+    max_retry_after_s: float = 60.0  # a longer Retry-After is cut to this
+    user_agent: str = "clipline/0.1 (image-text dataset crawler; honours robots.txt and X-Robots-Tag noai)"
+    agent_token: str = "clipline"
+    robots_txt: bool = True
+    x_robots_tag: bool = True
+    allow_networks: tuple[str, ...] = ()  # CIDRs admitted despite being private/loopback (the demo's web)
+    hosts: dict[str, str] = field(default_factory=dict)  # static name → IP, like curl --resolve
+    dns: bool = True  # False: no name lookups at all (names must be in `hosts`)
+    blocklist_image_sha256: tuple[str, ...] = ()  # files of sha256(image bytes) hex lines
+    threads: int = field(default=32, metadata=RUNTIME_ONLY)
+    per_host_concurrency: int = field(default=4, metadata=RUNTIME_ONLY)
+    per_host_rps: float = field(default=20.0, metadata=RUNTIME_ONLY)
+
+    def image_policy(self) -> ImagePolicy:
+        return ImagePolicy(
+            image_size=self.image_size,
+            resize_mode=self.resize_mode,
+            resize_only_if_bigger=self.resize_only_if_bigger,
+            encode_format=self.encode_format,
+            encode_quality=self.encode_quality,
+            min_image_size=self.min_image_size,
+            max_image_area=self.max_image_area,
+            max_aspect_ratio=self.max_aspect_ratio,
+            max_image_pixels=self.max_image_pixels,
+            allowed_formats=self.allowed_formats,
+        )
+
+    def fetch_policy(self) -> FetchPolicy:
+        return FetchPolicy(
+            user_agent=self.user_agent,
+            agent_token=self.agent_token,
+            timeout_s=self.timeout_s,
+            deadline_s=self.deadline_s,
+            max_bytes=self.max_bytes,
+            max_redirects=self.max_redirects,
+            robots_txt=self.robots_txt,
+            x_robots_tag=self.x_robots_tag,
+        )
+
+    def network(self) -> Network:
+        return Network(guard=AddressGuard(self.allow_networks), hosts=dict(self.hosts), dns=self.dns)
+
+
+# robots.txt rules are shared by every crawl task a worker process runs.
+_ROBOTS = RobotsCache()
+
+
+# --- per-host scheduling ------------------------------------------------------------------------
+
+
+class HostScheduler:
+    """Hands out work items so that each host gets at most `limit` in flight and `rps` starts a second.
+
+    Hosts with work and a free slot wait in a heap keyed by the earliest time
+    they may start another request; a backoff pushes that time out for one host.
+    """
+
+    def __init__(self, items: list[tuple[int, str]], limit: int, rps: float):
+        self.limit, self.interval = max(1, limit), 1.0 / rps if rps > 0 else 0.0
+        self.queues: dict[str, deque[int]] = {}
+        for item, host in items:
+            self.queues.setdefault(host, deque()).append(item)
+        self.active: Counter = Counter()
+        self.not_before: dict[str, float] = {}
+        self.heap = [(0.0, i, h) for i, h in enumerate(self.queues)]
+        heapq.heapify(self.heap)
+        self.in_heap = set(self.queues)
+        self.pending = len(items)
+        self.seq = len(self.heap)
+        self.cond = threading.Condition()
+
+    def _push(self, host: str) -> None:
+        if host not in self.in_heap and self.queues[host] and self.active[host] < self.limit:
+            self.seq += 1
+            heapq.heappush(self.heap, (self.not_before.get(host, 0.0), self.seq, host))
+            self.in_heap.add(host)
+
+    def get(self) -> tuple[int, str] | None:
+        """The next (item, host) to fetch, waiting as politeness requires; None when all is done."""
+        with self.cond:
+            while True:
+                now = time.monotonic()
+                if self.heap and self.heap[0][0] <= now:
+                    _, _, host = heapq.heappop(self.heap)
+                    self.in_heap.discard(host)
+                    item = self.queues[host].popleft()
+                    self.active[host] += 1
+                    self.pending -= 1
+                    self.not_before[host] = max(now, self.not_before.get(host, 0.0)) + self.interval
+                    self._push(host)
+                    return item, host
+                if self.pending == 0 and sum(self.active.values()) == 0:
+                    return None
+                self.cond.wait(timeout=(self.heap[0][0] - now) if self.heap else None)
+
+    def done(self, host: str, retry_item: int | None = None, backoff_s: float = 0.0) -> None:
+        """A request to `host` finished; optionally queue `retry_item` again after backing the host off."""
+        with self.cond:
+            self.active[host] -= 1
+            if backoff_s > 0:
+                self.not_before[host] = max(self.not_before.get(host, 0.0), time.monotonic() + backoff_s)
+                if host in self.in_heap:  # re-key it: drop the stale entry
+                    self.heap = [e for e in self.heap if e[2] != host]
+                    heapq.heapify(self.heap)
+                    self.in_heap.discard(host)
+            if retry_item is not None:
+                self.queues[host].append(retry_item)
+                self.pending += 1
+            self._push(host)
+            self.cond.notify_all()
+
+
+# --- one URL ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    status: str
+    error_message: str | None = None
+    http_status: int | None = None
+    retry_after: float | None = None
+    image: bytes | None = None
+    width: int | None = None
+    height: int | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    sha256: str | None = None
+    bytes: int | None = None
+    format: str | None = None
+    fetch_ms: float | None = None
+
+
+def download(url: str, fetcher: Fetcher, policy: ImagePolicy, blocked: frozenset[str]) -> Outcome:
+    """Fetch, check and process one URL into an Outcome; never raises for the URL's faults."""
+    started = time.monotonic()
+    try:
+        result = fetcher.get(url)
+    except FetchError as e:
+        return Outcome(e.status, str(e), e.http_status, e.retry_after, fetch_ms=(time.monotonic() - started) * 1000)
+    elapsed = (time.monotonic() - started) * 1000
+    digest = hashlib.sha256(result.body).hexdigest()
+    base = dict(http_status=result.http_status, sha256=digest, bytes=len(result.body), fetch_ms=elapsed)
+    if digest in blocked:
+        return Outcome("blocked", "image hash is on a blocklist", **base)
+    try:
+        image = process(result.body, policy)
+    except ImageRefused as e:
+        return Outcome(e.status, str(e), **base)
+    return Outcome(
+        schema.SUCCESS,
+        None,
+        image=image.data,
+        width=image.width,
+        height=image.height,
+        original_width=image.original_width,
+        original_height=image.original_height,
+        format=image.format,
+        **base,
+    )
+
+
+def host_key(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+def crawl_rows(urls: list[str], config: CrawlConfig, fetcher: Fetcher | None = None) -> list[tuple[Outcome, int]]:
+    """Download `urls` politely with `config.threads` threads; (outcome, attempts) per URL, in order."""
+    fetcher = fetcher or Fetcher(config.network(), config.fetch_policy(), _ROBOTS)
+    policy = config.image_policy()
+    blocked = load_hashes(config.blocklist_image_sha256)
+    results: list[tuple[Outcome, int] | None] = [None] * len(urls)
+    attempts = [0] * len(urls)
+    scheduler = HostScheduler(
+        [(i, host_key(u)) for i, u in enumerate(urls)], config.per_host_concurrency, config.per_host_rps
+    )
+
+    def worker() -> None:
+        while (job := scheduler.get()) is not None:
+            index, host = job
+            attempts[index] += 1
+            outcome = download(urls[index], fetcher, policy, blocked)
+            if outcome.status in RETRIED_IN_CRAWL and attempts[index] < config.max_attempts:
+                wait = outcome.retry_after
+                wait = config.backoff_s * 2 ** (attempts[index] - 1) if wait is None else wait
+                scheduler.done(host, retry_item=index, backoff_s=min(wait, config.max_retry_after_s))
+                continue
+            results[index] = (outcome, attempts[index])
+            scheduler.done(host)
+
+    threads = max(1, min(config.threads, len(urls)))
+    try:
+        with ThreadPoolExecutor(threads, thread_name_prefix="crawl") as pool:
+            for future in [pool.submit(worker) for _ in range(threads)]:
+                future.result()
+    finally:
+        fetcher.close()
+    assert all(r is not None for r in results), "every URL ends with an outcome"
+    return results  # type: ignore[return-value]
+
+
+def load_hashes(paths: tuple[str, ...]) -> frozenset[str]:
+    """Hex hashes, one a line ('#' comments), from local or s3:// files."""
+    from pipeline.storage import open_storage
+
+    hashes: set[str] = set()
+    for path in paths:
+        head, _, name = path.rstrip("/").rpartition("/")
+        try:
+            text = open_storage(head or ".").read_bytes(name).decode()
+        except Exception as e:
+            raise ConfigError(f"blocklist {path}: {e}") from e
+        hashes.update(line.strip().lower() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    return frozenset(hashes)
+
+
+# --- the stage ---------------------------------------------------------------------------------
+
+
+def sample_json(row: dict) -> bytes:
+    keys = (
+        "uid",
+        "url",
+        "caption",
+        "key",
+        "status",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "sha256",
+        "format",
+        "bytes",
+    )
+    return json.dumps({k: row[k] for k in keys}, ensure_ascii=False, sort_keys=True).encode()
+
+
+def crawl_table(table: pa.Table, outcomes: dict[int, tuple[Outcome, int]], tar: TarWriter) -> tuple[pa.Table, dict]:
+    """The crawl parquet rows for an ingest table (outcomes by row index), writing successes to `tar`."""
+    rows, counts, image_bytes = [], Counter(), 0
+    for i, src in enumerate(table.to_pylist()):
+        refused = src.get("status")
+        outcome, attempts = outcomes.get(i, (Outcome(refused or "invalid_url", "refused at ingest"), 0))
+        row = {
+            "uid": src["uid"],
+            "url": src["url"],
+            "caption": src["caption"],
+            "key": src["uid"],
+            "status": outcome.status,
+            "error_message": outcome.error_message,
+            "width": outcome.width,
+            "height": outcome.height,
+            "original_width": outcome.original_width,
+            "original_height": outcome.original_height,
+            "sha256": outcome.sha256,
+            "http_status": outcome.http_status,
+            "bytes": outcome.bytes,
+            "format": outcome.format,
+            "attempts": attempts,
+            "fetch_ms": outcome.fetch_ms,
+        }
+        for extra in table.column_names:
+            if extra not in row and extra not in ("status", "source_file", "source_row"):
+                row[extra] = src[extra]
+        counts[outcome.status] += 1
+        if outcome.status == schema.SUCCESS:
+            tar.add(
+                row["key"],
+                {_ext(outcome.image): outcome.image, "txt": (row["caption"] or "").encode(), "json": sample_json(row)},
+            )
+            image_bytes += len(outcome.image)
+        rows.append(row)
+    out = pa.Table.from_pylist(rows) if rows else schema.empty(schema.CRAWL)
+    out = schema.conform(out, schema.CRAWL, "crawl", keep_extra=True)
+    stats = {
+        "rows": len(rows),
+        "success": counts[schema.SUCCESS],
+        "statuses": dict(sorted(counts.items())),
+        "image_bytes": image_bytes,
+    }
+    return out, stats
+
+
+def _ext(data: bytes) -> str:
+    return "png" if data.startswith(b"\x89PNG") else "webp" if data[8:12] == b"WEBP" else "jpg"
+
+
+def plan_crawl(ctx: PlanContext) -> list[int]:
+    return committed_shards(ctx.storage, "ingest")
+
+
+def run_crawl(ctx: ShardContext) -> dict:
+    config: CrawlConfig = ctx.config
+    table = ctx.read_table(f"ingest/{ctx.name}.parquet")
+    schema.validate(table, schema.INGEST, f"ingest/{ctx.name}.parquet")
+    statuses = table["status"].to_pylist()
+    todo = [i for i, s in enumerate(statuses) if s is None]
+    urls = table["url"].to_pylist()
+    started = time.time()
+    results = crawl_rows([urls[i] for i in todo], config)
+    outcomes = dict(zip(todo, results, strict=True))
+    with TarWriter(ctx.output_path(f"crawl/{ctx.name}.tar")) as tar:
+        out, stats = crawl_table(table, outcomes, tar)
+    ctx.write_table(f"crawl/{ctx.name}.parquet", out)
+    stats["seconds"] = round(time.time() - started, 3)
+    return stats
+
+
+# --- retry-failed ------------------------------------------------------------------------------
+
+
+def plan_retry(ctx: PlanContext) -> list[int]:
+    """Committed crawl shards that have transient failures."""
+    shards = []
+    for shard in committed_shards(ctx.storage, "crawl"):
+        marker = ctx.storage.read_json(f"crawl/_committed/{shard:05d}.json")
+        if any(schema.is_transient(s) for s in marker["stats"].get("statuses", {})):
+            shards.append(shard)
+    return shards
+
+
+def run_retry(ctx: ShardContext) -> dict:
+    """Fetch the transient failures of one committed crawl shard again; rewrite its tar and parquet."""
+    config: CrawlConfig = ctx.config
+    old = ctx.read_table(f"crawl/{ctx.name}.parquet")
+    rows = old.to_pylist()
+    with ctx.storage.open_read(f"crawl/{ctx.name}.tar") as f:
+        kept = {key: sample for key, sample in group_samples(iter_tar_members(f))}
+    todo = [i for i, r in enumerate(rows) if schema.is_transient(r["status"])]
+    results = crawl_rows([rows[i]["url"] for i in todo], config)
+    fresh = dict(zip(todo, results, strict=True))
+    counts = Counter()
+    with TarWriter(ctx.output_path(f"crawl/{ctx.name}.tar")) as tar:
+        for i, row in enumerate(rows):
+            if i in fresh:
+                outcome, attempts = fresh[i]
+                row.update(
+                    status=outcome.status,
+                    error_message=outcome.error_message,
+                    width=outcome.width,
+                    height=outcome.height,
+                    original_width=outcome.original_width,
+                    original_height=outcome.original_height,
+                    sha256=outcome.sha256,
+                    http_status=outcome.http_status,
+                    bytes=outcome.bytes,
+                    format=outcome.format,
+                    attempts=(row["attempts"] or 0) + attempts,
+                    fetch_ms=outcome.fetch_ms,
+                )
+                if outcome.status == schema.SUCCESS:
+                    kept[row["key"]] = {
+                        _ext(outcome.image): outcome.image,
+                        "txt": (row["caption"] or "").encode(),
+                        "json": sample_json(row),
+                    }
+            if row["status"] == schema.SUCCESS:
+                tar.add(row["key"], kept[row["key"]])
+            counts[row["status"]] += 1
+    ctx.write_table(
+        f"crawl/{ctx.name}.parquet",
+        schema.conform(pa.Table.from_pylist(rows, schema=old.schema), schema.CRAWL, "crawl", keep_extra=True),
+    )
+    return {
+        "rows": len(rows),
+        "success": counts[schema.SUCCESS],
+        "statuses": dict(sorted(counts.items())),
+        "retried": len(todo),
+        "recovered": sum(1 for o, _ in fresh.values() if o.status == schema.SUCCESS),
+    }
+
+
+STAGE = Stage(name="crawl", plan=plan_crawl, run_shard=run_crawl, config_key="crawl", rate_key="success")
+# Rewrites committed shards (and their markers) in place; running it twice only re-fetches what is still failing.
+RETRY_STAGE = Stage(
+    name="crawl", plan=plan_retry, run_shard=run_retry, config_key="crawl", rate_key="recovered", redo=True
+)

@@ -1,0 +1,520 @@
+"""The crawl's network layer: one safe, polite HTTP GET, with what img2dataset leaves out.
+
+- Only http/https. Each host is resolved once per request and *every* address
+  is checked against the guard (loopback, private, link-local, CGNAT,
+  reserved, multicast, IPv6 ULA/link-local, IPv4-mapped and 6to4/NAT64
+  embeddings) unless an allow-list network admits it; the connection is then
+  made to the checked address (no DNS rebinding between check and connect).
+  Numeric host spellings (decimal, octal, hex, short forms) are canonicalised
+  here with inet_aton, so they are checked like any address and never reach
+  a resolver. Every redirect hop goes through the same checks.
+- A total deadline per download (not only a per-read timeout, which a server
+  trickling one byte at a time never trips) and a byte cap, enforced while
+  reading, also on compressed bodies (no decompression bombs).
+- X-Robots-Tag (noai, noimageai, noindex, noimageindex, none; also
+  agent-scoped "clipline: noai") is honoured from the headers, before the body
+  is read.
+- robots.txt per RFC 9309 (longest match, allow wins ties, 4xx → allow all,
+  5xx/unreachable → disallow all), fetched through the same guard and cached
+  per host for the process.
+
+Python's urllib.robotparser is not used: it applies the first matching rule
+rather than the longest (RFC 9309 §2.2.2) and fetches through urllib, outside
+the address guard.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import ipaddress
+import re
+import socket
+import ssl
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+from urllib.parse import urljoin, urlsplit
+
+OPT_OUT_DIRECTIVES = {"noai", "noimageai", "noindex", "noimageindex", "none"}
+# X-Robots-Tag directives that themselves contain a colon and are not agent prefixes.
+VALUED_DIRECTIVES = {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
+ROBOTS_MAX_BYTES = 512 * 1024  # RFC 9309: parse at least 500 KiB
+ROBOTS_TTL_S = 24 * 3600
+ROBOTS_UNREACHABLE_TTL_S = 60  # a host that did not answer is asked again after this
+TRANSPORT_STATUSES = frozenset({"connection_error", "timeout", "dns_error", "truncated"})
+
+
+class FetchError(Exception):
+    """A download that ended in a crawl status other than success."""
+
+    def __init__(self, status: str, message: str, http_status: int | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.status = status
+        self.http_status = http_status
+        self.retry_after = retry_after
+
+
+# --- addresses -------------------------------------------------------------------------------
+
+
+def canonical_ip(host: str) -> str | None:
+    """The IP a numeric host spelling stands for (any inet_aton form, or IPv6), else None."""
+    h = host.strip("[]")
+    try:
+        return str(ipaddress.ip_address(h.split("%")[0]))
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9a-fA-FxX.]+", h) and not h.endswith("."):
+        try:
+            return socket.inet_ntoa(socket.inet_aton(h))
+        except OSError:
+            return None
+    return None
+
+
+def _embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if addr.ipv4_mapped:
+        return addr.ipv4_mapped
+    if addr.sixtofour:
+        return addr.sixtofour
+    if addr in ipaddress.ip_network("64:ff9b::/96"):  # NAT64
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return None
+
+
+@dataclass(frozen=True)
+class AddressGuard:
+    """Which resolved addresses may be contacted: public unicast, or an allow-listed network."""
+
+    allow: tuple[str, ...] = ()
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n, strict=False) for n in self.allow]
+
+    def permits(self, ip: str) -> bool:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+        candidates = [addr]
+        if isinstance(addr, ipaddress.IPv6Address) and (inner := _embedded_ipv4(addr)) is not None:
+            candidates.append(inner)
+        allowed = self.networks()
+        if any(c in n for c in candidates for n in allowed if c.version == n.version):
+            return True
+        return all(c.is_global and not c.is_multicast for c in candidates)
+
+
+Resolver = Callable[[str, int], list[str]]
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """All addresses of `host` from the system resolver, in its order, each once."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+@dataclass
+class Network:
+    """How names become addresses, and which addresses may be contacted."""
+
+    guard: AddressGuard = field(default_factory=AddressGuard)
+    hosts: dict[str, str] = field(default_factory=dict)  # static name → IP (like curl --resolve)
+    dns: bool = True  # False: names not in `hosts` fail without any lookup (offline tests, demo)
+    resolver: Resolver = system_resolver
+
+    def addresses(self, host: str, port: int) -> list[str]:
+        """Checked addresses for host:port; FetchError refused_address / dns_error otherwise."""
+        ip = canonical_ip(host)
+        if ip is None:
+            name = host.lower().rstrip(".")
+            if name in self.hosts:
+                ips = [self.hosts[name]]
+            elif not self.dns:
+                raise FetchError(
+                    "dns_error", f"{host}: name lookups are off (crawl.dns: false) and it is not in crawl.hosts"
+                )
+            else:
+                try:
+                    ips = self.resolver(host, port)
+                except (socket.gaierror, UnicodeError, OSError) as e:
+                    raise FetchError("dns_error", f"{host}: {e}") from e
+                if not ips:
+                    raise FetchError("dns_error", f"{host}: no addresses")
+        else:
+            ips = [ip]
+        refused = [a for a in ips if not self.guard.permits(a)]
+        if refused:
+            raise FetchError("refused_address", f"{host} resolves to {refused[0]}, which is not a public address")
+        return ips
+
+
+# --- X-Robots-Tag ------------------------------------------------------------------------------
+
+
+def x_robots_opt_out(values: list[str], agent: str) -> str | None:
+    """The opt-out directive that applies to `agent` in X-Robots-Tag header values, else None."""
+    token = agent.lower()
+    for value in values:
+        scoped = re.match(r"^\s*([A-Za-z0-9_.\-]+)\s*:\s*(.*)$", value)
+        if scoped and scoped.group(1).lower() not in VALUED_DIRECTIVES:
+            if scoped.group(1).lower() != token:
+                continue
+            value = scoped.group(2)
+        directives = {d.strip().lower() for d in value.split(",")}
+        hit = directives & OPT_OUT_DIRECTIVES
+        if hit:
+            return sorted(hit)[0]
+    return None
+
+
+# --- robots.txt (RFC 9309) ---------------------------------------------------------------------
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    anchored = pattern.endswith("$")
+    body = re.escape(pattern[:-1] if anchored else pattern).replace(r"\*", ".*")
+    return re.compile(body + ("$" if anchored else ""))
+
+
+@dataclass
+class RobotsRules:
+    """The rules of one robots.txt for one product token."""
+
+    rules: list[tuple[int, bool, re.Pattern]]  # (pattern length, allow, regex)
+    allow_all: bool = False
+    disallow_all: bool = False
+    unreachable: FetchError | None = None  # the host could not be reached at all: report that instead
+
+    @classmethod
+    def parse(cls, text: str, agent: str) -> "RobotsRules":
+        token = agent.lower()
+        groups: list[tuple[set[str], list[tuple[bool, str]]]] = []
+        agents: set[str] | None = None
+        for raw in text.splitlines():
+            line = raw.split("#", 1)[0].strip()
+            if ":" not in line:
+                continue
+            key, value = (s.strip() for s in line.split(":", 1))
+            key = key.lower()
+            if key == "user-agent":
+                if agents is None:  # a new group starts
+                    agents = set()
+                    groups.append((agents, []))
+                agents.add(value.lower())
+            elif key in ("allow", "disallow"):
+                if groups:
+                    groups[-1][1].append((key == "allow", value))
+                agents = None  # the next user-agent line starts another group
+        mine = [rules for names, rules in groups if token in names]
+        if not mine:
+            mine = [rules for names, rules in groups if "*" in names]
+        compiled = [(len(p), allow, _pattern_regex(p)) for rules in mine for allow, p in rules if p]
+        return cls(compiled, allow_all=not compiled)
+
+    def allowed(self, path: str) -> bool:
+        if self.disallow_all:
+            return False
+        if self.allow_all or path == "/robots.txt":
+            return True
+        best: tuple[int, bool] | None = None
+        for length, allow, regex in self.rules:
+            if regex.match(path) and (best is None or length > best[0] or (length == best[0] and allow)):
+                best = (length, allow)
+        return True if best is None else best[1]
+
+
+# --- HTTP --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """Limits of one download."""
+
+    user_agent: str = "clipline/0.1 (image-text dataset crawler; honours robots.txt and X-Robots-Tag noai)"
+    agent_token: str = "clipline"  # the product token matched in robots.txt and X-Robots-Tag
+    timeout_s: float = 10.0  # per connect / read
+    deadline_s: float = 30.0  # whole download, redirects included
+    max_bytes: int = 20 << 20
+    max_redirects: int = 5
+    robots_txt: bool = True
+    x_robots_tag: bool = True
+
+
+@dataclass
+class FetchResult:
+    body: bytes
+    http_status: int
+    final_url: str
+    content_type: str | None
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    def __init__(self, host: str, port: int, ip: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self._ip = ip
+
+    def connect(self):
+        self.sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, ip: str, timeout: float):
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._ip = ip
+
+    def connect(self):
+        sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds from now (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+@dataclass
+class RobotsCache:
+    """Parsed robots.txt per (scheme, host, port, agent); share one per process."""
+
+    rules: dict[tuple, tuple[RobotsRules, float]] = field(default_factory=dict)
+    fetching: dict[tuple, threading.Lock] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Fetcher:
+    """Safe GETs with a connection pool per (host, port, address) and a robots.txt cache."""
+
+    def __init__(self, network: Network, policy: FetchPolicy, robots_cache: "RobotsCache | None" = None):
+        self.network = network
+        self.policy = policy
+        self._pool: dict[tuple, list[http.client.HTTPConnection]] = {}
+        self._pool_lock = threading.Lock()
+        self.robots_cache = robots_cache if robots_cache is not None else RobotsCache()
+
+    # connections
+    def _connection(self, scheme: str, host: str, port: int, ip: str, timeout: float, reuse: bool = True):
+        """(pool key, connection, whether it was reused from the pool)."""
+        key = (scheme, host, port, ip)
+        if reuse:
+            with self._pool_lock:
+                idle = self._pool.get(key)
+                if idle:
+                    conn = idle.pop()
+                    conn.timeout = timeout
+                    if conn.sock is not None:
+                        conn.sock.settimeout(timeout)
+                    return key, conn, True
+        cls = _PinnedHTTPS if scheme == "https" else _PinnedHTTP
+        return key, cls(host, port, ip, timeout), False
+
+    def _release(self, key: tuple, conn: http.client.HTTPConnection, reusable: bool) -> None:
+        if not reusable:
+            conn.close()
+            return
+        with self._pool_lock:
+            idle = self._pool.setdefault(key, [])
+            if len(idle) < 16:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._pool_lock:
+            for conns in self._pool.values():
+                for c in conns:
+                    c.close()
+            self._pool.clear()
+
+    # robots.txt
+    def robots(self, scheme: str, host: str, port: int, deadline: float) -> RobotsRules:
+        key = (scheme, host.lower(), port, self.policy.agent_token)
+        cache = self.robots_cache
+        with cache.lock:
+            lock = cache.fetching.setdefault(key, threading.Lock())
+        with lock:  # one fetch per host; the others wait for it
+            cached = cache.rules.get(key)
+            if cached and time.time() - cached[1] < (
+                ROBOTS_UNREACHABLE_TTL_S if cached[0].unreachable else ROBOTS_TTL_S
+            ):
+                return cached[0]
+            netloc = f"[{host}]" if ":" in host else host
+            url = f"{scheme}://{netloc}:{port}/robots.txt"
+            try:
+                result = self._get(url, deadline, ROBOTS_MAX_BYTES, check_robots=False, robots_file=True)
+                rules = RobotsRules.parse(result.body.decode("utf-8", "replace"), self.policy.agent_token)
+            except FetchError as e:
+                if e.http_status is not None and 400 <= e.http_status < 500 and e.http_status != 429:
+                    rules = RobotsRules([], allow_all=True)  # "unavailable": no restrictions
+                elif e.status in TRANSPORT_STATUSES:
+                    # Nothing answered: the URLs of this host fail with the transport error (transient, so
+                    # `crawl --retry-failed` tries again) rather than as a permanent robots refusal.
+                    rules = RobotsRules([], disallow_all=True, unreachable=e)
+                else:
+                    rules = RobotsRules([], disallow_all=True)  # 5xx, 429: assume complete disallow
+            cache.rules[key] = (rules, time.time())
+            return rules
+
+    def get(self, url: str) -> FetchResult:
+        """Download `url` under the policy; raises FetchError with the crawl status otherwise."""
+        return self._get(
+            url, time.monotonic() + self.policy.deadline_s, self.policy.max_bytes, check_robots=self.policy.robots_txt
+        )
+
+    def _get(
+        self, url: str, deadline: float, max_bytes: int, check_robots: bool, robots_file: bool = False
+    ) -> FetchResult:
+        seen: set[str] = set()
+        for hop in range(self.policy.max_redirects + 1):
+            parts = urlsplit(url)
+            scheme = parts.scheme.lower()
+            if scheme not in ("http", "https"):
+                if hop == 0:
+                    raise FetchError("refused_scheme", f"scheme '{scheme}' is not http or https")
+                raise FetchError("redirect_error", f"redirect to a non-http(s) URL: {url[:200]}")
+            try:
+                host, port = parts.hostname, parts.port or (443 if scheme == "https" else 80)
+            except ValueError as e:
+                raise FetchError("invalid_url" if hop == 0 else "redirect_error", f"bad URL {url[:200]}: {e}") from e
+            if not host:
+                raise FetchError("invalid_url" if hop == 0 else "redirect_error", f"no host in {url[:200]}")
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            ips = self.network.addresses(host, port)
+            if check_robots:
+                rules = self.robots(scheme, host, port, deadline)
+                if rules.unreachable is not None:
+                    raise FetchError(rules.unreachable.status, f"robots.txt unreachable: {rules.unreachable}")
+                if not rules.allowed(path):
+                    raise FetchError("robots_disallowed", f"robots.txt of {host} disallows {parts.path or '/'}")
+            status, headers, body = self._request(
+                scheme, host, port, ips[0], path, deadline, max_bytes, robots_file=robots_file
+            )
+            if status in (301, 302, 303, 307, 308):
+                location = headers.get("location")
+                if not location:
+                    raise FetchError("redirect_error", f"HTTP {status} without a Location", status)
+                seen.add(url)
+                url = urljoin(url, location.strip())
+                if url in seen:
+                    raise FetchError("redirect_error", f"redirect loop at {url[:200]}", status)
+                continue
+            return FetchResult(body, status, url, headers.get("content-type"))
+        raise FetchError("redirect_error", f"more than {self.policy.max_redirects} redirects")
+
+    def _request(self, scheme, host, port, ip, path, deadline, max_bytes, robots_file=False, reuse=True):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FetchError("timeout", f"deadline of {self.policy.deadline_s:g}s passed")
+        key, conn, reused = self._connection(scheme, host, port, ip, min(self.policy.timeout_s, remaining), reuse)
+        reusable = False
+        try:
+            try:
+                conn.request(
+                    "GET",
+                    path,
+                    headers={
+                        "User-Agent": self.policy.user_agent,
+                        "Accept": "text/plain,*/*" if robots_file else "image/*,*/*;q=0.5",
+                        "Accept-Encoding": "identity",
+                    },
+                )
+                resp = conn.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                if not reused:
+                    raise
+                # The server closed the idle keep-alive connection: not this URL's fault.
+                return self._request(scheme, host, port, ip, path, deadline, max_bytes, robots_file, reuse=False)
+            status = resp.status
+            headers = {k.lower(): v for k, v in resp.getheaders()}
+            if status != 200:
+                if resp.length is not None and resp.length <= 64 << 10:
+                    resp.read()  # drain a small body so the connection can serve the next request
+                    reusable = not resp.will_close
+                if status in (301, 302, 303, 307, 308):
+                    return status, headers, b""
+                raise _http_error(status, headers)
+            if self.policy.x_robots_tag and not robots_file:
+                directive = x_robots_opt_out(resp.msg.get_all("X-Robots-Tag") or [], self.policy.agent_token)
+                if directive:
+                    raise FetchError("opted_out", f"X-Robots-Tag: {directive}", status)
+            if resp.length is not None and resp.length > max_bytes:
+                raise FetchError("too_large", f"Content-Length {resp.length} is over the cap of {max_bytes}", status)
+            body = _read_body(resp, conn, deadline, max_bytes, self.policy)
+            body = _decode(body, headers.get("content-encoding", ""), max_bytes)
+            reusable = not resp.will_close and resp.isclosed()
+            return status, headers, body
+        except FetchError:
+            raise
+        except (socket.timeout, TimeoutError) as e:
+            raise FetchError("timeout", f"no data for {self.policy.timeout_s:g}s") from e
+        except http.client.IncompleteRead as e:
+            raise FetchError(
+                "truncated", f"body cut short: {len(e.partial)} bytes read, {e.expected} more expected"
+            ) from e
+        except (ConnectionError, http.client.HTTPException, ssl.SSLError, OSError) as e:
+            raise FetchError("connection_error", f"{type(e).__name__}: {e}") from e
+        finally:
+            self._release(key, conn, reusable)
+
+
+def _http_error(status: int, headers: dict) -> FetchError:
+    if status in (404, 410):
+        return FetchError("not_found", f"HTTP {status}", status)
+    if status == 451:
+        return FetchError("legal_unavailable", "HTTP 451", status)
+    if status == 429:
+        return FetchError("rate_limited", "HTTP 429", status, parse_retry_after(headers.get("retry-after")))
+    if status >= 500:
+        return FetchError("server_error", f"HTTP {status}", status, parse_retry_after(headers.get("retry-after")))
+    return FetchError("http_client_error", f"HTTP {status}", status)
+
+
+def _read_body(resp: http.client.HTTPResponse, conn, deadline: float, max_bytes: int, policy: FetchPolicy) -> bytes:
+    """Read the body in blocks, stopping at the deadline or the byte cap."""
+    chunks, size = [], 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FetchError("timeout", f"download took longer than the {policy.deadline_s:g}s deadline", resp.status)
+        if conn.sock is not None:
+            conn.sock.settimeout(min(policy.timeout_s, remaining))
+        # read1: at most one read from the socket. read(n) would loop until n bytes came, so a server
+        # trickling a byte at a time would hold it far past the deadline (FAULTS N2).
+        block = resp.read1(65536)
+        if not block:
+            break
+        chunks.append(block)
+        size += len(block)
+        if size > max_bytes:
+            raise FetchError("too_large", f"body is over the cap of {max_bytes} bytes", resp.status)
+    body = b"".join(chunks)
+    if resp.length not in (None, 0) and not resp.chunked:
+        raise http.client.IncompleteRead(body, resp.length)
+    return body
+
+
+def _decode(body: bytes, encoding: str, max_bytes: int) -> bytes:
+    """Undo a Content-Encoding we did not ask for, never expanding past the byte cap."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise FetchError("not_an_image", f"unsupported Content-Encoding: {encoding}")
+    inflater = zlib.decompressobj(31 if "gzip" in encoding else 15)
+    try:
+        out = inflater.decompress(body, max_bytes + 1)
+    except zlib.error as e:
+        raise FetchError("truncated", f"bad {encoding} body: {e}") from e
+    if len(out) > max_bytes or inflater.unconsumed_tail:
+        raise FetchError("too_large", f"{encoding} body expands past the cap of {max_bytes} bytes")
+    return out
