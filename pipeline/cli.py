@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name in DATA_STAGES:
         p = sub.add_parser(name, help=f"run the {name} stage alone")
         _config_args(p)
+        if name == "crawl":
+            p.add_argument(
+                "--retry-failed",
+                action="store_true",
+                help="fetch again only the transient failures (timeouts, 5xx, 429, connection errors) "
+                "of committed shards, and commit new versions of those shards",
+            )
         p.set_defaults(func=cmd_stage, stage=name)
 
     for name, issue in LATER.items():
@@ -109,11 +116,11 @@ def _load(args) -> RunConfig:
     return load_config(args.config, overrides)
 
 
-def _run_stages(config, names) -> int:
+def _run_stages(config, names, selected=None) -> int:
     from pipeline import stages as registry
     from pipeline.storage import open_storage
 
-    selected = registry.select(names)
+    selected = selected or registry.select(names)
     if not selected:
         raise NotImplementedStage("no data stage is implemented yet (issues #3-#6)")
     from pipeline.runner import run_stage
@@ -149,6 +156,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_stage(args) -> int:
+    if getattr(args, "retry_failed", False):
+        from pipeline.crawl import RETRY_STAGE
+
+        return _run_stages(_load(args), [], [RETRY_STAGE])
     return _run_stages(_load(args), [args.stage])
 
 

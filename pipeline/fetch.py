@@ -450,8 +450,9 @@ class Fetcher:
             if resp.length is not None and resp.length > max_bytes:
                 raise FetchError("too_large", f"Content-Length {resp.length} is over the cap of {max_bytes}", status)
             body = _read_body(resp, conn, deadline, max_bytes, self.policy)
+            resp.close()  # the body is complete; the socket stays with the connection for the next request
+            reusable = not resp.will_close
             body = _decode(body, headers.get("content-encoding", ""), max_bytes)
-            reusable = not resp.will_close and resp.isclosed()
             return status, headers, body
         except FetchError:
             raise

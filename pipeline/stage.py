@@ -69,6 +69,8 @@ def output_identity(config: Any) -> Any:
         return [output_identity(v) for v in config]
     if isinstance(config, dict):
         return {str(k): output_identity(v) for k, v in config.items()}
+    if isinstance(config, float) and config.is_integer():
+        return int(config)  # 10 in code and 10.0 from YAML are the same setting
     return config
 
 

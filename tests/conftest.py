@@ -105,8 +105,11 @@ def s3():
 def ray_local(s3):
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if ray.is_initialized():
+        # Started earlier in this process (an in-process CLI test) before the S3 env existed:
+        # its workers would not see the endpoint and keys. Start one that does.
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -287,6 +287,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._xrobots(entry, "otherbot: noai, noimageai")
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # Clients that reset or time out are the point of several faults: not worth a traceback.
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+
 class SyntheticWeb:
     """A generated corpus served on loopback; use as a context manager or start()/stop()."""
 
@@ -323,7 +331,7 @@ class SyntheticWeb:
 
     def _bind(self, site: int, port: int) -> ThreadingHTTPServer:
         handler = type(f"Site{site}Handler", (_Handler,), {"web": self, "site": site})
-        server = ThreadingHTTPServer((site_address(site), port), handler)
+        server = _QuietServer((site_address(site), port), handler)
         server.daemon_threads = True
         return server
 

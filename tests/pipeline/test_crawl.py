@@ -1,0 +1,360 @@
+"""The crawl against the real loopback web on a real local Ray: every fault of FAULTS.md N*/S*/I*/M*
+gets its exact status, the rest of each shard succeeds, and the output is img2dataset/webdataset-shaped."""
+
+import glob
+import hashlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipeline import schema
+from pipeline.cli import main
+from pipeline.config import RunConfig, dump_config
+from pipeline.crawl import STAGE, CrawlConfig, HostScheduler, crawl_rows
+from pipeline.formats import group_samples, iter_tar_members
+from pipeline.ingest import STAGES as INGEST_STAGES
+from pipeline.ingest import IngestConfig
+from pipeline.runner import run_pipeline, run_stage
+from pipeline.stage import committed_shards, file_sha256
+from pipeline.storage import open_storage
+from pipeline.web import SIZES, SyntheticWeb, WebSpec, generate
+from tests.conftest import REPO
+
+UA = "clipline-test/1 (+tests)"
+
+
+def crawl_config(web_root: Path, **overrides) -> CrawlConfig:
+    settings = dict(
+        image_size=64,
+        resize_mode="center_crop",
+        min_image_size=16,
+        max_aspect_ratio=10,
+        timeout_s=2.0,
+        deadline_s=3.0,
+        backoff_s=0.2,
+        max_retry_after_s=1.5,
+        allow_networks=("127.0.1.0/24",),
+        dns=False,
+        user_agent=UA,
+        blocklist_image_sha256=(str(web_root / "blocklist_image_sha256.txt"),),
+    )
+    return CrawlConfig(**{**settings, **overrides})
+
+
+def run_config(out, web_root: Path, shard_size=120, **crawl) -> RunConfig:
+    return RunConfig(
+        out=str(out),
+        ingest=IngestConfig(
+            inputs=(str(web_root / "urls.parquet"),),
+            shard_size=shard_size,
+            blocklist_url_sha256=(str(web_root / "blocklist_url_sha256.txt"),),
+        ),
+        crawl=crawl_config(web_root, **crawl),
+    )
+
+
+def crawl_all(store, run, executor="ray"):
+    return run_pipeline([*INGEST_STAGES, STAGE], store, run, executor=executor, progress=False)
+
+
+def read_crawl(store) -> pa.Table:
+    return pa.concat_tables([store.read_parquet(f"crawl/{s:05d}.parquet") for s in committed_shards(store, "crawl")])
+
+
+def expected_statuses(web: SyntheticWeb) -> dict[str, str]:
+    """Per URL, the status a correct crawl gives, with the web's blocklists applied."""
+    blocked_bytes = set((web.root / "blocklist_image_sha256.txt").read_text().split())
+    blocked_urls = set((web.root / "blocklist_url_sha256.txt").read_text().split())
+    expected = {}
+    for r in web.truth().to_pylist():
+        status = r["expected_status"]
+        if hashlib.sha256(r["url"].encode()).hexdigest() in blocked_urls:
+            status = "blocked"
+        elif r["file"] and status == "success" and file_sha256(web.root / "files" / r["file"]) in blocked_bytes:
+            status = "blocked"
+        expected[r["url"]] = status
+    return expected
+
+
+def assert_statuses(crawled: pa.Table, web: SyntheticWeb) -> tuple[dict, dict]:
+    """Every URL of the web's truth has its expected status; returns (expected, crawled rows) by URL."""
+    expected = expected_statuses(web)
+    got = {r["url"]: r for r in crawled.to_pylist()}
+    mismatches = {
+        u: (expected[u], got[u]["status"], got[u]["error_message"])
+        for u in expected
+        if u in got and got[u]["status"] != expected[u]
+    }
+    assert mismatches == {}
+    assert set(expected) <= set(got)
+    return expected, got
+
+
+@pytest.fixture
+def fresh_web(tmp_path):
+    """A web of its own (hit counters start at zero), tiny size."""
+    with SyntheticWeb(generate(tmp_path / "web", SIZES["tiny"])) as web:
+        yield web
+
+
+def test_every_url_gets_exactly_its_expected_status(ray_local, fresh_web, tmp_path):
+    web, store = fresh_web, open_storage(tmp_path / "out")
+    reports = crawl_all(store, run_config(store.uri, web.root))
+    assert reports[-1].planned == 4  # 411 rows after ingest dedup, 120 per shard
+
+    crawled = read_crawl(store)
+    ingested = pa.concat_tables(
+        [store.read_parquet(f"ingest/{s:05d}.parquet") for s in committed_shards(store, "ingest")]
+    )
+    assert crawled.num_rows == ingested.num_rows == 411
+    assert sorted(crawled["uid"].to_pylist()) == sorted(ingested["uid"].to_pylist())  # each input row exactly once
+    schema.validate(crawled, schema.CRAWL, "crawl")
+
+    expected, got = assert_statuses(crawled, web)
+    assert Counter(expected[u] for u in expected if u in got)["blocked"] == 2 + sum(
+        1
+        for r in web.truth().to_pylist()
+        if r["dup_kind"] == "exact"
+        and file_sha256(web.root / "files" / r["file"]) in (web.root / "blocklist_image_sha256.txt").read_text()
+    )
+    # M1/M2 rows of the URL list: the query-string variants are fetched; the huge caption was cut.
+    extra = [r for r in crawled.to_pylist() if r["url"] not in expected]
+    assert Counter(r["status"] for r in extra) == {"success": 3, "invalid_url": 1}
+    assert max(len(r["caption"]) for r in extra) == 4000
+
+    # What the server saw: permanent failures once, transient ones up to max_attempts, no robots breach.
+    hits = web.log.hits
+
+    def path_hits(behaviour):
+        row = [r for r in web.truth().to_pylist() if r["behaviour"] == behaviour][0]
+        return hits[(row["site"], row["path"])]
+
+    assert [path_hits(b) for b in ("status_404", "status_451", "xrobots_noai", "html_as_jpeg")] == [1, 1, 1, 1]
+    assert [path_hits(b) for b in ("status_500", "status_503", "status_429", "flaky_429", "flaky_503")] == [
+        3,
+        3,
+        3,
+        2,
+        2,
+    ]
+    assert path_hits("robots_disallowed") == 0 and not any("/private/" in p for p in web.log.paths())
+    assert all(agent == UA for _, _, agent, _ in web.log.requests)
+    assert hits[(0, "/robots.txt")] <= 2  # once per worker process (2 CPUs)
+    flaky = [t for s, p, _, t in web.log.requests if p.endswith("/fault/flaky_429.jpg")]
+    assert flaky[1] - flaky[0] >= 0.95  # Retry-After: 1 was honoured
+    assert got[[u for u in expected if u.endswith("/fault/flaky_429.jpg")][0]]["attempts"] == 2
+
+
+def test_tars_hold_exactly_the_successes_and_read_with_webdataset(ray_local, fresh_web, tmp_path):
+    import webdataset as wds
+
+    store = open_storage(tmp_path / "out")
+    crawl_all(store, run_config(store.uri, fresh_web.root, shard_size=200))
+    for shard in committed_shards(store, "crawl"):
+        rows = store.read_parquet(f"crawl/{shard:05d}.parquet").to_pylist()
+        with store.open_read(f"crawl/{shard:05d}.tar") as f:
+            samples = list(group_samples(iter_tar_members(f)))
+        successes = [r for r in rows if r["status"] == "success"]
+        assert [k for k, _ in samples] == [r["uid"] for r in successes]
+        for (_, sample), row in zip(samples, successes, strict=True):
+            assert set(sample) == {"jpg", "txt", "json"}
+            assert sample["txt"].decode() == row["caption"]
+            img = Image.open(io.BytesIO(sample["jpg"]))
+            assert (
+                (img.format, img.mode, img.size)
+                == ("JPEG", "RGB", (64, 64))
+                == ("JPEG", "RGB", (row["width"], row["height"]))
+            )
+        failures = [r for r in rows if r["status"] != "success"]
+        assert all(r["error_message"] and r["width"] is None for r in failures)
+    tars = sorted(glob.glob(str(tmp_path / "out" / "crawl" / "*.tar")))
+    dataset = wds.WebDataset(tars, shardshuffle=False).decode("pil").to_tuple("jpg", "txt", "json")
+    decoded = list(dataset)
+    assert len(decoded) == Counter(read_crawl(store)["status"].to_pylist())["success"]
+    assert all(
+        img.size == (64, 64) and meta["status"] == "success" and meta["caption"] == txt for img, txt, meta in decoded
+    )
+
+
+def test_scheduler_holds_the_per_host_concurrency_limit():
+    items = [(i, "http://a") for i in range(40)] + [(100 + i, "http://b") for i in range(10)]
+    scheduler = HostScheduler(items, limit=3, rps=0)
+    active, peak, lock, done = Counter(), Counter(), threading.Lock(), []
+
+    def worker():
+        while (job := scheduler.get()) is not None:
+            item, host = job
+            with lock:
+                active[host] += 1
+                peak[host] = max(peak[host], active[host])
+            time.sleep(0.01)
+            with lock:
+                active[host] -= 1
+            done.append(item)
+            scheduler.done(host)
+
+    threads = [threading.Thread(target=worker) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(done) == list(range(40)) + list(range(100, 110))
+    assert peak == {"http://a": 3, "http://b": 3}
+
+
+def test_backoff_and_rate_limit_hold_one_host_only():
+    scheduler = HostScheduler([(0, "slow"), (1, "slow"), (2, "fast"), (3, "fast"), (4, "fast")], limit=1, rps=20)
+    order = []
+    item, host = scheduler.get()
+    assert host in ("slow", "fast")
+    first_slow = item if host == "slow" else None
+    if first_slow is None:  # take the first "slow" one
+        scheduler.done(host)
+        order.append(item)
+        item, host = scheduler.get()
+    assert host == "slow"
+    started = time.monotonic()
+    scheduler.done("slow", retry_item=item, backoff_s=0.6)  # e.g. a 429 with Retry-After
+    while (job := scheduler.get()) is not None:
+        order.append((job[1], round(time.monotonic() - started, 2)))
+        scheduler.done(job[1])
+    slow_times = [t for h, t in order[-5:] if h == "slow"] if isinstance(order[-1], tuple) else []
+    fast_times = [t for o in order if isinstance(o, tuple) and o[0] == "fast" for t in [o[1]]]
+    assert min(slow_times) >= 0.59  # the backed-off host waited
+    assert fast_times and max(fast_times) < 0.5  # the other host did not
+    gaps = [b - a for a, b in zip(fast_times, fast_times[1:], strict=False)]
+    assert all(g >= 0.045 for g in gaps)  # 20 requests/s at most
+
+
+def test_per_host_limit_seen_by_the_server(tmp_path):
+    root = generate(tmp_path / "one-site", WebSpec(images=60, heldout=0, content_sites=1, faults=False))
+    with SyntheticWeb(root) as web:
+        urls = [r["url"] for r in web.truth().to_pylist() if r["behaviour"] == "image"]
+        results = crawl_rows(urls, crawl_config(root, threads=16, per_host_concurrency=2, blocklist_image_sha256=()))
+        assert Counter(o.status for o, _ in results) == {"success": len(urls)}
+        assert web.log.max_inflight[0] <= 2
+
+
+def test_names_are_pinned_without_dns(tmp_path):
+    root = generate(tmp_path / "w", WebSpec(images=6, heldout=0, faults=False))
+    with SyntheticWeb(root) as web:
+        path = [r["path"] for r in web.truth().to_pylist() if r["site"] == 0][0]
+        urls = [f"http://images.example.test:{web.port}{path}", f"http://unknown.example:{web.port}{path}"]
+        results = crawl_rows(urls, crawl_config(root, hosts={"images.example.test": "127.0.1.1"}, robots_txt=False))
+        assert [o.status for o, _ in results] == ["success", "dns_error"]
+
+
+def test_outputs_to_the_s3_endpoint(ray_local, s3_store, tmp_path):
+    root = generate(tmp_path / "w", WebSpec(images=30, heldout=0, faults=False))
+    with SyntheticWeb(root) as web:
+        crawl_all(s3_store, run_config(s3_store.uri, root, shard_size=15))
+        rows = web.truth().num_rows + 6 - 2  # + the URL list's M rows, - the 2 that are duplicates
+        assert committed_shards(s3_store, "crawl") == list(range((rows + 14) // 15))
+        table = read_crawl(s3_store)
+        assert table.num_rows == rows
+        assert_statuses(table, web)
+    statuses = Counter(table["status"].to_pylist())
+    assert statuses["success"] >= 28
+    samples = []
+    for shard in committed_shards(s3_store, "crawl"):
+        with s3_store.open_read(f"crawl/{shard:05d}.tar") as f:
+            samples += list(group_samples(iter_tar_members(f)))
+    assert len(samples) == statuses["success"]
+    marker = s3_store.read_json("crawl/_committed/00001.json")
+    tar_sha = hashlib.sha256(s3_store.read_bytes("crawl/00001.tar")).hexdigest()
+    assert marker["outputs"]["crawl/00001.tar"]["sha256"] == tar_sha
+
+
+def test_retry_failed_fetches_only_transient_failures_again(ray_local, tmp_path):
+    root = generate(tmp_path / "w", WebSpec(images=12, heldout=0))
+    store = open_storage(tmp_path / "out")
+    with SyntheticWeb(root) as web:
+        run = run_config(store.uri, root, shard_size=40, max_attempts=1)
+        crawl_all(store, run)
+        before = {r["url"]: r for r in read_crawl(store).to_pylist()}
+        by = {
+            b: [u for u in before if u.endswith(f"/fault/{b}.jpg")][0]
+            for b in ("flaky_503", "flaky_429", "status_500", "status_404")
+        }
+        assert [before[by[b]]["status"] for b in by] == ["server_error", "rate_limited", "server_error", "not_found"]
+        hits_404 = web.log.hits[(0, "/fault/status_404.jpg")]
+
+        cfg = tmp_path / "run.yaml"
+        cfg.write_text(dump_config(run))
+        assert main(["-q", "crawl", "--retry-failed", "--config", str(cfg)]) == 0
+
+        after = {r["url"]: r for r in read_crawl(store).to_pylist()}
+        assert [after[by[b]]["status"] for b in by] == ["success", "success", "server_error", "not_found"]
+        assert [after[by[b]]["attempts"] for b in by] == [2, 2, 2, 1]
+        assert web.log.hits[(0, "/fault/status_404.jpg")] == hits_404  # permanent: not fetched again
+        changed = {u for u in before if before[u]["status"] != after[u]["status"]}
+        assert changed == {by["flaky_503"], by["flaky_429"]} | {
+            u
+            for u in before
+            if before[u]["status"] in ("timeout", "connection_error", "truncated")
+            and after[u]["status"] != before[u]["status"]
+        }
+        # New versions of the shards: the tar gained the recovered samples and the markers verify.
+        for shard in committed_shards(store, "crawl"):
+            marker = store.read_json(f"crawl/_committed/{shard:05d}.json")
+            for rel, meta in marker["outputs"].items():
+                assert meta["sha256"] == hashlib.sha256(store.read_bytes(rel)).hexdigest()
+            rows = store.read_parquet(f"crawl/{shard:05d}.parquet").to_pylist()
+            with store.open_read(f"crawl/{shard:05d}.tar") as f:
+                keys = [k for k, _ in group_samples(iter_tar_members(f))]
+            assert keys == [r["uid"] for r in rows if r["status"] == "success"]
+            assert marker["stats"]["success"] == len(keys)
+
+
+@pytest.mark.slow
+def test_crawl_killed_mid_shard_resumes_with_each_url_once(ray_local, tmp_path):
+    root = generate(tmp_path / "w", SIZES["tiny"])
+    out = tmp_path / "out"
+    with SyntheticWeb(root):
+        # Slow politeness in the killed run so it is caught mid-crawl; not part of the outputs' identity.
+        run = run_config(str(out), root, shard_size=60)
+        slow = replace(run, crawl=replace(run.crawl, per_host_rps=4.0), runtime=replace(run.runtime, num_cpus=1))
+        cfg = tmp_path / "slow.yaml"
+        cfg.write_text(dump_config(slow))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "-q", "run", "--config", str(cfg)],
+            cwd=REPO,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        store = open_storage(out)
+        deadline = time.time() + 180
+        while len(committed_shards(store, "crawl")) < 1:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        time.sleep(1.0)
+        planned = len(committed_shards(store, "ingest"))
+        assert 1 <= len(committed_shards(store, "crawl")) < planned
+
+        report = run_stage(STAGE, store, run, progress=False)
+        assert len(report.skipped) >= 1 and len(report.ran) + len(report.skipped) == planned
+    crawled = read_crawl(store)
+    ingested = pa.concat_tables([store.read_parquet(f"ingest/{s:05d}.parquet") for s in range(planned)])
+    assert sorted(crawled["uid"].to_pylist()) == sorted(ingested["uid"].to_pylist())
+    assert len(set(crawled["uid"].to_pylist())) == crawled.num_rows
+    assert not [n for n in os.listdir(out / "crawl") if n.startswith(".tmp-")]
+    tar_keys = []
+    for s in range(planned):
+        with store.open_read(f"crawl/{s:05d}.tar") as f:
+            tar_keys += [k for k, _ in group_samples(iter_tar_members(f))]
+    assert len(tar_keys) == len(set(tar_keys)) == Counter(crawled["status"].to_pylist())["success"]

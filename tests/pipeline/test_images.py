@@ -1,0 +1,150 @@
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.images import ImagePolicy, ImageRefused, process, sniff_format
+from pipeline.web.corpus import encode, render
+
+POLICY = ImagePolicy(image_size=64, resize_mode="center_crop", min_image_size=16, max_aspect_ratio=10)
+
+
+def catalog_files(web_root):
+    rows = pq.read_table(web_root / "catalog.parquet").to_pylist()
+    return {r["behaviour"]: (web_root / "files" / r["file"]).read_bytes() for r in rows if r["file"]}
+
+
+@pytest.mark.parametrize(
+    "behaviour, status",
+    [
+        ("zero_bytes", "not_an_image"),
+        ("random_bytes", "not_an_image"),
+        ("html_as_jpeg", "not_an_image"),
+        ("svg_as_jpeg", "not_an_image"),
+        ("truncated_jpeg", "decode_error"),
+        ("truncated_png", "decode_error"),
+        ("png_bomb", "decompression_bomb"),
+        ("jpeg_bomb", "decompression_bomb"),
+        ("tiff", "format_not_allowed"),
+        ("psd", "format_not_allowed"),
+        ("eps", "format_not_allowed"),
+        ("bmp", "format_not_allowed"),
+        ("tiny_image", "image_too_small"),
+        ("extreme_aspect", "bad_aspect_ratio"),
+    ],
+)
+def test_bad_files_are_refused_with_their_status(web_root, behaviour, status):
+    with pytest.raises(ImageRefused) as e:
+        process(catalog_files(web_root)[behaviour], POLICY)
+    assert e.value.status == status
+
+
+def test_bomb_is_refused_from_the_header_without_allocating_pixels(web_root):
+    import tracemalloc
+
+    data = catalog_files(web_root)["png_bomb"]
+    tracemalloc.start()
+    with pytest.raises(ImageRefused):
+        process(data, POLICY)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 5 << 20  # 60000 x 60000 RGB would be 10.8 GB
+
+
+@pytest.mark.parametrize(
+    "behaviour", ["cmyk_jpeg", "png_16bit", "palette_alpha", "animated_gif", "animated_webp", "exif_rotated"]
+)
+def test_awkward_images_become_upright_rgb(web_root, behaviour):
+    out = process(catalog_files(web_root)[behaviour], POLICY)
+    img = Image.open(io.BytesIO(out.data))
+    assert img.format == "JPEG" and img.mode == "RGB" and img.size == (64, 64)
+    assert (out.original_width, out.original_height) == (160, 120)  # the base image, upright
+
+
+def test_exif_rotation_is_applied_to_pixels():
+    base = Image.new("RGB", (160, 120), (255, 255, 255))
+    base.paste((255, 0, 0), (0, 0, 40, 120))  # red band on the left when upright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated; shown after a 90° clockwise turn
+    buf = io.BytesIO()
+    base.transpose(Image.Transpose.ROTATE_90).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    out = process(buf.getvalue(), ImagePolicy(resize_mode="no", encode_format="png"))
+    arr = np.asarray(Image.open(io.BytesIO(out.data)))
+    assert arr.shape == (120, 160, 3)
+    assert arr[60, 10, 0] > 200 and arr[60, 10, 1] < 60  # left band is red again
+    assert arr[60, 150].min() > 200
+
+
+def test_16_bit_values_are_scaled_not_clipped():
+    arr16 = np.full((40, 40), 32768, dtype=np.uint16)  # mid grey in 16 bits
+    buf = io.BytesIO()
+    Image.fromarray(arr16).save(buf, "PNG")
+    out = process(buf.getvalue(), ImagePolicy(resize_mode="no", encode_format="png"))
+    assert abs(int(np.asarray(Image.open(io.BytesIO(out.data)))[0, 0, 0]) - 128) <= 1
+
+
+def test_transparency_is_composited_on_white():
+    rgba = Image.new("RGBA", (30, 30), (255, 0, 0, 0))
+    buf = io.BytesIO()
+    rgba.save(buf, "PNG")
+    out = process(buf.getvalue(), ImagePolicy(resize_mode="no", encode_format="png"))
+    assert tuple(np.asarray(Image.open(io.BytesIO(out.data)))[5, 5]) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(
+    "mode, size, expected",
+    [
+        ("no", (300, 200), (300, 200)),
+        ("keep_ratio", (300, 200), (96, 64)),
+        ("keep_ratio_largest", (300, 200), (64, 43)),
+        ("center_crop", (300, 200), (64, 64)),
+        ("border", (300, 200), (64, 64)),
+        ("border", (40, 20), (64, 64)),
+    ],
+)
+def test_resize_modes_follow_img2dataset(mode, size, expected):
+    img = render([0, 0, 1], "red", "circle", "plain", size, "centre")
+    out = process(encode(img, "png"), ImagePolicy(image_size=64, resize_mode=mode))
+    assert (out.width, out.height) == expected
+    assert (out.original_width, out.original_height) == size
+    assert Image.open(io.BytesIO(out.data)).size == expected
+
+
+def test_border_pads_with_black_and_only_if_bigger_keeps_small_images():
+    img = render([0, 0, 2], "blue", "square", "plain", (300, 100), "centre")
+    out = process(encode(img, "png"), ImagePolicy(image_size=90, resize_mode="border", encode_format="png"))
+    arr = np.asarray(Image.open(io.BytesIO(out.data)))
+    assert arr.shape == (90, 90, 3) and arr[0, 45].max() == 0 and arr[45, 45].max() > 0
+    small = process(
+        encode(img.resize((60, 20)), "png"),
+        ImagePolicy(image_size=90, resize_mode="keep_ratio", resize_only_if_bigger=True),
+    )
+    assert (small.width, small.height) == (60, 20)
+
+
+def test_large_jpeg_is_decoded_in_draft_mode_to_the_target():
+    img = render([0, 0, 3], "green", "star", "striped", (2400, 1600), "centre")
+    out = process(encode(img, "jpeg"), ImagePolicy(image_size=64, resize_mode="center_crop"))
+    assert (out.width, out.height, out.original_width, out.original_height) == (64, 64, 2400, 1600)
+
+
+def test_limits_from_the_policy():
+    img = encode(render([0, 0, 4], "red", "cross", "plain", (200, 100), "centre"), "jpeg")
+    with pytest.raises(ImageRefused, match=r"^200x100 is over 10000 pixels$") as e:
+        process(img, ImagePolicy(max_image_area=10_000))
+    assert e.value.status == "image_too_large"
+    with pytest.raises(ImageRefused) as e:
+        process(img, ImagePolicy(allowed_formats=("png",)))
+    assert e.value.status == "format_not_allowed"
+    with pytest.raises(ImageRefused) as e:
+        process(img, ImagePolicy(max_image_pixels=19_999))
+    assert e.value.status == "decompression_bomb"
+
+
+def test_sniffing_uses_bytes_not_names():
+    assert sniff_format(b"\xff\xd8\xff\xe0rest") == "jpeg"
+    assert sniff_format(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "webp"
+    assert sniff_format(b"GIF89a...") == "gif"
+    assert sniff_format(b"<html>") is None and sniff_format(b"") is None
