@@ -9,7 +9,10 @@ OUT    ?= demo-out
 SIZE   ?= small
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all clean
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+
+.PHONY: setup demo test bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -27,5 +30,19 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Benchmarks run in their own venv: clipline plus its peers (img2dataset ...).
+$(BENCH_STAMP): pyproject.toml Makefile
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BENCH_VENV)/bin/pip install -q --disable-pip-version-check -e '.[bench]'
+	@rm -f $(BENCH_VENV)/.installed-*
+	@touch $@
+
+bench-quick: $(BENCH_STAMP)
+	NO_ALBUMENTATIONS_UPDATE=1 $(BENCH_VENV)/bin/python bench/crawl.py --quick
+
+bench: $(BENCH_STAMP)
+	NO_ALBUMENTATIONS_UPDATE=1 $(BENCH_VENV)/bin/python bench/crawl.py
+
 clean:
-	rm -rf $(VENV) $(OUT)
+	rm -rf $(VENV) $(BENCH_VENV) $(OUT)

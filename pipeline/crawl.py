@@ -80,7 +80,7 @@ class CrawlConfig:
     blocklist_image_sha256: tuple[str, ...] = ()  # files of sha256(image bytes) hex lines
     threads: int = field(default=32, metadata=RUNTIME_ONLY)
     per_host_concurrency: int = field(default=4, metadata=RUNTIME_ONLY)
-    per_host_rps: float = field(default=20.0, metadata=RUNTIME_ONLY)
+    per_host_rps: float = field(default=20.0, metadata=RUNTIME_ONLY)  # request starts per second per host; 0: no cap
 
     def image_policy(self) -> ImagePolicy:
         return ImagePolicy(

@@ -1,0 +1,263 @@
+"""Crawl benchmark: clipline crawl vs raw img2dataset, same URLs of the loopback synthetic web.
+
+Both sides get the same URL list (the web's images, no faults), the same resize
+(center_crop to --size px), JPEG quality 95, webdataset output, 2 processes ×
+32 threads. clipline runs with every guard on (address guard, deadline, byte
+cap, robots.txt, X-Robots-Tag, format allow-list, bomb check); its per-host
+politeness is widened (16 in flight, no rate cap per host) because this web has
+only a few hosts and the comparison is about throughput, not manners. Ray is
+started before the clock starts (a cluster is long-lived); img2dataset's own
+start-up (its process pool) is inside its time.
+
+Each side runs in its own subprocess; the parent serves the web and samples the
+side's process tree for peak RSS. Prints a table and writes bench/results/crawl.json.
+
+    python bench/crawl.py --quick        # ~1,500 images, under a minute
+    python bench/crawl.py                # 12,000 images, 3 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def run_side(side: str, urls: Path, work: Path, size: int, allow: str) -> dict:
+    """Run one side in a subprocess; its JSON report plus the peak RSS of its process tree."""
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=str(REPO), WANDB_MODE="disabled")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--side",
+            side,
+            "--urls",
+            str(urls),
+            "--work",
+            str(work),
+            "--size",
+            str(size),
+            "--allow",
+            allow,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    peak, stop = 0, threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, tree_rss(proc.pid))
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{side} failed ({proc.returncode}):\n{err[-3000:]}")
+    report = json.loads(out.strip().splitlines()[-1])
+    report["peak_rss_mb"] = round(peak / 2**20, 1)
+    return report
+
+
+# --- the two sides (run in the subprocess) --------------------------------------------------
+
+
+def side_clipline(urls: Path, work: Path, size: int, allow: str) -> dict:
+    import ray
+
+    from pipeline.config import RunConfig
+    from pipeline.crawl import STAGE, CrawlConfig
+    from pipeline.ingest import STAGES, IngestConfig
+    from pipeline.runner import run_pipeline, run_stage
+    from pipeline.storage import open_storage
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    store = open_storage(work)
+    run = RunConfig(
+        out=str(work),
+        ingest=IngestConfig(inputs=(str(urls),), shard_size=1000),
+        crawl=CrawlConfig(
+            image_size=size,
+            resize_mode="center_crop",
+            encode_quality=95,
+            allow_networks=(allow,),
+            dns=False,
+            threads=32,
+            per_host_concurrency=16,
+            per_host_rps=0.0,
+            timeout_s=10,
+        ),
+    )
+    run_pipeline(list(STAGES), store, run, progress=False)  # not timed: img2dataset has no such step
+    started = time.perf_counter()
+    report = run_stage(STAGE, store, run, progress=False)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "urls": report.total("rows"), "success": report.total("success")}
+
+
+def side_img2dataset(urls: Path, work: Path, size: int, allow: str) -> dict:
+    import glob
+
+    import pyarrow.parquet as pq
+    from img2dataset import download
+
+    started = time.perf_counter()
+    download(
+        url_list=str(urls),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        output_format="webdataset",
+        output_folder=str(work),
+        processes_count=2,
+        thread_count=32,
+        image_size=size,
+        resize_mode="center_crop",
+        encode_quality=95,
+        encode_format="jpg",
+        number_sample_per_shard=1000,
+        timeout=10,
+        retries=0,
+        enable_wandb=False,
+        distributor="multiprocessing",
+    )
+    seconds = time.perf_counter() - started
+    stats = [pq.read_table(p) for p in glob.glob(str(work / "*.parquet"))]
+    success = sum(sum(1 for s in t["status"].to_pylist() if s == "success") for t in stats)
+    return {"seconds": seconds, "urls": sum(t.num_rows for t in stats), "success": success}
+
+
+# --- driver ---------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    mem = next((int(line.split()[1]) // 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")), None)
+    return {
+        "nproc": os.cpu_count(),
+        "memory_mb": mem,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="~1,500 images, one round")
+    parser.add_argument("--images", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--size", type=int, default=64, help="output image side")
+    parser.add_argument("--sites", type=int, default=8, help="hosts of the synthetic web")
+    parser.add_argument("--side", choices=("clipline", "img2dataset"), help=argparse.SUPPRESS)
+    parser.add_argument("--urls", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--allow", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        fn = side_clipline if args.side == "clipline" else side_img2dataset
+        print(json.dumps(fn(args.urls, args.work, args.size, args.allow)))
+        return
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.web import SyntheticWeb, WebSpec, generate
+
+    images = args.images or (1500 if args.quick else 12000)
+    rounds = args.rounds or (1 if args.quick else 3)
+    base = Path(tempfile.mkdtemp(prefix="clipline-bench-crawl-"))
+    spec = WebSpec(
+        images=images,
+        heldout=0,
+        content_sites=args.sites,
+        faults=False,
+        exact_dup_fraction=0.0,
+        near_dup_fraction=0.0,
+        junk_caption_fraction=0.0,
+    )
+    root = generate(base / "web", spec)
+    results: dict[str, list[dict]] = {"clipline": [], "img2dataset": []}
+    with SyntheticWeb(root) as web:
+        truth = web.truth()
+        images_only = truth.filter(pc.equal(truth["behaviour"], "image")).select(["url", "caption"])
+        urls = base / "urls.parquet"
+        pq.write_table(images_only, urls)
+        for r in range(rounds):
+            for side in ("img2dataset", "clipline") if r % 2 else ("clipline", "img2dataset"):
+                rep = run_side(side, urls, base / f"{side}-{r}", args.size, web.allow_list()[0])
+                rep["images_per_s"] = rep["success"] / rep["seconds"]
+                results[side].append(rep)
+                print(
+                    f"round {r}: {side:<11} {rep['success']:>6}/{rep['urls']} images in {rep['seconds']:6.2f}s "
+                    f"= {rep['images_per_s']:7.1f} img/s, peak RSS {rep['peak_rss_mb']} MB",
+                    flush=True,
+                )
+
+    best = {side: max(reps, key=lambda x: x["images_per_s"]) for side, reps in results.items()}
+    ratio = best["clipline"]["images_per_s"] / best["img2dataset"]["images_per_s"]
+    summary = {
+        "benchmark": "crawl",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "inputs": {
+            "images": len(images_only),
+            "sites": args.sites,
+            "image_size": args.size,
+            "rounds": rounds,
+            "resize_mode": "center_crop",
+            "processes": 2,
+            "threads": 32,
+        },
+        "clipline": best["clipline"],
+        "img2dataset": best["img2dataset"],
+        "all_rounds": results,
+        "ratio_images_per_s": round(ratio, 3),
+        "same_success_count": best["clipline"]["success"] == best["img2dataset"]["success"],
+    }
+    print()
+    print(f"{'side':<12}{'images/s':>10}{'success':>10}{'peak RSS MB':>13}")
+    for side in ("clipline", "img2dataset"):
+        b = best[side]
+        print(f"{side:<12}{b['images_per_s']:>10.1f}{b['success']:>10}{b['peak_rss_mb']:>13}")
+    print(f"ratio clipline/img2dataset: {ratio:.2f}x   same successes: {summary['same_success_count']}")
+    out = REPO / "bench" / "results" / "crawl.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
