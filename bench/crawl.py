@@ -1,6 +1,9 @@
 """Crawl benchmark: clipline crawl vs raw img2dataset, same URLs of the loopback synthetic web.
 
-Both sides get the same URL list (the web's images, no faults), the same resize
+Both sides crawl the same work shards: the web's images (no faults) are ingested
+once, untimed, and img2dataset reads clipline's ingest/*.parquet files as its
+URL list (this is also the way to run raw img2dataset on clipline work shards:
+`img2dataset --url_list OUT/ingest --input_format parquet ...`). Same resize
 (center_crop to --size px), JPEG quality 95, webdataset output, 2 processes ×
 32 threads. clipline runs with every guard on (address guard, deadline, byte
 cap, robots.txt, X-Robots-Tag, format allow-list, bomb check); its per-host
@@ -96,18 +99,12 @@ def run_side(side: str, urls: Path, work: Path, size: int, allow: str) -> dict:
 # --- the two sides (run in the subprocess) --------------------------------------------------
 
 
-def side_clipline(urls: Path, work: Path, size: int, allow: str) -> dict:
-    import ray
-
+def bench_config(urls: Path, work: Path, size: int, allow: str):
     from pipeline.config import RunConfig
-    from pipeline.crawl import STAGE, CrawlConfig
-    from pipeline.ingest import STAGES, IngestConfig
-    from pipeline.runner import run_pipeline, run_stage
-    from pipeline.storage import open_storage
+    from pipeline.crawl import CrawlConfig
+    from pipeline.ingest import IngestConfig
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    store = open_storage(work)
-    run = RunConfig(
+    return RunConfig(
         out=str(work),
         ingest=IngestConfig(inputs=(str(urls),), shard_size=1000),
         crawl=CrawlConfig(
@@ -122,14 +119,39 @@ def side_clipline(urls: Path, work: Path, size: int, allow: str) -> dict:
             timeout_s=10,
         ),
     )
-    run_pipeline(list(STAGES), store, run, progress=False)  # not timed: img2dataset has no such step
+
+
+def ingest_once(urls: Path, work: Path, size: int, allow: str) -> Path:
+    """The work shards both sides crawl (not timed: img2dataset has no such step)."""
+    from pipeline.ingest import STAGES
+    from pipeline.runner import run_pipeline
+    from pipeline.storage import open_storage
+
+    config = bench_config(urls, work, size, allow)
+    run_pipeline(list(STAGES), open_storage(work), config, executor="inline", progress=False)
+    return work / "ingest"
+
+
+def side_clipline(shards: Path, work: Path, size: int, allow: str) -> dict:
+    import shutil
+
+    import ray
+
+    from pipeline.crawl import STAGE
+    from pipeline.runner import run_stage
+    from pipeline.storage import open_storage
+
+    shutil.copytree(shards, work / "ingest")  # this round's own copy of the committed work shards
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    store = open_storage(work)
+    run = bench_config(shards, work, size, allow)
     started = time.perf_counter()
     report = run_stage(STAGE, store, run, progress=False)
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "urls": report.total("rows"), "success": report.total("success")}
 
 
-def side_img2dataset(urls: Path, work: Path, size: int, allow: str) -> dict:
+def side_img2dataset(shards: Path, work: Path, size: int, allow: str) -> dict:
     import glob
 
     import pyarrow.parquet as pq
@@ -137,7 +159,7 @@ def side_img2dataset(urls: Path, work: Path, size: int, allow: str) -> dict:
 
     started = time.perf_counter()
     download(
-        url_list=str(urls),
+        url_list=str(shards),  # the folder of work-shard parquet files
         input_format="parquet",
         url_col="url",
         caption_col="caption",
@@ -215,9 +237,10 @@ def main() -> None:
         images_only = truth.filter(pc.equal(truth["behaviour"], "image")).select(["url", "caption"])
         urls = base / "urls.parquet"
         pq.write_table(images_only, urls)
+        shards = ingest_once(urls, base / "ingested", args.size, web.allow_list()[0])
         for r in range(rounds):
             for side in ("img2dataset", "clipline") if r % 2 else ("clipline", "img2dataset"):
-                rep = run_side(side, urls, base / f"{side}-{r}", args.size, web.allow_list()[0])
+                rep = run_side(side, shards, base / f"{side}-{r}", args.size, web.allow_list()[0])
                 rep["images_per_s"] = rep["success"] / rep["seconds"]
                 results[side].append(rep)
                 print(

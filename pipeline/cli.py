@@ -123,21 +123,11 @@ def _run_stages(config, names, selected=None) -> int:
     selected = selected or registry.select(names)
     if not selected:
         raise NotImplementedStage("no data stage is implemented yet (issues #3-#6)")
-    from pipeline.runner import run_stage
+    from pipeline.runner import run_pipeline
 
     store = open_storage(config.out)
-    rt = config.runtime
     for stage in selected:
-        report = run_stage(
-            stage,
-            store,
-            config,
-            executor=rt.executor,
-            max_retries=rt.max_retries,
-            address=rt.address,
-            num_cpus=rt.num_cpus,
-            progress=rt.progress,
-        )
+        (report,) = run_pipeline([stage], store, config)
         print(
             f"{stage.name}: {report.planned} shards ({len(report.ran)} run, {len(report.skipped)} already committed), "
             f"{report.total('rows')} rows, {report.seconds:.1f}s -> {store.url(stage.name)}"

@@ -37,11 +37,11 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 
 from pipeline import schema
-from pipeline.errors import ConfigError
 from pipeline.fetch import AddressGuard, Fetcher, FetchError, FetchPolicy, Network, RobotsCache
 from pipeline.formats import TarWriter, group_samples, iter_tar_members
 from pipeline.images import ImagePolicy, ImageRefused, process
 from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards
+from pipeline.storage import read_hash_lists
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def crawl_rows(urls: list[str], config: CrawlConfig, fetcher: Fetcher | None = N
     """Download `urls` politely with `config.threads` threads; (outcome, attempts) per URL, in order."""
     fetcher = fetcher or Fetcher(config.network(), config.fetch_policy(), _ROBOTS)
     policy = config.image_policy()
-    blocked = load_hashes(config.blocklist_image_sha256)
+    blocked = read_hash_lists(config.blocklist_image_sha256)
     results: list[tuple[Outcome, int] | None] = [None] * len(urls)
     attempts = [0] * len(urls)
     scheduler = HostScheduler(
@@ -268,21 +268,6 @@ def crawl_rows(urls: list[str], config: CrawlConfig, fetcher: Fetcher | None = N
         fetcher.close()
     assert all(r is not None for r in results), "every URL ends with an outcome"
     return results  # type: ignore[return-value]
-
-
-def load_hashes(paths: tuple[str, ...]) -> frozenset[str]:
-    """Hex hashes, one a line ('#' comments), from local or s3:// files."""
-    from pipeline.storage import open_storage
-
-    hashes: set[str] = set()
-    for path in paths:
-        head, _, name = path.rstrip("/").rpartition("/")
-        try:
-            text = open_storage(head or ".").read_bytes(name).decode()
-        except Exception as e:
-            raise ConfigError(f"blocklist {path}: {e}") from e
-        hashes.update(line.strip().lower() for line in text.splitlines() if line.strip() and not line.startswith("#"))
-    return frozenset(hashes)
 
 
 # --- the stage ---------------------------------------------------------------------------------

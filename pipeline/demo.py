@@ -90,19 +90,11 @@ def run_demo(out: str | Path, size: str = "small", storage: str | None = None, p
             "sites": [web.site_url(s) for s in range(web.sites)],
             "heldout": str(web_root / "heldout"),
         }
-        from pipeline.runner import run_stage  # imports Ray only when there is work
+        from pipeline.runner import run_pipeline  # imports Ray only when there is work
 
         for stage in stage_registry.select(()):
-            t0 = time.time()
-            report = run_stage(
-                stage,
-                store,
-                config,
-                executor=config.runtime.executor,
-                max_retries=config.runtime.max_retries,
-                progress=progress,
-            )
-            timings[stage.name] = timings.get(stage.name, 0.0) + time.time() - t0
+            (report,) = run_pipeline([stage], store, config)
+            timings[stage.name] = timings.get(stage.name, 0.0) + report.seconds
             summary["stages"][stage.name] = {
                 "shards": report.planned,
                 "ran": len(report.ran),

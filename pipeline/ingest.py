@@ -39,9 +39,9 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipeline import schema
-from pipeline.errors import ConfigError, SchemaError, StorageError
+from pipeline.errors import ConfigError, SchemaError
 from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, shard_name
-from pipeline.storage import Storage, open_storage
+from pipeline.storage import open_storage, read_hash_lists, split_location
 
 URL_COLUMNS = ("url", "URL", "image_url", "img_url")
 CAPTION_COLUMNS = ("caption", "TEXT", "text", "alt", "title")
@@ -64,7 +64,7 @@ class IngestConfig:
     max_caption_chars: int = 4_000  # longer captions are cut (and counted)
     blocklist_url_sha256: tuple[str, ...] = ()  # files of sha256(normalised URL) hex lines
     rows_per_partition: int = 2_000_000  # dedup partition size: memory per merge task
-    rows_per_chunk: int = field(default=1_000_000, metadata={IDENTITY: False})  # parquet rows per map task
+    rows_per_chunk: int = field(default=1_000_000, metadata={IDENTITY: False})  # rows per map task / part in memory
 
 
 # --- normalisation -----------------------------------------------------------------------
@@ -138,12 +138,6 @@ def describe(uri: str) -> InputFile:
     return InputFile(uri, fmt, compression)
 
 
-def _split(uri: str) -> tuple[Storage, str]:
-    """A storage for the file's directory, and its name."""
-    head, _, name = uri.rstrip("/").rpartition("/")
-    return open_storage(head or "."), name
-
-
 def expand_inputs(patterns: tuple[str, ...]) -> list[InputFile]:
     """Files named by paths, directories or globs, sorted, each once."""
     if not patterns:
@@ -156,7 +150,7 @@ def expand_inputs(patterns: tuple[str, ...]) -> list[InputFile]:
             rel_glob = pattern[len(head) + 1 :] if head else pattern
             matches = [f"{store.uri}/{n}" for n in store.list() if PurePosixPath(n).match(rel_glob)]
         else:
-            store, name = _split(pattern)
+            store, name = split_location(pattern)
             if store.exists(name):
                 matches = [store.url(name)]
             else:
@@ -177,7 +171,7 @@ def _is_input(name: str) -> bool:
 
 
 def _text_stream(inp: InputFile) -> pa.NativeFile:
-    store, name = _split(inp.uri)
+    store, name = split_location(inp.uri)
     stream = pa.PythonFile(store.open_read(name), mode="r")
     return pa.CompressedInputStream(stream, inp.compression) if inp.compression else stream
 
@@ -186,7 +180,7 @@ def input_columns(inp: InputFile) -> list[str]:
     """The column names of an input file, reading only its header."""
     try:
         if inp.format == "parquet":
-            store, name = _split(inp.uri)
+            store, name = split_location(inp.uri)
             with store.open_seekable(name) as f:
                 return pq.ParquetFile(f).schema_arrow.names
         with _text_stream(inp) as stream:
@@ -242,7 +236,7 @@ def read_batches(
 ) -> Iterator[pa.RecordBatch]:
     """Stream the named columns of a file in batches; memory stays one block."""
     if inp.format == "parquet":
-        store, name = _split(inp.uri)
+        store, name = split_location(inp.uri)
         with store.open_seekable(name) as f:
             yield from pq.ParquetFile(f).iter_batches(batch_size=block, row_groups=row_groups, columns=columns)
         return
@@ -271,18 +265,6 @@ def read_batches(
 # --- step 1: map -----------------------------------------------------------------------------
 
 
-def _load_blocklist(paths: tuple[str, ...]) -> frozenset[str]:
-    hashes: set[str] = set()
-    for path in paths:
-        store, name = _split(path)
-        try:
-            text = store.read_bytes(name).decode()
-        except StorageError as e:
-            raise ConfigError(f"blocklist {path}: {e}") from e
-        hashes.update(line.strip().lower() for line in text.splitlines() if line.strip() and not line.startswith("#"))
-    return frozenset(hashes)
-
-
 def plan_map(ctx: PlanContext) -> list[int]:
     """List input chunks, check every file's columns before any work, and record the plan."""
     config: IngestConfig = ctx.config
@@ -293,7 +275,7 @@ def plan_map(ctx: PlanContext) -> list[int]:
     for index, inp in enumerate(files):
         resolve_columns(inp, config)
         if inp.format == "parquet":
-            store, name = _split(inp.uri)
+            store, name = split_location(inp.uri)
             with store.open_seekable(name) as f:
                 meta = pq.ParquetFile(f).metadata
             group, rows = [], 0
@@ -307,7 +289,7 @@ def plan_map(ctx: PlanContext) -> list[int]:
                 chunks.append({"file": index, "row_groups": group})
             estimated_rows += meta.num_rows
         else:
-            store, name = _split(inp.uri)
+            store, name = split_location(inp.uri)
             estimated_rows += store.size(name) // (40 if inp.compression else 120)
             chunks.append({"file": index, "row_groups": None})
     plan = {
@@ -356,7 +338,7 @@ def _first_row(inp: InputFile, row_groups: list[int] | None) -> int:
     """Row number (within its file) of a chunk's first row."""
     if not row_groups:
         return 0
-    store, name = _split(inp.uri)
+    store, name = split_location(inp.uri)
     with store.open_seekable(name) as f:
         meta = pq.ParquetFile(f).metadata
     return sum(meta.row_group(g).num_rows for g in range(row_groups[0]))
@@ -368,10 +350,25 @@ def run_map(ctx: ShardContext) -> dict:
     chunk = plan["chunks"][ctx.shard]
     inp = describe(plan["inputs"][chunk["file"]])
     url_col, caption_col, carried = resolve_columns(inp, config)
-    blocked = _load_blocklist(config.blocklist_url_sha256)
+    blocked = read_hash_lists(config.blocklist_url_sha256)
     columns = list(dict.fromkeys([url_col, caption_col, *carried]))
-    tables, stats = [], {"rows": 0}
+    pending: list[pa.Table] = []
+    stats: dict[str, int] = {"rows": 0}
     row = first = _first_row(inp, chunk["row_groups"])
+    parts_written = 0
+
+    def flush() -> None:
+        # Memory stays one part (rows_per_chunk rows) even for a single huge CSV/JSONL file.
+        nonlocal pending, parts_written
+        if not pending:
+            return
+        table = pa.concat_tables(pending, promote_options="permissive")
+        partitions = partition_of(table["uid"].combine_chunks(), plan["partitions"])
+        for p in sorted(set(partitions.to_pylist())):
+            piece = table.filter(pc.equal(partitions, p))
+            ctx.write_table(f"{MAP}/p{p:05d}/c{ctx.shard:05d}-{parts_written:04d}.parquet", piece)
+        pending, parts_written = [], parts_written + 1
+
     try:
         for batch in read_batches(inp, columns, chunk["row_groups"]):
             batch_table = pa.Table.from_batches([batch])
@@ -384,18 +381,14 @@ def run_map(ctx: ShardContext) -> dict:
                 column = batch_table[c]
                 binary = pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)
                 normal[c] = pa.array(_as_text(column), pa.string()) if binary else column
-            tables.append(pa.table(normal))
+            pending.append(pa.table(normal))
             row += batch.num_rows
+            if sum(t.num_rows for t in pending) >= config.rows_per_chunk:
+                flush()
+        flush()
     except pa.ArrowInvalid as e:
         raise SchemaError(f"{inp.uri}: cannot parse ({' '.join(str(e).split())[:200]})") from e
     stats["rows"] = row - first
-    if not tables:
-        return stats
-    table = pa.concat_tables(tables, promote_options="permissive")
-    parts = partition_of(table["uid"].combine_chunks(), plan["partitions"])
-    for p in sorted(set(parts.to_pylist())):
-        piece = table.filter(pc.equal(parts, p))
-        ctx.write_table(f"{MAP}/p{p:05d}/c{ctx.shard:05d}.parquet", piece)
     return stats
 
 

@@ -197,6 +197,21 @@ def run_stage(
     return report
 
 
-def run_pipeline(stages: list[Stage], storage: Storage, run: Any, **kwargs) -> list[StageReport]:
-    """Run `stages` in order; each one starts after the one before has committed every shard."""
-    return [run_stage(stage, storage, run, **kwargs) for stage in stages]
+def run_pipeline(stages: list[Stage], storage: Storage, run: Any, **overrides) -> list[StageReport]:
+    """Run `stages` in order, each after the one before has committed every shard.
+
+    Executor, retries, address, CPUs and progress come from `run.runtime` when the
+    run config has one; keyword arguments override them.
+    """
+    runtime = getattr(run, "runtime", None)
+    settings = {}
+    if runtime is not None:
+        settings = dict(
+            executor=runtime.executor,
+            max_retries=runtime.max_retries,
+            address=runtime.address,
+            num_cpus=runtime.num_cpus,
+            progress=runtime.progress,
+        )
+    settings.update(overrides)
+    return [run_stage(stage, storage, run, **settings) for stage in stages]

@@ -52,6 +52,25 @@ def open_storage(uri: str | os.PathLike) -> "Storage":
     return LocalStorage(uri.removeprefix("file://"))
 
 
+def split_location(uri: str) -> tuple["Storage", str]:
+    """A storage for the file's directory and the file's name: 's3://b/p/x.parquet' → (s3://b/p, 'x.parquet')."""
+    head, _, name = uri.rstrip("/").rpartition("/")
+    return open_storage(head or "."), name
+
+
+def read_hash_lists(paths: tuple[str, ...] | list[str]) -> frozenset[str]:
+    """Lower-case hex hashes, one a line ('#' starts a comment line), from local or s3:// files."""
+    hashes: set[str] = set()
+    for path in paths:
+        store, name = split_location(path)
+        try:
+            text = store.read_bytes(name).decode("utf-8", "replace")
+        except StorageError as e:
+            raise StorageError(f"blocklist {path}: {e}") from e
+        hashes.update(line.strip().lower() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    return frozenset(hashes)
+
+
 def _clean_rel(rel: str) -> str:
     rel = rel.strip("/")
     if any(part in ("..", ".") for part in rel.split("/")):

@@ -201,6 +201,21 @@ def test_many_row_groups_are_streamed_in_chunks(tmp_path):
     assert rows_seen == list(range(500))
 
 
+def test_a_big_text_file_is_partitioned_in_parts_of_bounded_size(tmp_path):
+    # ~8 MB of CSV: several 4 MB read blocks, so the single map chunk flushes more than one part.
+    big = [
+        {"url": f"http://example.com/{'x' * 60}/{i}.jpg", "caption": f"caption {i} " + "y" * 40} for i in range(70_000)
+    ]
+    pacsv.write_csv(pa.Table.from_pylist(big), tmp_path / "big.csv")
+    parts = ingest(tmp_path / "a", inputs=(str(tmp_path / "big.csv"),), shard_size=30_000, rows_per_chunk=20_000)
+    whole = ingest(tmp_path / "b", inputs=(str(tmp_path / "big.csv"),), shard_size=30_000)
+    pieces = open_storage(tmp_path / "a").list("ingest/_map/p00000", suffix=".parquet")
+    assert len(open_storage(tmp_path / "a").read_json("ingest/_plan.json")["chunks"]) == 1
+    assert len(pieces) >= 2
+    assert [t.num_rows for t in parts] == [30_000, 30_000, 10_000]
+    assert [t["uid"].to_pylist() for t in parts] == [t["uid"].to_pylist() for t in whole]
+
+
 def test_blocklisted_url_hashes_are_refused_before_fetch(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows(5)), tmp_path / "in.parquet")
     (tmp_path / "block.txt").write_text(f"# takedowns\n{url_sha256('http://example.com/img/3.jpg').upper()}\n")
