@@ -199,6 +199,28 @@ class Outcome:
     bytes: int | None = None
     format: str | None = None
     fetch_ms: float | None = None
+    phash: int | None = None
+    colour_sig: str | None = None
+    pixel_hash: str | None = None
+
+    def image_columns(self) -> dict:
+        """The crawl parquet columns this outcome fills (all but uid/url/caption/key/attempts)."""
+        return {
+            "status": self.status,
+            "error_message": self.error_message,
+            "width": self.width,
+            "height": self.height,
+            "original_width": self.original_width,
+            "original_height": self.original_height,
+            "sha256": self.sha256,
+            "http_status": self.http_status,
+            "bytes": self.bytes,
+            "format": self.format,
+            "fetch_ms": self.fetch_ms,
+            "phash": self.phash,
+            "colour_sig": self.colour_sig,
+            "pixel_hash": self.pixel_hash,
+        }
 
 
 def download(url: str, fetcher: Fetcher, policy: ImagePolicy, blocked: frozenset[str]) -> Outcome:
@@ -226,6 +248,9 @@ def download(url: str, fetcher: Fetcher, policy: ImagePolicy, blocked: frozenset
         original_width=image.original_width,
         original_height=image.original_height,
         format=image.format,
+        phash=image.phash,
+        colour_sig=image.colour_sig,
+        pixel_hash=image.pixel_hash,
         **base,
     )
 
@@ -302,18 +327,8 @@ def crawl_table(table: pa.Table, outcomes: dict[int, tuple[Outcome, int]], tar: 
             "url": src["url"],
             "caption": src["caption"],
             "key": src["uid"],
-            "status": outcome.status,
-            "error_message": outcome.error_message,
-            "width": outcome.width,
-            "height": outcome.height,
-            "original_width": outcome.original_width,
-            "original_height": outcome.original_height,
-            "sha256": outcome.sha256,
-            "http_status": outcome.http_status,
-            "bytes": outcome.bytes,
-            "format": outcome.format,
             "attempts": attempts,
-            "fetch_ms": outcome.fetch_ms,
+            **outcome.image_columns(),
         }
         for extra in table.column_names:
             if extra not in row and extra not in ("status", "source_file", "source_row"):
@@ -390,20 +405,7 @@ def run_retry(ctx: ShardContext) -> dict:
         for i, row in enumerate(rows):
             if i in fresh:
                 outcome, attempts = fresh[i]
-                row.update(
-                    status=outcome.status,
-                    error_message=outcome.error_message,
-                    width=outcome.width,
-                    height=outcome.height,
-                    original_width=outcome.original_width,
-                    original_height=outcome.original_height,
-                    sha256=outcome.sha256,
-                    http_status=outcome.http_status,
-                    bytes=outcome.bytes,
-                    format=outcome.format,
-                    attempts=(row["attempts"] or 0) + attempts,
-                    fetch_ms=outcome.fetch_ms,
-                )
+                row.update(outcome.image_columns(), attempts=(row["attempts"] or 0) + attempts)
                 if outcome.status == schema.SUCCESS:
                     kept[row["key"]] = {
                         _ext(outcome.image): outcome.image,

@@ -105,6 +105,10 @@ CRAWL = pa.schema(
         pa.field("format", pa.string()),
         pa.field("attempts", pa.int8()),
         pa.field("fetch_ms", pa.float32()),
+        # dedup signatures of the whole decoded image (pipeline/images.py)
+        pa.field("phash", pa.int64()),  # 64-bit DCT perceptual hash (compare with XOR + popcount)
+        pa.field("colour_sig", pa.string()),  # 4x4 mean colours, 4 bits a channel: 48 hex digits
+        pa.field("pixel_hash", pa.string()),  # pixels at 32x32, 5 bits a channel: lossless re-encodes
     ]
 )
 

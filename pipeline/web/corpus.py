@@ -256,6 +256,13 @@ def render(
         draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
     else:
         draw.polygon(_shape_points(shape, cx, cy, r, rot), fill=fill)
+    # A few faint marks of the background's own hue: every image its own, as photos are, while
+    # the named shape and colour stay what the caption says.
+    for _ in range(int(rng.integers(3, 7))):
+        x0, y0 = float(rng.uniform(0, w)), float(rng.uniform(0, h))
+        x1, y1 = x0 + float(rng.uniform(-0.4, 0.4)) * w, y0 + float(rng.uniform(-0.4, 0.4)) * h
+        grey = int(rng.integers(40, 230))
+        draw.line([(x0, y0), (x1, y1)], fill=(grey, grey, grey), width=int(rng.integers(2, max(3, min(w, h) // 12))))
     return img
 
 
@@ -583,7 +590,7 @@ def generate(root: str | Path, spec: WebSpec = WebSpec()) -> Path:
                     (max(32, int(img.width * 0.8)), max(32, int(img.height * 0.8))), Image.Resampling.BICUBIC
                 )
             elif variant == "crop":
-                dx, dy = max(1, img.width // 25), max(1, img.height // 25)
+                dx, dy = max(1, img.width // 60), max(1, img.height // 60)
                 near = img.crop((dx, dy, img.width - dx, img.height - dy))
             else:
                 near = img

@@ -177,7 +177,18 @@ def test_tars_hold_exactly_the_successes_and_read_with_webdataset(ray_local, fre
                 == ("JPEG", "RGB", (row["width"], row["height"]))
             )
         failures = [r for r in rows if r["status"] != "success"]
-        assert all(r["error_message"] and r["width"] is None for r in failures)
+        assert all(r["error_message"] and r["width"] is None and r["phash"] is None for r in failures)
+        assert all(
+            r["phash"] is not None and r["colour_sig"] is not None and len(r["pixel_hash"]) == 32 for r in successes
+        )
+    # Planted exact duplicates (same bytes, other URL) carry the same signatures.
+    table = read_crawl(store)
+    by_sha: dict[str, set] = {}
+    for r in table.to_pylist():
+        if r["status"] == "success":
+            by_sha.setdefault(r["sha256"], set()).add((r["phash"], r["colour_sig"], r["pixel_hash"]))
+    assert sum(1 for v in by_sha.values()) < Counter(table["status"].to_pylist())["success"]  # dups exist
+    assert all(len(v) == 1 for v in by_sha.values())
     tars = sorted(glob.glob(str(tmp_path / "out" / "crawl" / "*.tar")))
     dataset = wds.WebDataset(tars, shardshuffle=False).decode("pil").to_tuple("jpg", "txt", "json")
     decoded = list(dataset)

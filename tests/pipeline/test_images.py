@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.images import ImagePolicy, ImageRefused, process, sniff_format
+from pipeline.images import ImagePolicy, ImageRefused, colour_distance, process, sniff_format
 from pipeline.web.corpus import encode, render
 
 POLICY = ImagePolicy(image_size=64, resize_mode="center_crop", min_image_size=16, max_aspect_ratio=10)
@@ -148,3 +148,52 @@ def test_sniffing_uses_bytes_not_names():
     assert sniff_format(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "webp"
     assert sniff_format(b"GIF89a...") == "gif"
     assert sniff_format(b"<html>") is None and sniff_format(b"") is None
+
+
+# --- dedup signatures -----------------------------------------------------------------------
+
+
+def hamming(a: int, b: int) -> int:
+    return bin((a ^ b) & (1 << 64) - 1).count("1")
+
+
+def test_signatures_survive_re_encoding_and_resizing():
+    img = render([0, 0, 5], "orange", "triangle", "dotted", (240, 180), "top left")
+    png = process(encode(img, "png"), ImagePolicy())
+    jpeg = process(encode(img, "jpeg", quality=50), ImagePolicy())
+    small = process(encode(img.resize((192, 144)), "png"), ImagePolicy())
+    webp_lossless = io.BytesIO()
+    img.save(webp_lossless, "WEBP", lossless=True)
+    lossless = process(webp_lossless.getvalue(), ImagePolicy())
+    assert lossless.pixel_hash == png.pixel_hash  # same pixels, another encoding
+    assert jpeg.pixel_hash != png.pixel_hash
+    assert hamming(png.phash, jpeg.phash) <= 2 and hamming(png.phash, small.phash) <= 2
+    assert colour_distance(png.colour_sig, jpeg.colour_sig) <= 1
+    recoloured = process(
+        encode(render([0, 0, 5], "blue", "triangle", "dotted", (240, 180), "top left"), "png"), ImagePolicy()
+    )
+    assert colour_distance(png.colour_sig, recoloured.colour_sig) >= 4  # pHash alone is blind to colour
+    assert -(1 << 63) <= png.phash < 1 << 63 and len(png.colour_sig) == 48 and int(png.colour_sig, 16) >= 0
+
+
+def test_planted_near_duplicates_are_separable_from_distinct_images(web_root):
+    """What the dedup issue builds on: near-dups within (Hamming 8, colour 1) of their original, no distinct pair."""
+    rows = pq.read_table(web_root / "catalog.parquet").to_pylist()
+    sig = {}
+    for r in rows:
+        if r["file"] and r["image_id"] >= 0:
+            out = process((web_root / "files" / r["file"]).read_bytes(), POLICY)
+            sig[r["file"]] = (out.phash, out.colour_sig)
+    originals = {r["image_id"]: sig[r["file"]] for r in rows if r["image_id"] >= 0 and r["dup_kind"] is None}
+    for r in rows:
+        if r["dup_kind"] == "near":
+            (p, c), (po, co) = sig[r["file"]], originals[r["image_id"]]
+            assert hamming(p, po) <= 8 and colour_distance(c, co) <= 1, r["file"]
+    values = list(originals.values())
+    close = [
+        (i, j)
+        for i in range(len(values))
+        for j in range(i + 1, len(values))
+        if hamming(values[i][0], values[j][0]) <= 8 and colour_distance(values[i][1], values[j][1]) <= 1
+    ]
+    assert close == []
