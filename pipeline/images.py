@@ -92,37 +92,30 @@ _N = 32
 _DCT = np.cos(np.pi / _N * (np.arange(_N)[:, None]) * (np.arange(_N)[None, :] + 0.5))
 
 
-def perceptual_hash(rgb: Image.Image) -> int:
-    """pHash: 32x32 grey, 2-D DCT, the 8x8 lowest frequencies against their median (DC left out).
+def signatures(rgb: Image.Image) -> tuple[int, str, str]:
+    """(pHash, colour signature, pixel hash) of an RGB image, from one 32x32 box downscale.
 
-    Robust to re-encoding, resizing and small crops; returned as a signed int64 so it
-    fits Arrow/parquet int64 columns (compare hashes with XOR and popcount).
+    - pHash: grey 32x32, 2-D DCT, the 8x8 lowest frequencies against their median (DC left out);
+      robust to re-encoding, resizing and small crops; a signed int64 (compare with XOR + popcount).
+    - colour signature: mean colour of a 4x4 grid, 4 bits a channel, as 48 hex digits; pHash is
+      grey-only, this confirms that two pHash matches also agree in colour.
+    - pixel hash: sha256 of the 32x32 pixels at 5 bits a channel: equal for lossless re-encodes.
     """
-    grey = np.asarray(rgb.convert("L").resize((_N, _N), Image.Resampling.BOX), dtype=np.float64)
+    small = np.asarray(rgb.resize((_N, _N), Image.Resampling.BOX), dtype=np.uint8)  # (32, 32, 3)
+    grey = small @ np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as Pillow's "L"
     coeffs = (_DCT @ grey @ _DCT.T)[:8, :8].ravel()
     bits = coeffs > np.median(coeffs[1:])
     value = int(np.packbits(bits).view(">u8")[0])
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def colour_signature(rgb: Image.Image) -> str:
-    """Mean colour of a 4x4 grid, 4 bits a channel: 48 hex digits, one per cell channel.
-
-    pHash is grey-only; this confirms that two pHash matches also agree in colour.
-    """
-    cells = np.asarray(rgb.resize((4, 4), Image.Resampling.BOX), dtype=np.uint8) >> 4
-    return "".join("0123456789abcdef"[v] for v in cells.ravel())
+    phash = value - (1 << 64) if value >= 1 << 63 else value
+    cells = small.reshape(4, 8, 4, 8, 3).mean(axis=(1, 3)).astype(np.uint8) >> 4  # (4, 4, 3)
+    colour = "".join("0123456789abcdef"[v] for v in cells.ravel())
+    pixels = hashlib.sha256((small >> 3).tobytes()).hexdigest()[:32]
+    return phash, colour, pixels
 
 
 def colour_distance(a: str, b: str) -> int:
     """The largest difference of one channel of one cell between two colour signatures (0-15)."""
     return max(abs(int(x, 16) - int(y, 16)) for x, y in zip(a, b, strict=True))
-
-
-def pixel_hash(rgb: Image.Image) -> str:
-    """sha256 of the pixels at 32x32 (box filter), 5 bits a channel: catches lossless re-encodes."""
-    small = np.asarray(rgb.resize((32, 32), Image.Resampling.BOX), dtype=np.uint8) >> 3
-    return hashlib.sha256(small.tobytes()).hexdigest()[:32]
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -194,7 +187,7 @@ def process(data: bytes, policy: ImagePolicy) -> ProcessedImage:
         raise ImageRefused("decode_error", f"cannot decode: {e}") from e
     original_width, original_height = (height, width) if _rotated(img, width, height) else (width, height)
     # Dedup signatures, of the whole upright image before any crop/resize (computed here: it is decoded once).
-    signatures = perceptual_hash(rgb), colour_signature(rgb), pixel_hash(rgb)
+    hashes = signatures(rgb)
     out = resize(rgb, policy)
     buf = io.BytesIO()
     if policy.encode_format == "jpg":
@@ -203,7 +196,7 @@ def process(data: bytes, policy: ImagePolicy) -> ProcessedImage:
         out.save(buf, "WEBP", quality=policy.encode_quality)
     else:
         out.save(buf, "PNG")
-    return ProcessedImage(buf.getvalue(), out.width, out.height, original_width, original_height, fmt, *signatures)
+    return ProcessedImage(buf.getvalue(), out.width, out.height, original_width, original_height, fmt, *hashes)
 
 
 def _rotated(img: Image.Image, width: int, height: int) -> bool:
