@@ -262,13 +262,22 @@ def _s3_client():
     import boto3
     from botocore.config import Config
 
-    key = tuple(
-        os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE")
+    settings = (
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_PROFILE",
+        "CLIPLINE_S3_MAX_ATTEMPTS",
     )
+    key = tuple(os.environ.get(k) for k in settings)
     with _clients_lock:
         if key not in _clients:
             config = Config(
-                retries={"mode": "standard", "max_attempts": int(os.environ.get("CLIPLINE_S3_MAX_ATTEMPTS", "10"))},
+                # total_max_attempts counts the first try; botocore's "max_attempts" would count retries only.
+                retries={
+                    "mode": "standard",
+                    "total_max_attempts": int(os.environ.get("CLIPLINE_S3_MAX_ATTEMPTS", "10")),
+                },
                 connect_timeout=10,
                 read_timeout=60,
                 max_pool_connections=32,

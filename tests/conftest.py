@@ -132,3 +132,71 @@ def local_store(tmp_path):
 def store(request):
     """Each storage test runs against a local directory and the S3 endpoint."""
     return request.getfixturevalue(f"{request.param}_store")
+
+
+class S3FaultProxy:
+    """An HTTP proxy on loopback in front of the S3 endpoint that answers 503 SlowDown to the
+    first `throttle` requests of each method, then forwards; counts what it saw."""
+
+    SLOWDOWN = (
+        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+        b"<Message>Please reduce your request rate.</Message></Error>"
+    )
+
+    def __init__(self, upstream: str, throttle: int):
+        import http.server
+        import threading
+        from collections import Counter
+
+        self.upstream = upstream.removeprefix("http://")
+        self.throttle = throttle
+        self.seen: Counter = Counter()
+        self.throttled: Counter = Counter()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                import http.client
+
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.seen[self.command] += 1
+                if proxy.throttled[self.command] < proxy.throttle:
+                    proxy.throttled[self.command] += 1
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(proxy.SLOWDOWN)))
+                    self.end_headers()
+                    self.wfile.write(proxy.SLOWDOWN)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
+                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.errors import StorageError
 from pipeline.storage import LocalStorage, S3Storage, open_storage
-from tests.conftest import BUCKET, start_moto
+from tests.conftest import BUCKET, S3FaultProxy, start_moto
 
 
 def test_bytes_json_parquet_roundtrip_and_listing(store):
@@ -137,6 +137,24 @@ def test_s3_bad_credentials_are_one_clear_error_not_retried(s3, monkeypatch):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_s3_throttling_is_retried_with_backoff(s3, monkeypatch):
+    """FAULTS T3: 503 SlowDown answers are retried (botocore's standard mode) and the write lands."""
+    with S3FaultProxy(s3, throttle=3) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        store = open_storage(f"s3://{BUCKET}/throttled")
+        store.write_bytes("x.bin", b"payload")
+        assert proxy.throttled["PUT"] == 3 and proxy.seen["PUT"] == 4
+        assert store.read_bytes("x.bin") == b"payload"
+    with S3FaultProxy(s3, throttle=100) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        monkeypatch.setenv("CLIPLINE_S3_MAX_ATTEMPTS", "3")
+        with pytest.raises(
+            StorageError, match=r"throttled/y\.bin: S3 error SlowDown: Please reduce your request rate\.$"
+        ):
+            open_storage(f"s3://{BUCKET}/throttled").write_bytes("y.bin", b"x")
+        assert proxy.seen["PUT"] == 3  # bounded
 
 
 def test_s3_objects_are_visible_to_plain_boto3(s3_store):
