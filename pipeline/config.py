@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.crawl import CrawlConfig
+from pipeline.dedup import DedupConfig
 from pipeline.errors import ConfigError
 from pipeline.ingest import IngestConfig
 
@@ -45,6 +46,7 @@ class RunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     crawl: CrawlConfig = field(default_factory=CrawlConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
 
 
 # --- generic dataclass <-> dict, with checking ----------------------------------------

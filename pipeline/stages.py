@@ -16,6 +16,7 @@ from pipeline.stage import Stage
 STAGES: dict[str, str] = {
     "ingest": "pipeline.ingest:STAGES",
     "crawl": "pipeline.crawl:STAGE",
+    "dedup": "pipeline.dedup:STAGES",
 }
 
 # Every data stage of DESIGN.md, in order, and the issue that brings it.

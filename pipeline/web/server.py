@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import socket
 import struct
 import threading
@@ -414,7 +415,10 @@ class SyntheticWeb:
     def _write_url_lists(self) -> None:
         truth = self.truth()
         pq.write_table(truth, self.root / "truth.parquet")
-        urls = truth.select(["url", "caption"])
+        # Seeded shuffle: a planted copy does not sit next to its original, so work shards split them.
+        order = list(range(truth.num_rows))
+        random.Random(truth.num_rows).shuffle(order)
+        urls = truth.select(["url", "caption"]).take(order)
         # M1/M2 rows the ingest stage must cope with: a null URL, an empty caption, control
         # characters, a 1 MB caption, an exact repeat, and the same URL spelled differently.
         first = truth.filter(pc.equal(truth["behaviour"], "image")).slice(0, 1).to_pylist()[0]

@@ -1,0 +1,412 @@
+"""Dedup: exact, near-duplicate and caption duplicates, global across all crawl shards.
+
+Signatures come from the crawl (pipeline/images.py): sha256 of the bytes, a
+pixel hash (equal for lossless re-encodes), a 64-bit pHash and a colour
+signature. Two images are near-duplicates when their pHashes differ in at most
+`near_threshold` bits and their colour grids in at most `colour_tolerance`.
+
+Four committed steps, none of which holds all hashes in one place:
+
+1. ``dedup/_map`` — per crawl shard: emit (kind, key, node) rows for the exact
+   keys, the caption key and every candidate table of the near index, hash-
+   partitioned by key; and a node table (uid, resolution, caption key).
+2. ``dedup/_reduce`` — per partition, with polars: rows sharing a key are
+   candidates; pairs are confirmed (Hamming + colour for near) and become edges.
+3. ``dedup/_components`` — one task over the edges only (memory O(duplicates),
+   not O(N)): connected components by union-find in numpy, so A~B~C is one
+   cluster; one keeper per cluster by a deterministic rule.
+4. ``dedup`` — per crawl shard: ``dedup/{shard}.parquet`` with ``uid, dup_of,
+   dup_reason, cluster_size`` for every crawled image (dup_of null = kept).
+
+The near index is multi-index hashing: the 64 pHash bits are cut into m blocks
+and a table keyed on every choice of `match` blocks; two hashes within
+m - match bits share at least one table key (pigeonhole), so recall is
+guaranteed up to that radius with no all-pairs comparison. The plan picks the
+largest guaranteed radius (up to `near_threshold`) whose expected candidate
+pairs fit the budget, from the number of images; it is recorded in
+``dedup/_plan.json`` and the stats. Beyond it, recall is measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from pipeline import schema
+from pipeline.errors import ConfigError
+from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards, shard_name
+
+PLAN = "dedup/_plan.json"
+MAP, REDUCE, COMPONENTS = "dedup/_map", "dedup/_reduce", "dedup/_components"
+# Edge reasons, strongest first: a removed image gets the strongest reason among its own edges.
+REASONS = ("exact_bytes", "exact_pixels", "near", "caption", "semantic")
+KIND_BYTES, KIND_PIXELS, KIND_CAPTION, KIND_NEAR = 0, 1, 2, 10  # near table t has kind 10 + t
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """What counts as a duplicate, and which copy is kept."""
+
+    exact_bytes: bool = True
+    exact_pixels: bool = True
+    near: bool = True
+    near_threshold: int = 8  # max pHash Hamming distance
+    colour_tolerance: int = 1  # max difference of one colour-grid channel (0-15)
+    caption: bool = True  # same normalised caption on near-identical images
+    caption_threshold: int = 12  # looser pHash distance for same-caption pairs
+    max_caption_group: int = 2000  # bigger same-caption groups ("photo") are not compared, but counted
+    keep_different_captions: bool = False  # True: a duplicate image with another caption is kept
+    keep: Literal["largest", "lowest_uid"] = "largest"  # largest resolution (then lowest uid), or lowest uid
+    semantic: bool = False  # SemDeDup-style; needs image embeddings from a trained checkpoint (issue #7)
+    pair_budget_per_image: int = 50  # candidate pairs the near index may cost, per image
+    max_tables: int = 32  # emission budget of the near index, per image
+    rows_per_partition: int = field(default=4_000_000, metadata={IDENTITY: False})
+
+
+# --- the near index ------------------------------------------------------------------------
+
+
+def index_design(n: int, threshold: int, budget_per_image: int = 50, max_tables: int = 32) -> dict:
+    """The multi-index layout with the largest guaranteed radius whose expected pairs fit the budget."""
+    budget = max(1e6, budget_per_image * n)
+    best = {"blocks": 1, "match": 1, "tables": 1, "radius": 0}
+    for m in range(1, 17):
+        for match in range(1, m + 1):
+            radius, tables = m - match, math.comb(m, match)
+            if radius > threshold or tables > max_tables:
+                continue
+            key_bits = 64 * match / m
+            pairs = tables * n * n / 2 ** (key_bits + 1)
+            better = (radius, -tables) > (best["radius"], -best["tables"])
+            if pairs <= budget and better:
+                best = {"blocks": m, "match": match, "tables": tables, "radius": radius}
+    return best
+
+
+def _blocks(m: int) -> list[tuple[int, int]]:
+    """(shift, width) of each of m blocks of a 64-bit hash."""
+    widths = [64 // m + (1 if i < 64 % m else 0) for i in range(m)]
+    shifts = np.cumsum([0, *widths[:-1]]).tolist()
+    return list(zip(shifts, widths, strict=True))
+
+
+def table_keys(phash: np.ndarray, design: dict) -> list[np.ndarray]:
+    """For each table of the design, the key of every hash (int64): its chosen blocks, concatenated."""
+    h = phash.astype(np.int64).view(np.uint64)
+    blocks = _blocks(design["blocks"])
+    keys = []
+    for combo in itertools.combinations(range(design["blocks"]), design["match"]):
+        key = np.zeros(len(h), dtype=np.uint64)
+        for b in combo:
+            shift, width = blocks[b]
+            mask = np.uint64((1 << width) - 1)
+            key = (key << np.uint64(width)) | ((h >> np.uint64(shift)) & mask)
+        keys.append(key.view(np.int64))
+    return keys
+
+
+def hex_key(values: list[str]) -> np.ndarray:
+    """The first 60 bits of hex digests, as int64 keys."""
+    return np.array([int(v[:15], 16) for v in values], dtype=np.int64)
+
+
+def caption_key(captions: list[str | None]) -> np.ndarray:
+    """A 60-bit key of the caption, case- and whitespace-folded (0 for an empty caption)."""
+    out = []
+    for c in captions:
+        folded = " ".join((c or "").lower().split())
+        out.append(int(hashlib.sha256(folded.encode()).hexdigest()[:15], 16) if folded else 0)
+    return np.array(out, dtype=np.int64)
+
+
+# --- step 1: map -------------------------------------------------------------------------------
+
+
+def plan_map(ctx: PlanContext) -> list[int]:
+    config: DedupConfig = ctx.config
+    if config.semantic:
+        raise ConfigError("dedup.semantic needs image embeddings from a trained clipline checkpoint (issue #7)")
+    shards = committed_shards(ctx.storage, "crawl")
+    images = sum(
+        int(ctx.storage.read_json(f"crawl/_committed/{s:05d}.json")["stats"].get("success", 0)) for s in shards
+    )
+    design = index_design(images, config.near_threshold, config.pair_budget_per_image, config.max_tables)
+    emitted = images * (2 + (design["tables"] if config.near else 0) + 1)
+    plan = {
+        "images": images,
+        "near_index": design,
+        "partitions": max(1, math.ceil(emitted / config.rows_per_partition)),
+    }
+    if ctx.storage.exists(PLAN) and ctx.storage.read_json(PLAN)["images"] == images:
+        plan = ctx.storage.read_json(PLAN)  # keep the first run's partitioning (resume)
+    else:
+        ctx.storage.write_json(PLAN, plan)
+    return shards
+
+
+def _partition(kind: np.ndarray, key: np.ndarray, partitions: int) -> np.ndarray:
+    mixed = key.view(np.uint64) ^ (kind.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    mixed ^= mixed >> np.uint64(29)
+    return (mixed % np.uint64(partitions)).astype(np.int32)
+
+
+def run_map(ctx: ShardContext) -> dict:
+    config: DedupConfig = ctx.config
+    plan = ctx.storage.read_json(PLAN)
+    crawl = ctx.read_table(f"crawl/{ctx.name}.parquet")
+    rows = np.arange(crawl.num_rows, dtype=np.int64)
+    ok = np.array([s == schema.SUCCESS for s in crawl["status"].to_pylist()], dtype=bool)
+    ok &= np.array([p is not None for p in crawl["phash"].to_pylist()], dtype=bool)
+    t = crawl.filter(pa.array(ok))
+    gid = (np.int64(ctx.shard) << np.int64(32)) | rows[ok]
+    captions = caption_key(t["caption"].to_pylist())
+    area = np.array(t["original_width"].to_pylist(), dtype=np.int64) * np.array(
+        t["original_height"].to_pylist(), dtype=np.int64
+    )
+    ctx.write_table(
+        f"{MAP}/nodes/{ctx.name}.parquet",
+        pa.table({"gid": gid, "uid": t["uid"], "area": area, "caption_key": captions}),
+    )
+    if not len(gid):
+        return {"rows": 0, "emitted": 0}
+    phash = np.array(t["phash"].to_pylist(), dtype=np.int64)
+    colour = t["colour_sig"].combine_chunks()
+    kinds, keys = [], []
+    if config.exact_bytes:
+        kinds.append(np.full(len(gid), KIND_BYTES))
+        keys.append(hex_key(t["sha256"].to_pylist()))
+    if config.exact_pixels:
+        kinds.append(np.full(len(gid), KIND_PIXELS))
+        keys.append(hex_key(t["pixel_hash"].to_pylist()))
+    if config.caption:
+        has = captions != 0
+        kinds.append(np.where(has, KIND_CAPTION, -1))
+        keys.append(captions)
+    if config.near:
+        for i, k in enumerate(table_keys(phash, plan["near_index"])):
+            kinds.append(np.full(len(gid), KIND_NEAR + i))
+            keys.append(k)
+    n = len(kinds)
+    emitted = pa.table(
+        {
+            "kind": np.concatenate(kinds).astype(np.int16),
+            "key": np.concatenate(keys),
+            "gid": np.tile(gid, n),
+            "phash": np.tile(phash, n),
+            "colour": pa.concat_arrays([colour] * n),
+            "caption_key": np.tile(captions, n),
+        }
+    )
+    emitted = emitted.filter(pa.compute.greater_equal(emitted["kind"], 0))
+    parts = _partition(emitted["kind"].to_numpy(), emitted["key"].to_numpy(), plan["partitions"])
+    for p in np.unique(parts):
+        ctx.write_table(f"{MAP}/p{int(p):05d}/{ctx.name}.parquet", emitted.filter(pa.array(parts == p)))
+    return {"rows": len(gid), "emitted": emitted.num_rows}
+
+
+# --- step 2: reduce -------------------------------------------------------------------------
+
+
+def _colour_distance(a: pl.Series, b: pl.Series) -> np.ndarray:
+    """Per pair, the largest per-channel difference of two 48-hex-digit colour grids."""
+
+    def digits(s: pl.Series) -> np.ndarray:
+        raw = np.frombuffer("".join(s.to_list()).encode(), dtype=np.uint8).reshape(-1, 48).astype(np.int16)
+        return np.where(raw >= 97, raw - 87, raw - 48)  # '0'-'9', 'a'-'f'
+
+    if len(a) == 0:
+        return np.zeros(0, dtype=np.int16)
+    return np.abs(digits(a) - digits(b)).max(axis=1)
+
+
+def edges_of_partition(frame: pl.DataFrame, config: DedupConfig) -> pl.DataFrame:
+    """Confirmed duplicate edges (a, b, reason) among rows sharing a (kind, key)."""
+    frame = frame.with_columns(size=pl.len().over(["kind", "key"])).filter(pl.col("size") >= 2)
+    out = []
+    exact = frame.filter(pl.col("kind") < KIND_CAPTION)
+    if exact.height:  # a star to the smallest node of each group: enough for connectivity
+        out.append(
+            exact.with_columns(b=pl.col("gid").min().over(["kind", "key"]))
+            .filter(pl.col("gid") != pl.col("b"))
+            .select(a=pl.col("gid"), b="b", reason=pl.col("kind").cast(pl.Int8))
+        )
+    fuzzy = frame.filter(pl.col("kind") >= KIND_CAPTION)
+    fuzzy = fuzzy.filter((pl.col("kind") != KIND_CAPTION) | (pl.col("size") <= config.max_caption_group))
+    if fuzzy.height:
+        # Identical (pHash, colour) in a group collapse onto one representative first.
+        fuzzy = fuzzy.with_columns(rep=pl.col("gid").min().over(["kind", "key", "phash", "colour", "caption_key"]))
+        same = fuzzy.filter(pl.col("gid") != pl.col("rep"))
+        reason_of = pl.when(pl.col("kind") == KIND_CAPTION).then(3).otherwise(2).cast(pl.Int8)
+        out.append(same.select(a=pl.col("gid"), b="rep", reason=reason_of))
+        reps = fuzzy.filter(pl.col("gid") == pl.col("rep")).select(
+            ["kind", "key", "gid", "phash", "colour", "caption_key"]
+        )
+        pairs = reps.join(reps, on=["kind", "key"], suffix="_b").filter(pl.col("gid") < pl.col("gid_b"))
+        if config.keep_different_captions:
+            pairs = pairs.filter((pl.col("caption_key") == pl.col("caption_key_b")) | (pl.col("kind") == KIND_CAPTION))
+        pairs = pairs.with_columns(dist=(pl.col("phash") ^ pl.col("phash_b")).bitwise_count_ones())
+        limit = pl.when(pl.col("kind") == KIND_CAPTION).then(config.caption_threshold).otherwise(config.near_threshold)
+        pairs = pairs.filter(pl.col("dist") <= limit)
+        colour = _colour_distance(pairs["colour"], pairs["colour_b"])
+        pairs = pairs.with_columns(colour=pl.Series(colour, dtype=pl.Int16))
+        pairs = pairs.filter(pl.col("colour") <= config.colour_tolerance)
+        out.append(
+            pairs.select(
+                a=pl.col("gid"),
+                b=pl.col("gid_b"),
+                reason=pl.when(pl.col("kind") == KIND_CAPTION).then(3).otherwise(2).cast(pl.Int8),
+            )
+        )
+    if not out:
+        return pl.DataFrame(schema={"a": pl.Int64, "b": pl.Int64, "reason": pl.Int8})
+    return pl.concat(out).unique().sort(["a", "b", "reason"])
+
+
+def plan_reduce(ctx: PlanContext) -> list[int]:
+    return list(range(ctx.storage.read_json(PLAN)["partitions"]))
+
+
+def run_reduce(ctx: ShardContext) -> dict:
+    config: DedupConfig = ctx.config
+    pieces = ctx.storage.list(f"{MAP}/p{ctx.shard:05d}", suffix=".parquet")
+    frames = [pl.from_arrow(ctx.read_table(p)) for p in pieces]
+    frame = (
+        pl.concat(frames)
+        if frames
+        else pl.DataFrame(
+            schema={
+                "kind": pl.Int16,
+                "key": pl.Int64,
+                "gid": pl.Int64,
+                "phash": pl.Int64,
+                "colour": pl.Utf8,
+                "caption_key": pl.Int64,
+            }
+        )
+    )
+    skipped = (
+        frame.filter(pl.col("kind") == KIND_CAPTION)
+        .group_by("key")
+        .len()
+        .filter(pl.col("len") > config.max_caption_group)
+        .height
+    )
+    edges = edges_of_partition(frame, config)
+    ctx.write_table(f"{REDUCE}/{ctx.name}.parquet", edges.to_arrow())
+    return {"rows": frame.height, "edges": edges.height, "caption_groups_skipped": skipped}
+
+
+# --- step 3: connected components -------------------------------------------------------------
+
+
+def connected_components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(nodes, label) for the nodes of the edge list: label = smallest node of its component."""
+    nodes, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+    ea, eb = inverse[: len(a)], inverse[len(a) :]
+    parent = np.arange(len(nodes))
+    while True:
+        low = np.minimum(parent[ea], parent[eb])
+        np.minimum.at(parent, parent[ea], low)  # hook roots onto the smaller root
+        np.minimum.at(parent, parent[eb], low)
+        while not np.array_equal(parent, parent[parent]):  # pointer jumping to the roots
+            parent = parent[parent]
+        if np.array_equal(parent[ea], parent[eb]):
+            return nodes, nodes[parent]
+
+
+def plan_components(ctx: PlanContext) -> list[int]:
+    return [0]
+
+
+def run_components(ctx: ShardContext) -> dict:
+    config: DedupConfig = ctx.config
+    edge_files = ctx.storage.list(REDUCE, suffix=".parquet")
+    edges = pl.concat([pl.from_arrow(ctx.read_table(f)) for f in edge_files]) if edge_files else None
+    stats: dict = {"rows": 0, "clusters": 0, "duplicates": 0, "by_reason": {}, "cluster_sizes": {}}
+    if edges is None or edges.height == 0:
+        return stats
+    a, b = edges["a"].to_numpy(), edges["b"].to_numpy()
+    nodes, label = connected_components(a, b)
+    # The strongest reason among each node's own edges.
+    index = np.searchsorted(nodes, np.concatenate([a, b]))
+    reasons = np.full(len(nodes), len(REASONS), dtype=np.int16)
+    np.minimum.at(reasons, index, np.concatenate([edges["reason"].to_numpy()] * 2).astype(np.int16))
+    members = pl.DataFrame({"gid": nodes, "cluster": label, "reason": reasons})
+    shards = sorted({int(g) >> 32 for g in nodes})
+    info = pl.concat(
+        [
+            pl.from_arrow(ctx.read_table(f"{MAP}/nodes/{shard_name(s)}.parquet")).filter(pl.col("gid").is_in(nodes))
+            for s in shards
+        ]
+    )
+    members = members.join(info, on="gid")
+    order = ["cluster", "uid"] if config.keep == "lowest_uid" else ["cluster", "area", "uid"]
+    descending = [False, False] if config.keep == "lowest_uid" else [False, True, False]
+    members = members.sort(order, descending=descending)
+    keepers = (
+        members.group_by("cluster", maintain_order=True)
+        .first()
+        .select(cluster="cluster", dup_of="uid", keeper_gid="gid")
+    )
+    members = (
+        members.join(keepers, on="cluster")
+        .with_columns(
+            cluster_size=pl.len().over("cluster").cast(pl.Int32),
+            dup_reason=pl.when(pl.col("gid") == pl.col("keeper_gid"))
+            .then(None)
+            .otherwise(pl.col("reason").map_elements(lambda r: REASONS[r], return_dtype=pl.Utf8)),
+        )
+        .with_columns(dup_of=pl.when(pl.col("gid") == pl.col("keeper_gid")).then(None).otherwise(pl.col("dup_of")))
+    )
+    members = members.with_columns(shard=(pl.col("gid") // (1 << 32)).cast(pl.Int64)).sort("gid")
+    for s in shards:
+        part = members.filter(pl.col("shard") == s).select(["gid", "uid", "dup_of", "dup_reason", "cluster_size"])
+        ctx.write_table(f"dedup/_clusters/{shard_name(s)}.parquet", part.to_arrow())
+    sizes = members.group_by("cluster").agg(size=pl.len())["size"].value_counts().sort("size")
+    removed = members.filter(pl.col("dup_reason").is_not_null())
+    stats.update(
+        rows=members.height,
+        clusters=int(keepers.height),
+        duplicates=removed.height,
+        by_reason={r: int(n) for r, n in removed.group_by("dup_reason").len().sort("dup_reason").iter_rows()},
+        cluster_sizes={str(int(s)): int(c) for s, c in sizes.iter_rows()},
+    )
+    return stats
+
+
+# --- step 4: per shard ----------------------------------------------------------------------
+
+
+def plan_dedup(ctx: PlanContext) -> list[int]:
+    return committed_shards(ctx.storage, "crawl")
+
+
+def run_dedup(ctx: ShardContext) -> dict:
+    nodes = pl.from_arrow(ctx.read_table(f"{MAP}/nodes/{ctx.name}.parquet")).select(["gid", "uid"])
+    clusters_file = f"dedup/_clusters/{ctx.name}.parquet"
+    if ctx.storage.exists(clusters_file):
+        clusters = pl.from_arrow(ctx.read_table(clusters_file)).select(["gid", "dup_of", "dup_reason", "cluster_size"])
+        out = nodes.join(clusters, on="gid", how="left")
+    else:
+        out = nodes.with_columns(
+            dup_of=pl.lit(None, pl.Utf8), dup_reason=pl.lit(None, pl.Utf8), cluster_size=pl.lit(None, pl.Int32)
+        )
+    out = out.sort("gid").with_columns(pl.col("cluster_size").fill_null(1)).drop("gid")
+    table = schema.conform(out.to_arrow(), schema.DEDUP, f"dedup/{ctx.name}")
+    ctx.write_table(f"dedup/{ctx.name}.parquet", table)
+    removed = int(table["dup_of"].null_count)
+    return {"rows": table.num_rows, "kept": removed, "duplicates": table.num_rows - removed}
+
+
+MAP_STAGE = Stage(name=MAP, plan=plan_map, run_shard=run_map, config_key="dedup")
+REDUCE_STAGE = Stage(name=REDUCE, plan=plan_reduce, run_shard=run_reduce, config_key="dedup")
+COMPONENTS_STAGE = Stage(name=COMPONENTS, plan=plan_components, run_shard=run_components, config_key="dedup")
+STAGE = Stage(name="dedup", plan=plan_dedup, run_shard=run_dedup, config_key="dedup")
+STAGES = (MAP_STAGE, REDUCE_STAGE, COMPONENTS_STAGE, STAGE)
