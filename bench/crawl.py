@@ -23,77 +23,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def tree_rss(pid: int) -> int:
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
+from bench.common import machine, run_subprocess  # noqa: E402
 
 
-def run_side(side: str, urls: Path, work: Path, size: int, allow: str) -> dict:
+def run_side(side: str, shards: Path, work: Path, size: int, allow: str) -> dict:
     """Run one side in a subprocess; its JSON report plus the peak RSS of its process tree."""
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=str(REPO), WANDB_MODE="disabled")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            __file__,
-            "--side",
-            side,
-            "--urls",
-            str(urls),
-            "--work",
-            str(work),
-            "--size",
-            str(size),
-            "--allow",
-            allow,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+    return run_subprocess(
+        __file__, ["--side", side, "--urls", str(shards), "--work", str(work), "--size", str(size), "--allow", allow]
     )
-    peak, stop = 0, threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, tree_rss(proc.pid))
-            time.sleep(0.2)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, err = proc.communicate()
-    stop.set()
-    sampler.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"{side} failed ({proc.returncode}):\n{err[-3000:]}")
-    report = json.loads(out.strip().splitlines()[-1])
-    report["peak_rss_mb"] = round(peak / 2**20, 1)
-    return report
 
 
 # --- the two sides (run in the subprocess) --------------------------------------------------
@@ -184,16 +129,6 @@ def side_img2dataset(shards: Path, work: Path, size: int, allow: str) -> dict:
 
 
 # --- driver ---------------------------------------------------------------------------------------
-
-
-def machine() -> dict:
-    mem = next((int(line.split()[1]) // 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")), None)
-    return {
-        "nproc": os.cpu_count(),
-        "memory_mb": mem,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 def main() -> None:

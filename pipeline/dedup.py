@@ -29,7 +29,6 @@ pairs fit the budget, from the number of images; it is recorded in
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Literal
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import schema
 from pipeline.errors import ConfigError
@@ -112,18 +112,20 @@ def table_keys(phash: np.ndarray, design: dict) -> list[np.ndarray]:
     return keys
 
 
-def hex_key(values: list[str]) -> np.ndarray:
-    """The first 60 bits of hex digests, as int64 keys."""
-    return np.array([int(v[:15], 16) for v in values], dtype=np.int64)
+def hex_key(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """The first 60 bits of hex digests, as int64 keys (vectorised)."""
+    return pl.Series(values).str.slice(0, 15).str.to_integer(base=16).cast(pl.Int64).to_numpy()
 
 
-def caption_key(captions: list[str | None]) -> np.ndarray:
-    """A 60-bit key of the caption, case- and whitespace-folded (0 for an empty caption)."""
-    out = []
-    for c in captions:
-        folded = " ".join((c or "").lower().split())
-        out.append(int(hashlib.sha256(folded.encode()).hexdigest()[:15], 16) if folded else 0)
-    return np.array(out, dtype=np.int64)
+def caption_key(captions: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A 63-bit key of the caption, case- and whitespace-folded (0 for an empty caption).
+
+    polars' hash with fixed seeds: stable for one polars version, which is all a run needs
+    (keys never leave the dedup stage's own work files).
+    """
+    folded = pl.Series(captions).fill_null("").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
+    key = (folded.hash(seed=0).to_numpy() >> np.uint64(1)).astype(np.int64)
+    return np.where(folded.to_numpy() == "", 0, np.maximum(key, 1))
 
 
 # --- step 1: map -------------------------------------------------------------------------------
@@ -162,29 +164,27 @@ def run_map(ctx: ShardContext) -> dict:
     plan = ctx.storage.read_json(PLAN)
     crawl = ctx.read_table(f"crawl/{ctx.name}.parquet")
     rows = np.arange(crawl.num_rows, dtype=np.int64)
-    ok = np.array([s == schema.SUCCESS for s in crawl["status"].to_pylist()], dtype=bool)
-    ok &= np.array([p is not None for p in crawl["phash"].to_pylist()], dtype=bool)
+    ok = pc.fill_null(pc.and_(pc.equal(crawl["status"], schema.SUCCESS), pc.is_valid(crawl["phash"])), False)
+    ok = ok.to_numpy(zero_copy_only=False)
     t = crawl.filter(pa.array(ok))
     gid = (np.int64(ctx.shard) << np.int64(32)) | rows[ok]
-    captions = caption_key(t["caption"].to_pylist())
-    area = np.array(t["original_width"].to_pylist(), dtype=np.int64) * np.array(
-        t["original_height"].to_pylist(), dtype=np.int64
-    )
+    captions = caption_key(t["caption"])
+    area = t["original_width"].to_numpy().astype(np.int64) * t["original_height"].to_numpy().astype(np.int64)
     ctx.write_table(
         f"{MAP}/nodes/{ctx.name}.parquet",
         pa.table({"gid": gid, "uid": t["uid"], "area": area, "caption_key": captions}),
     )
     if not len(gid):
         return {"rows": 0, "emitted": 0}
-    phash = np.array(t["phash"].to_pylist(), dtype=np.int64)
+    phash = t["phash"].to_numpy().astype(np.int64)
     colour = t["colour_sig"].combine_chunks()
     kinds, keys = [], []
     if config.exact_bytes:
         kinds.append(np.full(len(gid), KIND_BYTES))
-        keys.append(hex_key(t["sha256"].to_pylist()))
+        keys.append(hex_key(t["sha256"]))
     if config.exact_pixels:
         kinds.append(np.full(len(gid), KIND_PIXELS))
-        keys.append(hex_key(t["pixel_hash"].to_pylist()))
+        keys.append(hex_key(t["pixel_hash"]))
     if config.caption:
         has = captions != 0
         kinds.append(np.where(has, KIND_CAPTION, -1))
@@ -204,7 +204,7 @@ def run_map(ctx: ShardContext) -> dict:
             "caption_key": np.tile(captions, n),
         }
     )
-    emitted = emitted.filter(pa.compute.greater_equal(emitted["kind"], 0))
+    emitted = emitted.filter(pc.greater_equal(emitted["kind"], 0))
     parts = _partition(emitted["kind"].to_numpy(), emitted["key"].to_numpy(), plan["partitions"])
     for p in np.unique(parts):
         ctx.write_table(f"{MAP}/p{int(p):05d}/{ctx.name}.parquet", emitted.filter(pa.array(parts == p)))

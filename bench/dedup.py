@@ -1,0 +1,256 @@
+"""Dedup benchmark: clipline dedup vs a naive polars group-by (exact) and brute-force Hamming (near).
+
+Input: N synthetic crawl rows (no images needed) in shards of 100k: random 64-bit
+pHashes and colour grids, with planted exact copies (same bytes) and planted
+near-duplicates (the pHash with 1-8 bits flipped, same colour). clipline runs its
+four dedup steps on a local 2-CPU Ray; the peers run on the same rows:
+- exact: polars `group_by(sha256)` (what people write by hand), rows/s;
+- near: brute-force XOR/popcount of a sample of rows against all N (the all-pairs
+  method, which is also the ground truth for recall on that sample).
+
+Each side runs in a subprocess; peak RSS is sampled over its process tree.
+
+    python bench/dedup.py --quick          # 1M rows
+    python bench/dedup.py --rows 10000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import machine, run_subprocess  # noqa: E402
+
+SHARD_ROWS = 100_000
+EXACT, NEAR = 0.10, 0.10
+
+
+def make_rows(n: int, work: Path, seed: int = 0) -> dict:
+    """Write N crawl-shaped rows in shards; returns the planted truth (near pairs by distance)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.stage import marker_path
+    from pipeline.storage import open_storage
+
+    rng = np.random.default_rng(seed)
+    phash = rng.integers(-(1 << 63), (1 << 63) - 1, size=n, dtype=np.int64)
+    sha = rng.integers(0, 1 << 60, size=n, dtype=np.int64)
+    colour = rng.integers(0, 1 << 60, size=n, dtype=np.int64)
+    kind = rng.random(n)
+    exact = kind < EXACT
+    near = (kind >= EXACT) & (kind < EXACT + NEAR)
+    originals = np.nonzero(~(exact | near))[0]
+    source = originals[rng.integers(0, len(originals), size=n)]  # copies are always of an original row
+    sha[exact] = sha[source[exact]]
+    phash[exact] = phash[source[exact]]
+    colour[exact | near] = colour[source[exact | near]]
+    flips = rng.integers(1, 9, size=n)
+    near_hash = phash[source].view(np.uint64).copy()
+    for i in np.nonzero(near)[0]:
+        for bit in rng.choice(64, size=flips[i], replace=False):
+            near_hash[i] ^= np.uint64(1) << np.uint64(bit)
+    phash[near] = near_hash[near].view(np.int64)
+    store = open_storage(work)
+    for s in range(0, n, SHARD_ROWS):
+        e = min(n, s + SHARD_ROWS)
+        hexes = [f"{v:015x}" for v in sha[s:e]]
+        table = pa.table(
+            {
+                "uid": [f"{i:032x}" for i in range(s, e)],
+                "status": ["success"] * (e - s),
+                "sha256": [h * 4 + "0000" for h in hexes],
+                "pixel_hash": [h + "1" * 17 for h in hexes],
+                "phash": phash[s:e],
+                "colour_sig": [f"{v:015x}" * 3 + "000" for v in colour[s:e]],
+                "caption": [f"caption {i}" for i in range(s, e)],
+                "original_width": np.full(e - s, 256, dtype=np.int32),
+                "original_height": np.full(e - s, 256, dtype=np.int32),
+            }
+        )
+        shard = s // SHARD_ROWS
+        store.write_parquet(f"crawl/{shard:05d}.parquet", table)
+        store.write_json(marker_path("crawl", shard), {"stats": {"success": e - s}, "config_sha256": "bench"})
+    near_rows = np.nonzero(near)[0]
+    return {
+        "near": {int(i): (int(source[i]), int(flips[i])) for i in near_rows},
+        "exact_rows": int(exact.sum()),
+        "near_rows": int(near.sum()),
+    }
+
+
+def side_clipline(work: Path) -> dict:
+    import ray
+
+    from pipeline.config import RunConfig
+    from pipeline.dedup import STAGES
+    from pipeline.runner import run_pipeline
+    from pipeline.storage import open_storage
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    store = open_storage(work)
+    started = time.perf_counter()
+    reports = run_pipeline(list(STAGES), store, RunConfig(out=str(work)), progress=False)
+    seconds = time.perf_counter() - started
+    plan = store.read_json("dedup/_plan.json")
+    return {
+        "seconds": seconds,
+        "stage_seconds": {r.stage: round(r.seconds, 2) for r in reports},
+        "near_index": plan["near_index"],
+        "partitions": plan["partitions"],
+        "duplicates": reports[2].total("duplicates"),
+    }
+
+
+def side_clipline_exact(work: Path) -> dict:
+    """clipline dedup with only the exact checks on (bytes and pixels), in a fresh location."""
+    import shutil
+
+    import ray
+
+    from pipeline.config import RunConfig
+    from pipeline.dedup import STAGES, DedupConfig
+    from pipeline.runner import run_pipeline
+    from pipeline.storage import open_storage
+
+    exact_work = work.parent / (work.name + "-exact")
+    shutil.copytree(work / "crawl", exact_work / "crawl")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    run = RunConfig(out=str(exact_work), dedup=DedupConfig(near=False, caption=False))
+    started = time.perf_counter()
+    reports = run_pipeline(list(STAGES), open_storage(exact_work), run, progress=False)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "duplicates": reports[2].total("duplicates")}
+
+
+def side_exact_peer(work: Path) -> dict:
+    import polars as pl
+
+    started = time.perf_counter()
+    frame = pl.scan_parquet(str(work / "crawl" / "*.parquet")).select("sha256")
+    groups = frame.group_by("sha256").agg(pl.len().alias("n")).filter(pl.col("n") > 1).collect()
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "duplicates": int((groups["n"] - 1).sum())}
+
+
+def side_near_peer(work: Path, sample: int = 2000) -> dict:
+    """Brute force: each sampled row against all N rows (the all-pairs method)."""
+    import numpy as np
+    import polars as pl
+
+    frame = pl.read_parquet(str(work / "crawl" / "*.parquet"), columns=["phash", "colour_sig"])
+    h = frame["phash"].to_numpy().view(np.uint64)
+    colours = frame["colour_sig"].to_numpy()  # synthetic grids: copies share theirs, others differ widely
+    rows = np.random.default_rng(1).choice(len(h), size=min(sample, len(h)), replace=False)
+    table = np.array([bin(i).count("1") for i in range(1 << 16)], dtype=np.uint8)
+    started = time.perf_counter()
+    neighbours = {}
+    for r in rows:
+        x = h ^ h[r]
+        d = sum(table[((x >> np.uint64(16 * k)) & np.uint64(0xFFFF)).astype(np.int64)] for k in range(4))
+        near = np.nonzero((d <= 8) & (colours == colours[r]))[0]
+        neighbours[int(r)] = [int(j) for j in near if j != r]
+    seconds = time.perf_counter() - started
+    return {
+        "seconds_sample": seconds,
+        "sample": len(rows),
+        "projected_seconds_all": seconds * len(h) / len(rows),
+        "neighbours": neighbours,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1M rows")
+    parser.add_argument("--rows", type=int, default=None)
+    parser.add_argument("--side", choices=("clipline", "clipline_exact", "exact", "near"), help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        fn = {
+            "clipline": side_clipline,
+            "clipline_exact": side_clipline_exact,
+            "exact": side_exact_peer,
+            "near": side_near_peer,
+        }[args.side]
+        print(json.dumps(fn(args.work)))
+        return
+
+    import polars as pl
+
+    n = args.rows or (1_000_000 if args.quick else 10_000_000)
+    work = Path(tempfile.mkdtemp(prefix="clipline-bench-dedup-"))
+    t0 = time.perf_counter()
+    truth = make_rows(n, work)
+    print(
+        f"generated {n:,} rows in {time.perf_counter() - t0:.1f}s ({truth['exact_rows']:,} exact copies, "
+        f"{truth['near_rows']:,} near copies)",
+        flush=True,
+    )
+    results = {}
+    for side in ("exact", "clipline_exact", "near", "clipline"):
+        results[side] = run_subprocess(__file__, ["--side", side, "--work", str(work)])
+        shown = {k: v for k, v in results[side].items() if k != "neighbours"}
+        print(f"{side:<9} {shown}", flush=True)
+
+    # Recall of planted near-dups by distance, and against the brute-force neighbours of the sample.
+    out = pl.read_parquet(str(work / "dedup" / "0*.parquet")).with_columns(
+        row=pl.col("uid").str.to_integer(base=16), cluster=pl.coalesce("dup_of", "uid")
+    )
+    cluster = dict(zip(out["row"].to_list(), out["cluster"].to_list(), strict=True))
+    by_distance: dict[int, list[int]] = {}
+    for row, (src, d) in truth["near"].items():
+        by_distance.setdefault(d, []).append(int(cluster[row] == cluster[src]))
+    recall = {d: round(sum(v) / len(v), 4) for d, v in sorted(by_distance.items())}
+    pairs = [(r, j) for r, js in results["near"]["neighbours"].items() for j in js]
+    sample_recall = sum(cluster[int(r)] == cluster[int(j)] for r, j in pairs) / max(1, len(pairs))
+    clip = results["clipline"]
+    summary = {
+        "benchmark": "dedup",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "inputs": {
+            "rows": n,
+            "exact_copies": truth["exact_rows"],
+            "near_copies": truth["near_rows"],
+            "near_threshold": 8,
+            "colour_tolerance": 1,
+        },
+        "clipline": {**clip, "rows_per_s": n / clip["seconds"]},
+        "clipline_exact_only": {**results["clipline_exact"], "rows_per_s": n / results["clipline_exact"]["seconds"]},
+        "exact_peer_polars_group_by": {**results["exact"], "rows_per_s": n / results["exact"]["seconds"]},
+        "near_peer_brute_force": {k: v for k, v in results["near"].items() if k != "neighbours"},
+        "near_recall_by_distance": recall,
+        "near_recall_vs_brute_force_sample": round(sample_recall, 4),
+        "ratio_exact_rows_per_s_vs_polars_group_by": round(
+            results["exact"]["seconds"] / results["clipline_exact"]["seconds"], 3
+        ),
+        "speedup_vs_brute_force": round(results["near"]["projected_seconds_all"] / clip["seconds"], 1),
+    }
+    print()
+    print(
+        f"clipline dedup (exact + near + caption): {n / clip['seconds']:,.0f} rows/s, peak RSS {clip['peak_rss_mb']} MB"
+    )
+    print(
+        f"polars group-by (exact only):          {n / results['exact']['seconds']:,.0f} rows/s, "
+        f"peak RSS {results['exact']['peak_rss_mb']} MB"
+    )
+    print(
+        f"brute-force near (projected all rows): {results['near']['projected_seconds_all']:,.0f}s "
+        f"vs clipline {clip['seconds']:.0f}s = {summary['speedup_vs_brute_force']}x"
+    )
+    print(f"near index: {clip['near_index']}; recall by distance: {recall}; vs brute force sample: {sample_recall:.4f}")
+    out_path = REPO / "bench" / "results" / f"dedup-{n}.json"
+    out_path.write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()
