@@ -14,8 +14,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tree_rss(pid: int) -> int:
-    """Resident memory of a process and all its descendants, in bytes."""
+def tree_rss(pid: int, proportional: bool = False) -> int:
+    """Resident memory of a process and all its descendants, in bytes.
+
+    proportional: PSS instead of RSS, so pages shared between the processes (Ray's object
+    store, forked workers) are counted once across the tree rather than once per process.
+    """
     import psutil
 
     try:
@@ -26,7 +30,7 @@ def tree_rss(pid: int) -> int:
     total = 0
     for p in procs:
         try:
-            total += p.memory_info().rss
+            total += p.memory_full_info().pss if proportional else p.memory_info().rss
         except psutil.NoSuchProcess:
             pass
     return total
@@ -38,12 +42,13 @@ def run_subprocess(script: str, args: list[str]) -> dict:
     proc = subprocess.Popen(
         [sys.executable, script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
-    peak, stop = 0, threading.Event()
+    peak, peak_pss, stop = 0, 0, threading.Event()
 
     def sample():
-        nonlocal peak
+        nonlocal peak, peak_pss
         while not stop.is_set():
             peak = max(peak, tree_rss(proc.pid))
+            peak_pss = max(peak_pss, tree_rss(proc.pid, proportional=True))
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -55,6 +60,7 @@ def run_subprocess(script: str, args: list[str]) -> dict:
         raise SystemExit(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{err[-3000:]}")
     report = json.loads(out.strip().splitlines()[-1])
     report["peak_rss_mb"] = round(peak / 2**20, 1)
+    report["peak_pss_mb"] = round(peak_pss / 2**20, 1)
     return report
 
 

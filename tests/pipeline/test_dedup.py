@@ -252,3 +252,15 @@ def test_config_changes_are_not_mixed_in(crawled_web, tmp_path):
     assert config_sha256(DedupConfig()) != config_sha256(replace(DedupConfig(), near_threshold=4))
     with pytest.raises(Exception, match="committed with another"):
         dedup(store, near_threshold=4)
+
+
+def test_packed_colour_distance_equals_the_string_one():
+    from pipeline.dedup import colour_distance_packed, pack_colour
+    from pipeline.images import colour_distance
+
+    rng = random.Random(3)
+    a = ["".join(rng.choice("0123456789abcdef") for _ in range(48)) for _ in range(200)]
+    b = [x if i % 3 else "".join(rng.choice("0123456789abcdef") for _ in range(48)) for i, x in enumerate(a)]
+    b = [y[:10] + "f" + y[11:] if i % 5 == 1 else y for i, y in enumerate(b)]
+    got = colour_distance_packed(pack_colour(pa.array(a)), pack_colour(pa.array(b)))
+    assert got.tolist() == [colour_distance(x, y) for x, y in zip(a, b, strict=True)]
