@@ -142,6 +142,14 @@ def format_summary(summary: dict) -> str:
             f"  crawl: {ok} of {crawl['rows']} URLs fetched; other statuses: "
             + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items(), key=lambda kv: -kv[1]) if k != "success")
         )
+    components = summary["stages"].get("dedup/_components")
+    if components:
+        found = components["stats"]
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(found.get("by_reason", {}).items()))
+        lines.append(
+            f"  dedup: {found.get('duplicates', 0)} duplicates in {found.get('clusters', 0)} clusters"
+            + (f" ({reasons})" if reasons else "")
+        )
     for name, issue in summary["not_implemented"].items():
         lines.append(f"  {name:<7} not implemented yet (issue {issue})")
     lines.append("  train, eval: not implemented yet (issues #7, #8)")
