@@ -354,7 +354,8 @@ def run_components(ctx: ShardContext) -> dict:
     index = np.searchsorted(nodes, np.concatenate([a, b]))
     reasons = np.full(len(nodes), len(REASONS), dtype=np.int16)
     np.minimum.at(reasons, index, np.concatenate([edges["reason"].to_numpy()] * 2).astype(np.int16))
-    members = pl.DataFrame({"gid": nodes, "cluster": label, "reason": reasons})
+    names = np.array([*REASONS, ""], dtype=object)[reasons]
+    members = pl.DataFrame({"gid": nodes, "cluster": label, "reason": pl.Series(names, dtype=pl.Utf8)})
     shards = sorted({int(g) >> 32 for g in nodes})
     info = pl.concat(
         [
@@ -375,9 +376,7 @@ def run_components(ctx: ShardContext) -> dict:
         members.join(keepers, on="cluster")
         .with_columns(
             cluster_size=pl.len().over("cluster").cast(pl.Int32),
-            dup_reason=pl.when(pl.col("gid") == pl.col("keeper_gid"))
-            .then(None)
-            .otherwise(pl.col("reason").map_elements(lambda r: REASONS[r], return_dtype=pl.Utf8)),
+            dup_reason=pl.when(pl.col("gid") == pl.col("keeper_gid")).then(None).otherwise(pl.col("reason")),
         )
         .with_columns(dup_of=pl.when(pl.col("gid") == pl.col("keeper_gid")).then(None).otherwise(pl.col("dup_of")))
     )

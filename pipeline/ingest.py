@@ -278,20 +278,20 @@ def plan_map(ctx: PlanContext) -> list[int]:
             store, name = split_location(inp.uri)
             with store.open_seekable(name) as f:
                 meta = pq.ParquetFile(f).metadata
-            group, rows = [], 0
+            group, rows, first_row = [], 0, 0  # first_row: the chunk's first row number within the file
             for g in range(meta.num_row_groups):
                 group.append(g)
                 rows += meta.row_group(g).num_rows
                 if rows >= config.rows_per_chunk:
-                    chunks.append({"file": index, "row_groups": group})
-                    group, rows = [], 0
+                    chunks.append({"file": index, "row_groups": group, "first_row": first_row})
+                    group, first_row, rows = [], first_row + rows, 0
             if group or not chunks or chunks[-1]["file"] != index:
-                chunks.append({"file": index, "row_groups": group})
+                chunks.append({"file": index, "row_groups": group, "first_row": first_row})
             estimated_rows += meta.num_rows
         else:
             store, name = split_location(inp.uri)
             estimated_rows += store.size(name) // (40 if inp.compression else 120)
-            chunks.append({"file": index, "row_groups": None})
+            chunks.append({"file": index, "row_groups": None, "first_row": 0})
     plan = {
         "inputs": [inp.uri for inp in files],
         "chunks": chunks,
@@ -334,16 +334,6 @@ def partition_of(uids: pa.Array, partitions: int) -> pa.Array:
     return pa.array([int(u[:8], 16) % partitions for u in uids.to_pylist()], pa.int32())
 
 
-def _first_row(inp: InputFile, row_groups: list[int] | None) -> int:
-    """Row number (within its file) of a chunk's first row."""
-    if not row_groups:
-        return 0
-    store, name = split_location(inp.uri)
-    with store.open_seekable(name) as f:
-        meta = pq.ParquetFile(f).metadata
-    return sum(meta.row_group(g).num_rows for g in range(row_groups[0]))
-
-
 def run_map(ctx: ShardContext) -> dict:
     config: IngestConfig = ctx.config
     plan = ctx.storage.read_json(PLAN)
@@ -354,7 +344,7 @@ def run_map(ctx: ShardContext) -> dict:
     columns = list(dict.fromkeys([url_col, caption_col, *carried]))
     pending: list[pa.Table] = []
     stats: dict[str, int] = {"rows": 0}
-    row = first = _first_row(inp, chunk["row_groups"])
+    row = first = chunk["first_row"]
     parts_written = 0
 
     def flush() -> None:

@@ -254,6 +254,7 @@ class LocalStorage(Storage):
 # --- S3 ----------------------------------------------------------------------------
 
 _clients: dict[tuple, Any] = {}
+_buckets_seen: set[str] = set()  # buckets known to exist in this process
 _clients_lock = threading.Lock()
 
 
@@ -356,16 +357,19 @@ class S3Storage(Storage):
             return True
         except ClientError as e:
             if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
-                self._check_bucket()
+                if self.bucket not in _buckets_seen:
+                    self._check_bucket()
                 return False
             raise _s3_error(e, self.url(rel)) from e
         except Exception as e:
             raise _s3_error(e, self.url(rel)) from e
 
     def _check_bucket(self) -> None:
-        # HEAD of a missing key in a missing bucket also answers 404; tell the two apart.
+        # HEAD of a missing key in a missing bucket also answers 404; tell the two apart,
+        # once per bucket and process (every pending shard asks for its marker).
         try:
             self.client.head_bucket(Bucket=self.bucket)
+            _buckets_seen.add(self.bucket)
         except Exception as e:
             err = _s3_error(e, f"s3://{self.bucket}")
             if "not found" in str(err):
