@@ -22,6 +22,7 @@ import yaml
 from pipeline.crawl import CrawlConfig
 from pipeline.dedup import DedupConfig
 from pipeline.errors import ConfigError
+from pipeline.filter import FilterConfig
 from pipeline.ingest import IngestConfig
 
 
@@ -47,6 +48,7 @@ class RunConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     crawl: CrawlConfig = field(default_factory=CrawlConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
 
 
 # --- generic dataclass <-> dict, with checking ----------------------------------------

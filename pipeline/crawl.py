@@ -196,6 +196,7 @@ class Outcome:
     original_width: int | None = None
     original_height: int | None = None
     sha256: str | None = None
+    md5: str | None = None
     bytes: int | None = None
     format: str | None = None
     fetch_ms: float | None = None
@@ -213,6 +214,7 @@ class Outcome:
             "original_width": self.original_width,
             "original_height": self.original_height,
             "sha256": self.sha256,
+            "md5": self.md5,
             "http_status": self.http_status,
             "bytes": self.bytes,
             "format": self.format,
@@ -232,7 +234,8 @@ def download(url: str, fetcher: Fetcher, policy: ImagePolicy, blocked: frozenset
         return Outcome(e.status, str(e), e.http_status, e.retry_after, fetch_ms=(time.monotonic() - started) * 1000)
     elapsed = (time.monotonic() - started) * 1000
     digest = hashlib.sha256(result.body).hexdigest()
-    base = dict(http_status=result.http_status, sha256=digest, bytes=len(result.body), fetch_ms=elapsed)
+    md5 = hashlib.md5(result.body, usedforsecurity=False).hexdigest()  # blocklists are published in md5 too
+    base = dict(http_status=result.http_status, sha256=digest, md5=md5, bytes=len(result.body), fetch_ms=elapsed)
     if digest in blocked:
         return Outcome("blocked", "image hash is on a blocklist", **base)
     try:

@@ -100,6 +100,7 @@ CRAWL = pa.schema(
         pa.field("original_height", pa.int32()),
         pa.field("sha256", pa.string()),
         # clipline's additions
+        pa.field("md5", pa.string()),  # of the downloaded bytes, like sha256 (some blocklists use it)
         pa.field("http_status", pa.int16()),
         pa.field("bytes", pa.int64()),
         pa.field("format", pa.string()),

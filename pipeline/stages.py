@@ -17,6 +17,7 @@ STAGES: dict[str, str] = {
     "ingest": "pipeline.ingest:STAGES",
     "crawl": "pipeline.crawl:STAGE",
     "dedup": "pipeline.dedup:STAGES",
+    "filter": "pipeline.filter:STAGE",
 }
 
 # Every data stage of DESIGN.md, in order, and the issue that brings it.

@@ -200,3 +200,23 @@ class S3FaultProxy:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def crawled_web(tmp_path_factory, ray_local):
+    """The tiny web crawled once on Ray into 4 shards (duplicates planted on other sites, so other shards).
+
+    (store, truth): truth has url, image_id, dup_kind, language, label per URL. Tests copy the store.
+    """
+    import polars as pl
+
+    from pipeline.storage import open_storage
+    from pipeline.web import SIZES, SyntheticWeb, generate
+    from tests.pipeline.test_crawl import crawl_all, run_config
+
+    base = tmp_path_factory.mktemp("crawled-web")
+    with SyntheticWeb(generate(base / "web", SIZES["tiny"])) as web:
+        store = open_storage(base / "crawled")
+        crawl_all(store, run_config(store.uri, web.root, shard_size=120))
+        truth = pl.from_arrow(web.truth()).select(["url", "image_id", "dup_kind", "language", "label", "caption"])
+    return store, truth

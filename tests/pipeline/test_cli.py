@@ -74,9 +74,9 @@ def test_print_config_applies_flags_and_overrides(tmp_path):
 
 
 def test_unbuilt_stage_is_named_with_its_issue():
-    result = clipline("run", "--stage", "filter")
+    result = clipline("run", "--stage", "shard")
     assert result.returncode == 3
-    assert result.stderr == "clipline: error: stage 'filter' is not implemented yet (issue #5 filter)\n"
+    assert result.stderr == "clipline: error: stage 'shard' is not implemented yet (issue #6 final shards and stats)\n"
     result = clipline("run", "--stage", "nonsense")
     assert result.returncode == 2 and "unknown stage 'nonsense'" in result.stderr
 

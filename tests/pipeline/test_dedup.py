@@ -17,8 +17,6 @@ from pipeline.errors import ConfigError
 from pipeline.runner import run_pipeline
 from pipeline.stage import committed_shards, config_sha256, marker_path
 from pipeline.storage import open_storage
-from pipeline.web import SIZES, SyntheticWeb, generate
-from tests.pipeline.test_crawl import crawl_all, run_config
 
 
 def flip(h: int, bits: list[int]) -> int:
@@ -72,7 +70,7 @@ def crawl_rows(rows: list[dict]) -> pa.Table:
         full.append(
             {
                 "uid": uid,
-                "url": f"http://x/{uid}",
+                "url": r.get("url", f"http://x/{uid}"),
                 "caption": r.get("caption", f"caption {uid}"),
                 "key": uid,
                 "status": r.get("status", "success"),
@@ -82,8 +80,9 @@ def crawl_rows(rows: list[dict]) -> pa.Table:
                 "original_width": r.get("w", 100),
                 "original_height": r.get("h", 100),
                 "sha256": r.get("sha", hashlib.sha256(uid.encode()).hexdigest()),
+                "md5": r.get("md5"),
                 "http_status": 200,
-                "bytes": 1000,
+                "bytes": r.get("bytes", 1000),
                 "format": "jpeg",
                 "attempts": 1,
                 "fetch_ms": 1.0,
@@ -181,17 +180,6 @@ def test_semantic_dedup_says_what_it_needs(tmp_path):
 
 
 # --- on the synthetic web ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def crawled_web(tmp_path_factory, ray_local):
-    """The tiny web crawled once on Ray into 4 shards (duplicates planted on other sites, so other shards)."""
-    base = tmp_path_factory.mktemp("dedup-web")
-    with SyntheticWeb(generate(base / "web", SIZES["tiny"])) as web:
-        store = open_storage(base / "crawled")
-        crawl_all(store, run_config(store.uri, web.root, shard_size=120))
-        truth = pl.from_arrow(web.truth()).select(["url", "image_id", "dup_kind"])
-    return store, truth
 
 
 def copy_of(store, tmp_path, name):

@@ -1,0 +1,354 @@
+"""Filter: decide keep / drop for every crawled sample, with the reason and every score kept.
+
+One row per successfully crawled image in ``filter/{shard}.parquet``. Every
+filter runs on every row and leaves its score or flag as a column, so a later
+config can re-decide without recomputing; ``drop_reason`` names the *first*
+filter in chain order that dropped the row:
+
+    blocklists → duplicates (from dedup) → image rules → caption rules
+    → language → text match → CLIP score
+
+Rules come from a named preset (``basic``, ``laion``, ``datacomp-basic``,
+``datacomp-text``, ``none``) with any setting overridden in the config. The
+image rules read the crawl columns only (no re-decode). The CLIP score is a
+second pass: it needs a trained clipline checkpoint (``clip_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import langid, schema
+from pipeline.errors import ConfigError, SchemaError
+from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards
+from pipeline.storage import read_hash_lists, split_location
+
+# --- rules and presets ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The concrete thresholds a filter pass applies (a preset, with the config's overrides)."""
+
+    languages: tuple[str, ...] = ()  # keep captions in these languages (langdetect codes); () = any
+    min_language_score: float = 0.0
+    min_caption_chars: int = 0
+    max_caption_chars: int = 0  # 0 = no limit
+    min_caption_words: int = 0
+    max_caption_words: int = 0  # 0 = no limit
+    caption_junk: bool = False  # file names, boilerplate, URL-only and repeated-character captions
+    min_image_side: int = 0  # of the original image
+    max_image_side: int = 0  # 0 = no limit
+    max_aspect_ratio: float = 0.0  # long side / short side; 0 = no limit
+    min_image_bytes: int = 0
+    text_match: bool = False  # keep only captions that mention a term of text_terms
+    min_clip_score: float = 0.0  # 0 = off
+    clip_top_fraction: float = 0.0  # keep the best fraction by CLIP score per shard; 0 = off
+
+
+PRESETS: dict[str, Rules] = {
+    "none": Rules(),
+    # sensible defaults for any web crawl: no junk captions, no tiny images
+    "basic": Rules(min_caption_chars=5, max_caption_chars=2000, min_caption_words=1, caption_junk=True,
+                   min_image_side=32, max_aspect_ratio=6.0),
+    # LAION-400M: English (CLD3 there), CLIP ViT-B/32 cosine >= 0.28, short/junk captions out
+    "laion": Rules(languages=("en",), min_caption_chars=5, caption_junk=True, min_image_side=5,
+                   min_clip_score=0.28),
+    # DataComp "basic filtering": English, > 2 words and > 5 characters, smaller side > 200 px, aspect < 3
+    "datacomp-basic": Rules(languages=("en",), min_caption_chars=6, min_caption_words=3, min_image_side=201,
+                            max_aspect_ratio=3.0),
+    # DataComp "text-based": English and the caption mentions a class name (ImageNet-21k there: text_terms)
+    "datacomp-text": Rules(languages=("en",), text_match=True),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """A preset plus overrides; None means 'as the preset says'. Blocklists and terms are files (local/s3)."""
+
+    preset: Literal["none", "basic", "laion", "datacomp-basic", "datacomp-text"] = "basic"
+    language_backend: Literal["fast", "langdetect", "fasttext"] = "fast"
+    languages: tuple[str, ...] | None = None
+    min_language_score: float | None = None
+    min_caption_chars: int | None = None
+    max_caption_chars: int | None = None
+    min_caption_words: int | None = None
+    max_caption_words: int | None = None
+    caption_junk: bool | None = None
+    min_image_side: int | None = None
+    max_image_side: int | None = None
+    max_aspect_ratio: float | None = None
+    min_image_bytes: int | None = None
+    text_match: bool | None = None
+    min_clip_score: float | None = None
+    clip_top_fraction: float | None = None
+    drop_duplicates: bool = True  # drop rows dedup marked (dup_of set); needs the dedup stage's outputs
+    blocklist_url_sha256: tuple[str, ...] = ()  # files of sha256(normalised URL) hex lines
+    blocklist_domains: tuple[str, ...] = ()  # files of domains, one a line; subdomains are blocked too
+    blocklist_image_sha256: tuple[str, ...] = ()  # files of sha256(image bytes) hex lines
+    blocklist_image_md5: tuple[str, ...] = ()  # files of md5(image bytes) hex lines
+    text_terms: tuple[str, ...] = ()  # terms for text_match (case-insensitive, whole words)
+    text_terms_files: tuple[str, ...] = ()  # files of terms, one a line
+    clip_checkpoint: str | None = None  # a clipline checkpoint (.pt) for the CLIP-score pass
+    clip_batch_size: int = field(default=256, metadata={IDENTITY: False})
+    clip_device: str = field(default="auto", metadata={IDENTITY: False})  # auto = cuda when present
+
+    def rules(self) -> Rules:
+        """The preset's rules with this config's explicit settings applied; a one-line error if inconsistent."""
+        overrides = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(Rules) if getattr(self, f.name) is not None
+        }
+        rules = dataclasses.replace(PRESETS[self.preset], **overrides)
+        unknown = sorted(set(rules.languages) - set(langid.languages()))
+        if unknown:
+            raise ConfigError(f"filter.languages: unknown language code(s) {', '.join(unknown)} (langdetect codes)")
+        if rules.text_match and not (self.text_terms or self.text_terms_files):
+            raise ConfigError("filter: text_match needs filter.text_terms or filter.text_terms_files")
+        if (rules.min_clip_score or rules.clip_top_fraction) and not self.clip_checkpoint:
+            raise ConfigError(
+                f"filter: preset '{self.preset}' scores with CLIP and needs filter.clip_checkpoint "
+                "(a trained clipline checkpoint); or set filter.min_clip_score: 0"
+            )
+        return rules
+
+
+# --- the filters: each returns per-row values over a polars frame -----------------------------
+
+FILENAME = re.compile(
+    r"^\s*(?:(?:img|dsc[nf]?|dcim|pxl|mvimg|gopr|vid|screenshot|scan|image|photo|pic)[-_ ]?\d[\w\- ]*"
+    r"|[\w\-. ()]+\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|svg))\s*$",
+    re.IGNORECASE,
+)
+BOILERPLATE = re.compile(
+    r"image may contain|click here|^\W*(?:untitled|image|photo|picture|img|pic|thumbnail|placeholder|default image"
+    r"|no (?:image|photo|description)(?: available)?|image not found|click to enlarge)(?:[-_ ]?\d+)?\W*$",
+    re.IGNORECASE,
+)
+URL_ONLY = re.compile(r"^\s*(?:https?://|www\.)\S+\s*$", re.IGNORECASE)
+REPEATED = re.compile(r"(\S)\1{5,}")  # the same character 6+ times in a row ("!!!!!!", "aaaaaaa")
+
+
+def caption_junk(caption: str | None) -> str | None:
+    """Which junk kind a caption is ('caption_filename', '_boilerplate', '_url', '_repeated_chars') or None."""
+    if not caption:
+        return None
+    if URL_ONLY.match(caption):
+        return "caption_url"
+    if FILENAME.match(caption):
+        return "caption_filename"
+    if BOILERPLATE.search(caption):
+        return "caption_boilerplate"
+    text = caption.replace(" ", "")
+    if REPEATED.search(caption) or (len(text) >= 12 and len(set(text)) / len(text) < 0.15):
+        return "caption_repeated_chars"
+    return None
+
+
+def domain_of(url: str) -> str:
+    try:
+        return (urlsplit(url).hostname or "").rstrip(".").lower()
+    except ValueError:
+        return ""
+
+
+def blocked_domain(host: str, domains: frozenset[str]) -> bool:
+    """True when `host` or any parent domain of it is listed."""
+    parts = host.split(".")
+    return any(".".join(parts[i:]) in domains for i in range(len(parts)))
+
+
+WORD = re.compile(r"\w+")
+
+
+def load_terms(config: FilterConfig) -> tuple[frozenset[tuple[str, ...]], int]:
+    """Terms as lower-case word tuples, and the longest term's word count."""
+    lines = list(config.text_terms)
+    for path in config.text_terms_files:
+        store, name = split_location(path)
+        lines.extend(store.read_bytes(name).decode("utf-8", "replace").splitlines())
+    terms = {tuple(WORD.findall(t.lower())) for t in lines if t.strip() and not t.startswith("#")}
+    terms.discard(())
+    return frozenset(terms), max((len(t) for t in terms), default=0)
+
+
+def text_matches(captions: list[str | None], terms: frozenset[tuple[str, ...]], longest: int) -> list[bool]:
+    """Whether each caption contains a term as whole words (any term of up to `longest` words)."""
+    out = []
+    for caption in captions:
+        words = WORD.findall((caption or "").lower())
+        out.append(
+            any(tuple(words[i : i + n]) in terms for n in range(1, longest + 1) for i in range(len(words) - n + 1))
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Blocklists:
+    url_sha256: frozenset[str] = frozenset()
+    domains: frozenset[str] = frozenset()
+    image_sha256: frozenset[str] = frozenset()
+    image_md5: frozenset[str] = frozenset()
+
+    @classmethod
+    def load(cls, config: FilterConfig) -> "Blocklists":
+        domains = {d.strip().lstrip(".").lower() for d in read_hash_lists(config.blocklist_domains)}
+        return cls(
+            url_sha256=read_hash_lists(config.blocklist_url_sha256),
+            domains=frozenset(domains),
+            image_sha256=read_hash_lists(config.blocklist_image_sha256),
+            image_md5=read_hash_lists(config.blocklist_image_md5),
+        )
+
+    def reasons(self, frame: pl.DataFrame) -> pl.Series:
+        """Per row: 'blocked_url' / 'blocked_domain' / 'blocked_image' or null."""
+        import hashlib
+
+        n = frame.height
+        url_hit = np.zeros(n, bool)
+        if self.url_sha256:
+            url_hit = np.array([hashlib.sha256(u.encode()).hexdigest() in self.url_sha256 for u in frame["url"]])
+        domain_hit = np.zeros(n, bool)
+        if self.domains:
+            domain_hit = np.array([blocked_domain(domain_of(u), self.domains) for u in frame["url"]])
+        image_hit = np.zeros(n, bool)
+        if self.image_sha256:
+            image_hit |= frame["sha256"].is_in(list(self.image_sha256)).fill_null(False).to_numpy()
+        if self.image_md5:
+            image_hit |= frame["md5"].is_in(list(self.image_md5)).fill_null(False).to_numpy()
+        reason = np.where(url_hit, "blocked_url", np.where(domain_hit, "blocked_domain", "blocked_image"))
+        return pl.Series("blocked", np.where(url_hit | domain_hit | image_hit, reason, None), dtype=pl.Utf8)
+
+
+def image_reason(rules: Rules) -> pl.Expr:
+    """First image rule a row breaks, from the crawl's original size and byte count."""
+    w, h = pl.col("original_width"), pl.col("original_height")
+    short, long = pl.min_horizontal(w, h), pl.max_horizontal(w, h)
+    checks = [
+        (rules.min_image_side > 0, short < rules.min_image_side, "image_too_small"),
+        (rules.max_image_side > 0, long > rules.max_image_side, "image_too_large"),
+        (rules.max_aspect_ratio > 0, long > short * rules.max_aspect_ratio, "image_aspect_ratio"),
+        (rules.min_image_bytes > 0, pl.col("bytes") < rules.min_image_bytes, "image_too_few_bytes"),
+    ]
+    return _first_reason(checks)
+
+
+def caption_reason(rules: Rules) -> pl.Expr:
+    chars, words = pl.col("caption_chars"), pl.col("caption_words")
+    checks = [
+        (True, pl.col("caption").is_null() | (chars == 0), "caption_missing"),
+        (rules.min_caption_chars > 0, chars < rules.min_caption_chars, "caption_too_short"),
+        (rules.max_caption_chars > 0, chars > rules.max_caption_chars, "caption_too_long"),
+        (rules.min_caption_words > 0, words < rules.min_caption_words, "caption_too_few_words"),
+        (rules.max_caption_words > 0, words > rules.max_caption_words, "caption_too_many_words"),
+        (rules.caption_junk, pl.col("caption_junk").is_not_null(), pl.col("caption_junk")),
+    ]
+    return _first_reason(checks)
+
+
+def _first_reason(checks: list[tuple[bool, pl.Expr, str | pl.Expr]]) -> pl.Expr:
+    expr = pl.lit(None, pl.Utf8)
+    for enabled, broken, reason in reversed(checks):
+        if enabled:
+            value = reason if isinstance(reason, pl.Expr) else pl.lit(reason)
+            expr = pl.when(broken.fill_null(False)).then(value).otherwise(expr)
+    return expr
+
+
+# --- the stage ---------------------------------------------------------------------------------
+
+CHAIN = ("blocked", "duplicate", "image", "caption", "language", "text_match", "clip_score")
+
+
+def filter_table(crawl: pa.Table, dedup: pa.Table | None, config: FilterConfig, rules: Rules) -> pa.Table:
+    """The filter rows (one per successful crawl row) for one shard's crawl and dedup tables."""
+    frame = pl.from_arrow(crawl).filter(pl.col("status") == schema.SUCCESS)
+    if "md5" not in frame.columns:
+        frame = frame.with_columns(md5=pl.lit(None, pl.Utf8))
+    if dedup is not None:
+        frame = frame.join(pl.from_arrow(dedup).select(["uid", "dup_of", "dup_reason"]), on="uid", how="left")
+    else:
+        frame = frame.with_columns(dup_of=pl.lit(None, pl.Utf8), dup_reason=pl.lit(None, pl.Utf8))
+    captions = frame["caption"].to_list()
+    languages, language_scores = langid.detect(captions, config.language_backend)
+    terms, longest = load_terms(config) if rules.text_match else (frozenset(), 0)
+    frame = frame.with_columns(
+        blocked=Blocklists.load(config).reasons(frame),
+        caption_chars=pl.col("caption").str.len_chars().fill_null(0).cast(pl.Int32),
+        caption_words=pl.col("caption").str.count_matches(r"\S+").fill_null(0).cast(pl.Int32),
+        caption_junk=pl.Series([caption_junk(c) for c in captions], dtype=pl.Utf8),
+        language=pl.Series(languages, dtype=pl.Utf8),
+        language_score=pl.Series(language_scores, dtype=pl.Float32),
+        text_match=pl.Series(text_matches(captions, terms, longest), dtype=pl.Boolean) if rules.text_match
+        else pl.lit(None, pl.Boolean),
+        clip_score=pl.lit(None, pl.Float32),
+    )  # fmt: skip
+    if config.clip_checkpoint:
+        from pipeline import clip_score
+
+        frame = frame.with_columns(clip_score=pl.Series(clip_score.score(frame, config), dtype=pl.Float32))
+    language_ok = pl.col("language_score") >= rules.min_language_score
+    if rules.languages:
+        language_ok = language_ok & pl.col("language").is_in(list(rules.languages))
+    clip_threshold = rules.min_clip_score
+    if rules.clip_top_fraction and frame.height:
+        kth = max(1, int(np.ceil(frame.height * rules.clip_top_fraction)))
+        clip_threshold = max(clip_threshold, float(np.sort(frame["clip_score"].to_numpy())[::-1][kth - 1]))
+    reasons = {
+        "blocked": pl.col("blocked"),
+        "duplicate": pl.when(pl.col("dup_of").is_not_null() & config.drop_duplicates).then(pl.lit("duplicate")),
+        "image": image_reason(rules),
+        "caption": caption_reason(rules),
+        "language": pl.when(~language_ok).then(pl.lit("language")),
+        "text_match": pl.when(pl.lit(rules.text_match) & ~pl.col("text_match").fill_null(False)).then(
+            pl.lit("no_text_match")
+        ),
+        "clip_score": pl.when(pl.lit(clip_threshold > 0) & (pl.col("clip_score") < clip_threshold)).then(
+            pl.lit("clip_score")
+        ),
+    }
+    frame = frame.with_columns(drop_reason=pl.coalesce([reasons[name] for name in CHAIN]))
+    frame = frame.with_columns(keep=pl.col("drop_reason").is_null())
+    extra = ["url", "caption", "dup_of", "dup_reason", "blocked", "caption_chars", "caption_words", "caption_junk",
+             "text_match"]  # fmt: skip
+    out = frame.select([f.name for f in schema.FILTER] + extra).to_arrow()
+    return schema.conform(out, schema.FILTER, "filter", keep_extra=True)
+
+
+def plan_filter(ctx: PlanContext) -> list[int]:
+    ctx.config.rules()  # a bad preset/override is one error on the driver, before any task
+    return committed_shards(ctx.storage, "crawl")
+
+
+def run_filter(ctx: ShardContext) -> dict:
+    config: FilterConfig = ctx.config
+    rules = config.rules()
+    crawl = ctx.read_table(f"crawl/{ctx.name}.parquet")
+    schema.validate(crawl, schema.CRAWL, f"crawl/{ctx.name}.parquet")
+    dedup = None
+    if config.drop_duplicates:
+        rel = f"dedup/{ctx.name}.parquet"
+        if not ctx.storage.exists(rel):
+            raise SchemaError(f"{rel} is missing: run the dedup stage first, or set filter.drop_duplicates: false")
+        dedup = ctx.read_table(rel)
+    table = filter_table(crawl, dedup, config, rules)
+    ctx.write_table(f"filter/{ctx.name}.parquet", table)
+    reasons = pl.from_arrow(table.select(["drop_reason"])).drop_nulls()["drop_reason"].value_counts(sort=True)
+    languages = pl.from_arrow(table.select(["language"]))["language"].value_counts()
+    return {
+        "rows": table.num_rows,
+        "kept": int(pc.sum(table["keep"].cast(pa.int64())).as_py() or 0),
+        "drop_reasons": {r: int(n) for r, n in sorted(reasons.iter_rows())},
+        "languages": {lang: int(n) for lang, n in sorted(languages.iter_rows())},
+    }
+
+
+STAGE = Stage(name="filter", plan=plan_filter, run_shard=run_filter, config_key="filter", rate_key="rows")
