@@ -38,11 +38,13 @@ $(BENCH_STAMP): pyproject.toml Makefile
 	@rm -f $(BENCH_VENV)/.installed-*
 	@touch $@
 
+BENCHES := crawl langid dedup
+
 bench-quick: $(BENCH_STAMP)
-	NO_ALBUMENTATIONS_UPDATE=1 $(BENCH_VENV)/bin/python bench/crawl.py --quick
+	for b in $(BENCHES); do NO_ALBUMENTATIONS_UPDATE=1 $(BENCH_VENV)/bin/python bench/$$b.py --quick || exit 1; done
 
 bench: $(BENCH_STAMP)
-	NO_ALBUMENTATIONS_UPDATE=1 $(BENCH_VENV)/bin/python bench/crawl.py
+	for b in $(BENCHES); do NO_ALBUMENTATIONS_UPDATE=1 $(BENCH_VENV)/bin/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) $(OUT)

@@ -21,6 +21,7 @@ no usable n-gram (empty, digits, emoji only) is ``unknown`` with score 0.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from typing import Iterable, Sequence
 
@@ -125,6 +126,51 @@ def ngrams(text: str) -> list[str]:
     return [g for w in words(text) for g in word_ngrams(w)]
 
 
+SPACE = 32
+BITS = 21  # every code point fits in 21 bits, so an n-gram of up to 3 fits in one int64 key
+
+
+@functools.lru_cache(maxsize=1)
+def _upper_table() -> np.ndarray:
+    return np.array([chr(c).isupper() for c in range(0x10000)], dtype=bool)
+
+
+def gram_key(gram: str) -> int:
+    """An n-gram (n <= 3) as one integer: code points packed 21 bits apart (lengths cannot collide: ' ' = 32)."""
+    key = 0
+    for ch in gram:
+        key = (key << BITS) | ord(ch)
+    return key
+
+
+def gram_keys(padded_words: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """word_ngrams() of many words at once, vectorised over code points: (gram keys, word index of each).
+
+    This is the cold path (words not yet cached), measured ~3x faster than
+    building the n-gram strings in Python.
+    """
+    lengths = np.fromiter(map(len, padded_words), dtype=np.int64, count=len(padded_words))
+    text = "".join(padded_words)
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64)
+    word = np.repeat(np.arange(len(padded_words)), lengths)
+    pos = np.arange(len(codes)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    upper = np.zeros(len(codes), dtype=bool)
+    bmp = codes < 0x10000
+    upper[bmp] = _upper_table()[codes[bmp]]
+    if not bmp.all():
+        upper[~bmp] = [chr(c).isupper() for c in codes[~bmp]]
+    prev = np.concatenate([[SPACE], codes[:-1]])
+    prev2 = np.concatenate([[SPACE, SPACE], codes[:-2]])
+    capital_pair = upper & np.concatenate([[False], upper[:-1]])
+    usable = (pos >= 1) & ~capital_pair  # position 0 is the padding space before each word
+    one = usable & (codes != SPACE)
+    three = usable & (pos >= 2)
+    keys = np.concatenate(
+        [codes[one], (prev << BITS | codes)[usable], (prev2 << 2 * BITS | prev << BITS | codes)[three]]
+    )
+    return keys, np.concatenate([word[one], word[usable], word[three]])
+
+
 def _segment_sums(table, ids: np.ndarray, counts: np.ndarray):
     """Sum of table rows `ids` per consecutive segment of `counts` (all > 0): (segments, columns).
 
@@ -154,11 +200,15 @@ class FastDetector:
         order = [factory.langlist.index(lang) for lang in languages()]
         vocab = list(factory.word_lang_prob_map)
         self.vocab = {w: i for i, w in enumerate(vocab)}
+        keys = np.array([gram_key(w) for w in vocab], dtype=np.int64)
+        self._key_order = np.argsort(keys)
+        self._sorted_keys = keys[self._key_order]
         probs = np.array([factory.word_lang_prob_map[w] for w in vocab], dtype=np.float64)[:, order]
         # (vocab, languages): log(p + alpha/BASE_FREQ) is langdetect's per-draw update, in log space
         self.log_probs = torch.from_numpy(np.log(probs + ALPHA / BASE_FREQ).astype(np.float32))
         self.languages = languages()
         self.cache_words = cache_words
+        _normalise_table()  # built here, once, not inside the first batch
         self._reset_cache()
 
     def _reset_cache(self) -> None:
@@ -184,14 +234,18 @@ class FastDetector:
             while len(self._row) > len(self._features):
                 self._vectors = torch.cat([self._vectors, torch.zeros_like(self._vectors)])
                 self._features = np.concatenate([self._features, np.zeros_like(self._features)])
-            lookup = self.vocab.get
-            ids = [[i for i in map(lookup, word_ngrams(w)) if i is not None] for w in new]
-            counts = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+            keys, word_of = gram_keys(new)
+            at = np.minimum(np.searchsorted(self._sorted_keys, keys), len(self._sorted_keys) - 1)
+            known = self._sorted_keys[at] == keys
+            ids = self._key_order[at[known]]
+            word_of = word_of[known]
+            order = np.argsort(word_of, kind="stable")  # segment sums need each word's n-grams together
+            ids, word_of = ids[order], word_of[order]
+            counts = np.bincount(word_of, minlength=len(new))  # known n-grams per new word
             self._features[first : first + len(new)] = counts
-            flat = np.fromiter((i for word in ids for i in word), dtype=np.int64, count=int(counts.sum()))
             has = np.flatnonzero(counts)
             if len(has):
-                self._vectors[torch.from_numpy(first + has)] = _segment_sums(self.log_probs, flat, counts[has])
+                self._vectors[torch.from_numpy(first + has)] = _segment_sums(self.log_probs, ids, counts[has])
         return np.asarray(rows, dtype=np.int64)
 
     def detect(self, texts: Sequence[str | None], batch: int = 1024) -> tuple[list[str], np.ndarray]:

@@ -177,13 +177,20 @@ def gettext_pairs():
 
 def test_fast_path_extracts_exactly_langdetects_ngrams(gettext_pairs):
     factory = langid._factory()
-    texts = [t for t, _ in gettext_pairs] + ["HTTP URLs like http://a.b/c and MAIL a@b.cd", "ÀÉÎ ABCdef Ştiinţă", ""]
+    vocab = {langid.gram_key(g) for g in factory.word_lang_prob_map}
+    texts = [t for t, _ in gettext_pairs] + [
+        "HTTP URLs like http://a.b/c and MAIL a@b.cd",
+        "ÀÉÎ ABCdef Ştiinţă 😀Ab",
+        "",
+    ]
     for text in texts:
         detector = factory.create()
         detector.append(text)
         detector.cleaning_text()
-        mine = [g for g in langid.ngrams(text) if g in factory.word_lang_prob_map]
-        assert sorted(mine) == sorted(detector._extract_ngrams()), text
+        reference = sorted(detector._extract_ngrams())
+        assert sorted(g for g in langid.ngrams(text) if g in factory.word_lang_prob_map) == reference, text
+        keys, _ = langid.gram_keys(langid.words(text)) if langid.words(text) else ([], None)
+        assert sorted(k for k in keys if k in vocab) == sorted(langid.gram_key(g) for g in reference), text
 
 
 def test_fast_path_is_at_least_as_accurate_as_langdetect_on_real_text(gettext_pairs):
