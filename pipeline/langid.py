@@ -21,7 +21,6 @@ no usable n-gram (empty, digits, emoji only) is ``unknown`` with score 0.
 from __future__ import annotations
 
 import functools
-import itertools
 import re
 from typing import Iterable, Sequence
 
