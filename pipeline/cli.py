@@ -24,7 +24,6 @@ LATER = {
     "eval": "#8 evaluation",
     "submit": "#9 running on a Ray cluster",
     "jobs": "#9 running on a Ray cluster",
-    "takedown": "#6 final shards and stats",
 }
 
 
@@ -88,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"(not implemented yet: issue {issue})")
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=cmd_later)
+
+    p = sub.add_parser("takedown", help="remove samples from a published dataset: new manifest version, old kept")
+    p.add_argument("--manifest", required=True, metavar="LOCATION", help="the dataset's manifest.json (local or s3://)")
+    p.add_argument("--uids", required=True, metavar="FILE", help="ids to remove, one a line (local or s3://)")
+    p.add_argument(
+        "--kind",
+        default="uid",
+        choices=("uid", "url_sha256", "image_sha256"),
+        help="what the ids are: sample uids (default), sha256 of URLs, or sha256 of image bytes",
+    )
+    p.add_argument("--reason", default="", help="why (recorded in the new manifest)")
+    p.set_defaults(func=cmd_takedown)
 
     p = sub.add_parser("web", help="generate (if needed) and serve a synthetic web on loopback")
     p.add_argument("--root", required=True, metavar="DIR", help="corpus directory (generated if absent)")
@@ -155,6 +166,20 @@ def cmd_stage(args) -> int:
 
 def cmd_later(args) -> int:
     raise NotImplementedStage(f"clipline {args.command} is not implemented yet (issue {LATER[args.command]})")
+
+
+def cmd_takedown(args) -> int:
+    from pipeline.manifest import takedown
+
+    done = takedown(args.manifest, args.uids, kind=args.kind, reason=args.reason)
+    if not done["removed"]:
+        print(f"takedown: no listed sample is in {args.manifest}; nothing changed (version {done['version']})")
+        return 0
+    print(
+        f"takedown: removed {done['removed']} samples from {len(done['changed_shards'])} shards; "
+        f"manifest is now version {done['version']} (previous kept as {done['archived']})"
+    )
+    return 0
 
 
 def cmd_demo(args) -> int:

@@ -24,6 +24,8 @@ from pipeline.dedup import DedupConfig
 from pipeline.errors import ConfigError
 from pipeline.filter import FilterConfig
 from pipeline.ingest import IngestConfig
+from pipeline.shard import ShardConfig
+from pipeline.stats import StatsConfig
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class RunConfig:
     crawl: CrawlConfig = field(default_factory=CrawlConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
 
 
 # --- generic dataclass <-> dict, with checking ----------------------------------------

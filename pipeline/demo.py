@@ -19,6 +19,7 @@ from pipeline.config import RunConfig
 from pipeline.crawl import CrawlConfig
 from pipeline.errors import ConfigError
 from pipeline.ingest import IngestConfig
+from pipeline.shard import ShardConfig
 from pipeline.storage import open_storage
 from pipeline.web import SIZES, SyntheticWeb, generate
 from pipeline.web.server import SITE_NET
@@ -50,6 +51,7 @@ def demo_config(size: str, out: str, web_root: Path) -> RunConfig:
             dns=False,  # every URL is numeric: no name lookup may leave the machine
             blocklist_image_sha256=(str(web_root / "blocklist_image_sha256.txt"),),
         ),
+        shard=ShardConfig(samples_per_shard={"tiny": 100, "small": 500, "medium": 2000}[size]),
     )
 
 
@@ -104,6 +106,10 @@ def run_demo(out: str | Path, size: str = "small", storage: str | None = None, p
             }
     finally:
         web.stop()
+    if store.exists("dataset/stats/stats.json"):
+        summary["funnel"] = store.read_json("dataset/stats/stats.json")["funnel"]
+        summary["report"] = store.url("dataset/stats/report.html")
+        summary["manifest"] = store.url("dataset/manifest.json")
     summary["not_implemented"] = {
         name: issue for name, issue in stage_registry.PIPELINE_ORDER.items() if name not in stage_registry.STAGES
     }
@@ -150,6 +156,10 @@ def format_summary(summary: dict) -> str:
             f"  dedup: {found.get('duplicates', 0)} duplicates in {found.get('clusters', 0)} clusters"
             + (f" ({reasons})" if reasons else "")
         )
+    if summary.get("funnel"):
+        lines.append("  funnel: " + " -> ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["funnel"].items()))
+        lines.append(f"  dataset: {summary['manifest']}")
+        lines.append(f"  report:  {summary['report']}")
     for name, issue in summary["not_implemented"].items():
         lines.append(f"  {name:<7} not implemented yet (issue {issue})")
     lines.append("  train, eval: not implemented yet (issues #7, #8)")

@@ -271,8 +271,6 @@ CHAIN = ("blocked", "duplicate", "image", "caption", "language", "text_match", "
 def filter_table(crawl: pa.Table, dedup: pa.Table | None, config: FilterConfig, rules: Rules) -> pa.Table:
     """The filter rows (one per successful crawl row) for one shard's crawl and dedup tables."""
     frame = pl.from_arrow(crawl).filter(pl.col("status") == schema.SUCCESS)
-    if "md5" not in frame.columns:
-        frame = frame.with_columns(md5=pl.lit(None, pl.Utf8))
     if dedup is not None:
         frame = frame.join(pl.from_arrow(dedup).select(["uid", "dup_of", "dup_reason"]), on="uid", how="left")
     else:
@@ -332,6 +330,8 @@ def run_filter(ctx: ShardContext) -> dict:
     config: FilterConfig = ctx.config
     rules = config.rules()
     crawl = ctx.read_table(f"crawl/{ctx.name}.parquet")
+    if "md5" not in crawl.column_names:  # crawls made before md5 was recorded
+        crawl = crawl.append_column("md5", pa.nulls(crawl.num_rows, pa.string()))
     schema.validate(crawl, schema.CRAWL, f"crawl/{ctx.name}.parquet")
     dedup = None
     if config.drop_duplicates:

@@ -214,6 +214,7 @@ def execute_shard(stage: Stage, shard: int, storage: Storage, run: Any) -> Shard
                 "outputs": outputs,
                 "stats": stats,
                 "duration_s": round(time.time() - started, 3),
+                "finished_at": round(time.time(), 3),  # for throughput over time in the stats report
                 "host": os.uname().nodename,
                 "pid": os.getpid(),
             },

@@ -18,6 +18,8 @@ STAGES: dict[str, str] = {
     "crawl": "pipeline.crawl:STAGE",
     "dedup": "pipeline.dedup:STAGES",
     "filter": "pipeline.filter:STAGE",
+    "shard": "pipeline.shard:STAGES",
+    "stats": "pipeline.stats:STAGE",
 }
 
 # Every data stage of DESIGN.md, in order, and the issue that brings it.

@@ -73,10 +73,12 @@ def test_print_config_applies_flags_and_overrides(tmp_path):
     assert "num_cpus: 2\n" in result.stdout
 
 
-def test_unbuilt_stage_is_named_with_its_issue():
-    result = clipline("run", "--stage", "shard")
+def test_unbuilt_command_is_named_with_its_issue():
+    result = clipline("jobs", "list")
     assert result.returncode == 3
-    assert result.stderr == "clipline: error: stage 'shard' is not implemented yet (issue #6 final shards and stats)\n"
+    assert (
+        result.stderr == "clipline: error: clipline jobs is not implemented yet (issue #9 running on a Ray cluster)\n"
+    )
     result = clipline("run", "--stage", "nonsense")
     assert result.returncode == 2 and "unknown stage 'nonsense'" in result.stderr
 

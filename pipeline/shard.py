@@ -1,0 +1,277 @@
+"""Shard: write the kept samples as the final dataset, fixed-size tar + parquet shards and a manifest.
+
+Three committed steps:
+
+1. ``shard/_index`` — per crawl shard: the kept rows (filter keep = true) with
+   the byte offset and size of each image inside the crawl tar (read from the
+   tar headers, never the image bytes), in crawl order.
+2. ``shard`` — per *output* shard k: samples at global positions
+   [k·N, (k+1)·N) of the kept sequence, so every shard but the last has exactly
+   N samples whatever the drop rates upstream. With ``shuffle`` the position of
+   a sample is a seeded bijection of its kept index (a Feistel permutation with
+   cycle walking), so output shard k computes which inputs it needs from
+   its own positions: nothing global is materialised, each image is read once
+   with a ranged read, and the cost stays linear in the dataset.
+3. ``shard/_manifest`` — one task after all shards: ``dataset/manifest.json``
+   with each shard's count, bytes and sha256, written last. A reader trusts only
+   shards a manifest lists.
+
+Tar members are ``{uid}.jpg`` (or .png/.webp as crawled), ``{uid}.txt`` (the
+caption) and ``{uid}.json`` (the parquet row), readable by webdataset and
+OpenCLIP without conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tarfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from pipeline import schema
+from pipeline.errors import SchemaError
+from pipeline.formats import TarWriter
+from pipeline.stage import (
+    IDENTITY,
+    PlanContext,
+    ShardContext,
+    Stage,
+    committed_shards,
+    config_sha256,
+    read_marker,
+    shard_name,
+)
+
+INDEX, MANIFEST_STAGE = "shard/_index", "shard/_manifest"  # bookkeeping lives under shard/, not dataset/
+PLAN = "shard/_plan.json"
+MANIFEST = "dataset/manifest.json"
+MANIFEST_FORMAT = "clipline-manifest/1"
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """How the final dataset is cut."""
+
+    samples_per_shard: int = 10_000
+    shuffle: bool = True  # a seeded global shuffle of sample order across shards
+    seed: int = 0
+    read_buffer: int = field(default=1 << 20, metadata={IDENTITY: False})  # bytes per ranged read of a crawl tar
+
+
+# --- a seeded permutation of [0, n), computable one element at a time -----------------------
+
+
+def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
+    """splitmix64 finaliser of x ^ key (uint64 arithmetic wraps, as intended)."""
+    z = (x ^ key) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class Permutation:
+    """A seeded bijection of [0, n): a 4-round Feistel network on 2·h bits, cycle-walked into range.
+
+    ``inverse(positions)`` gives the kept index of the sample at each output
+    position without building the permutation: O(len(positions)) time and memory.
+    """
+
+    ROUNDS = 4
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.half = max(1, math.ceil(math.log2(max(n, 2)) / 2))
+        self.mask = np.uint64((1 << self.half) - 1)
+        self.keys = [np.uint64((seed * 0x100000001B3 + r * 0x9E3779B1 + 1) & (2**64 - 1)) for r in range(self.ROUNDS)]
+
+    def _round(self, x: np.ndarray, keys) -> np.ndarray:
+        h = np.uint64(self.half)
+        left, right = x >> h, x & self.mask
+        for key in keys:
+            left, right = right, left ^ (_mix(right, key) & self.mask)
+        return (left << h) | right
+
+    def _round_inverse(self, x: np.ndarray) -> np.ndarray:
+        h = np.uint64(self.half)
+        left, right = x >> h, x & self.mask
+        for key in reversed(self.keys):
+            left, right = right ^ (_mix(left, key) & self.mask), left
+        return (left << h) | right
+
+    def forward(self, index: np.ndarray) -> np.ndarray:
+        x = np.asarray(index, dtype=np.uint64).copy()
+        out = self._round(x, self.keys)
+        while (big := out >= self.n).any():  # cycle walking: re-apply until inside [0, n)
+            out[big] = self._round(out[big], self.keys)
+        return out.astype(np.int64)
+
+    def inverse(self, position: np.ndarray) -> np.ndarray:
+        x = np.asarray(position, dtype=np.uint64).copy()
+        out = self._round_inverse(x)
+        while (big := out >= self.n).any():
+            out[big] = self._round_inverse(out[big])
+        return out.astype(np.int64)
+
+
+# --- step 1: index the kept samples of each crawl shard ----------------------------------------
+
+INDEX_SCHEMA = pa.schema(
+    [*schema.DATASET, ("image_ext", pa.string()), ("image_offset", pa.int64()), ("image_size", pa.int64())]
+)
+
+
+def plan_index(ctx: PlanContext) -> list[int]:
+    return committed_shards(ctx.storage, "filter")
+
+
+def tar_offsets(fileobj) -> dict[str, tuple[str, int, int]]:
+    """uid -> (image extension, data offset, size) from a tar's headers (image bytes are skipped over)."""
+    found = {}
+    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+        for info in tar:
+            key, _, ext = info.name.rpartition("/")[2].partition(".")
+            if info.isfile() and ext in ("jpg", "png", "webp"):
+                found[key] = (ext, info.offset_data, info.size)
+    return found
+
+
+def run_index(ctx: ShardContext) -> dict:
+    kept = pl.from_arrow(ctx.read_table(f"filter/{ctx.name}.parquet")).filter(pl.col("keep"))
+    crawl = pl.from_arrow(ctx.read_table(f"crawl/{ctx.name}.parquet"))
+    rows = crawl.with_columns(crawl_row=pl.int_range(pl.len())).join(
+        kept.select(["uid", "language", "clip_score"]), on="uid", how="inner"
+    )
+    rows = rows.sort("crawl_row")
+    with ctx.storage.open_seekable(f"crawl/{ctx.name}.tar") as f:
+        offsets = tar_offsets(f)
+    missing = [u for u in rows["uid"] if u not in offsets]
+    if missing:
+        raise SchemaError(f"crawl/{ctx.name}.tar has no image for {len(missing)} kept sample(s), e.g. {missing[0]}")
+    ext, offset, size = zip(*(offsets[u] for u in rows["uid"]), strict=True) if rows.height else ((), (), ())
+    rows = rows.with_columns(
+        image_ext=pl.Series(ext, dtype=pl.Utf8),
+        image_offset=pl.Series(offset, dtype=pl.Int64),
+        image_size=pl.Series(size, dtype=pl.Int64),
+    )
+    table = rows.select(INDEX_SCHEMA.names).to_arrow()
+    ctx.write_table(f"{INDEX}/{ctx.name}.parquet", schema.conform(table, INDEX_SCHEMA, f"{INDEX}/{ctx.name}"))
+    return {"rows": rows.height, "kept": rows.height}
+
+
+# --- step 2: the output shards -------------------------------------------------------------------
+
+
+def _inputs(ctx: PlanContext | ShardContext) -> list[tuple[int, int]]:
+    """(crawl shard, kept samples) for every indexed shard, in shard order, from the markers."""
+    return [(s, int(read_marker(ctx.storage, INDEX, s)["stats"]["kept"])) for s in committed_shards(ctx.storage, INDEX)]
+
+
+def plan_shards(ctx: PlanContext) -> list[int]:
+    config: ShardConfig = ctx.config
+    inputs = _inputs(ctx)
+    total = sum(n for _, n in inputs)
+    plan = {
+        "total": total,
+        "samples_per_shard": config.samples_per_shard,
+        "shuffle": config.shuffle,
+        "seed": config.seed,
+        "inputs": inputs,
+    }
+    if not ctx.storage.exists(PLAN) or ctx.storage.read_json(PLAN) != plan:
+        ctx.storage.write_json(PLAN, plan)
+    return list(range(math.ceil(total / config.samples_per_shard)))
+
+
+def sample_json(row: dict) -> bytes:
+    return json.dumps(row, ensure_ascii=False, sort_keys=True).encode()
+
+
+def run_shard(ctx: ShardContext) -> dict:
+    config: ShardConfig = ctx.config
+    plan = ctx.storage.read_json(PLAN)
+    n = config.samples_per_shard
+    positions = np.arange(ctx.shard * n, min(plan["total"], (ctx.shard + 1) * n), dtype=np.int64)
+    kept_index = Permutation(plan["total"], config.seed).inverse(positions) if config.shuffle else positions
+    shards = np.array([s for s, _ in plan["inputs"]], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum([c for _, c in plan["inputs"]])])
+    source = np.searchsorted(starts, kept_index, side="right") - 1
+    wanted = pl.DataFrame({"position": positions, "source": source, "row": kept_index - starts[source]})
+    parts, images = [], {}
+    for src in np.unique(source):
+        need = wanted.filter(pl.col("source") == src)
+        index = pl.from_arrow(ctx.read_table(f"{INDEX}/{shard_name(int(shards[src]))}.parquet"))
+        rows = index.with_columns(row=pl.int_range(pl.len(), dtype=pl.Int64)).join(need, on="row").sort("image_offset")
+        with ctx.storage.open_seekable(f"crawl/{shard_name(int(shards[src]))}.tar") as f:
+            for uid, offset, size in rows.select(["uid", "image_offset", "image_size"]).iter_rows():
+                f.seek(offset)
+                images[uid] = f.read(size)
+        parts.append(rows)
+    table = pl.concat(parts).sort("position") if parts else pl.from_arrow(INDEX_SCHEMA.empty_table())
+    dataset = schema.conform(table.select(schema.DATASET.names).to_arrow(), schema.DATASET, f"dataset/{ctx.name}")
+    with TarWriter(ctx.output_path(f"dataset/shards/{ctx.name}.tar")) as tar:
+        for row, ext in zip(dataset.to_pylist(), table["image_ext"] if len(table) else [], strict=True):
+            tar.add(
+                row["key"], {ext: images[row["uid"]], "txt": (row["caption"] or "").encode(), "json": sample_json(row)}
+            )
+    ctx.write_table(f"dataset/shards/{ctx.name}.parquet", dataset)
+    return {"rows": dataset.num_rows, "samples": dataset.num_rows, "image_bytes": sum(map(len, images.values()))}
+
+
+# --- step 3: the manifest -------------------------------------------------------------------------
+
+
+def plan_manifest(ctx: PlanContext) -> list[int]:
+    planned = math.ceil(ctx.storage.read_json(PLAN)["total"] / ctx.config.samples_per_shard)
+    done = committed_shards(ctx.storage, "shard")
+    return [0] if done == list(range(planned)) else []
+
+
+def build_manifest(ctx: ShardContext) -> dict:
+    """The manifest of the committed dataset shards (paths relative to the manifest)."""
+    shards, total = [], 0
+    for s in committed_shards(ctx.storage, "shard"):
+        marker = read_marker(ctx.storage, "shard", s)
+        tar = marker["outputs"][f"dataset/shards/{shard_name(s)}.tar"]
+        parquet = marker["outputs"][f"dataset/shards/{shard_name(s)}.parquet"]
+        count = int(marker["stats"]["samples"])
+        shards.append(
+            {
+                "tar": f"shards/{shard_name(s)}.tar",
+                "parquet": f"shards/{shard_name(s)}.parquet",
+                "num_samples": count,
+                "bytes": tar["bytes"],
+                "sha256": tar["sha256"],
+                "parquet_bytes": parquet["bytes"],
+                "parquet_sha256": parquet["sha256"],
+            }
+        )
+        total += count
+    return {
+        "format": MANIFEST_FORMAT,
+        "name": ctx.run.name,
+        "version": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config_sha256": config_sha256(
+            {k: getattr(ctx.run, k) for k in ("ingest", "crawl", "dedup", "filter", "shard")}
+        ),
+        "num_samples": total,
+        "shards": shards,
+        "takedowns": [],
+    }
+
+
+def run_manifest(ctx: ShardContext) -> dict:
+    manifest = build_manifest(ctx)
+    ctx.output_path(MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return {"rows": manifest["num_samples"], "shards": len(manifest["shards"])}
+
+
+INDEX_STAGE = Stage(name=INDEX, plan=plan_index, run_shard=run_index, config_key="shard")
+SHARD_STAGE = Stage(name="shard", plan=plan_shards, run_shard=run_shard, config_key="shard")
+MANIFEST_STAGE_ = Stage(name=MANIFEST_STAGE, plan=plan_manifest, run_shard=run_manifest, config_key="shard")
+STAGES = (INDEX_STAGE, SHARD_STAGE, MANIFEST_STAGE_)

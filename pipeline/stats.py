@@ -1,0 +1,331 @@
+"""Stats: the dataset statistics report, ``dataset/stats/stats.json`` and a self-contained ``report.html``.
+
+One task reads the stage outputs one shard at a time (only the columns it
+needs) and adds up per-shard aggregates with polars, so memory stays at a few
+shards whatever the dataset size. What it reports:
+
+- ``funnel``: input rows → unique URLs → fetched → not duplicates → kept by the
+  filter → in the final dataset;
+- ``drop_reasons``: every crawl failure status and filter drop reason, counted
+  (``crawl/…`` and ``filter/…``);
+- ``languages``, ``caption_length``, ``image_size`` and ``aspect_ratio``
+  histograms of the final samples;
+- ``top_domains`` with URLs, fetch success rate, opt-out rate (X-Robots-Tag or
+  robots.txt) and kept samples per domain;
+- ``duplicate_clusters`` (cluster size → clusters) and duplicates by reason;
+- ``crawl``: throughput and failure kinds per crawl shard in completion order.
+
+The HTML page embeds its charts as inline SVG and its thumbnails as data URIs:
+no network, one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from pipeline import schema
+from pipeline.filter import domain_of
+from pipeline.formats import group_samples, iter_tar_members
+from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards, read_marker, shard_name
+
+STATS, REPORT, MANIFEST = "dataset/stats/stats.json", "dataset/stats/report.html", "dataset/manifest.json"
+FUNNEL = ("input_rows", "unique_urls", "fetched", "not_duplicates", "kept_by_filter", "final")
+CAPTION_BINS = [0, 10, 20, 40, 80, 160, 320, 640, 1280]
+SIZE_BINS = [0, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+ASPECT_BINS = [1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0]
+OPT_OUT = ("opted_out", "robots_disallowed")
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    top_domains: int = 25
+    thumbnails: int = field(default=24, metadata={IDENTITY: False})  # samples shown in the report
+    dropped_per_reason: int = field(default=6, metadata={IDENTITY: False})
+
+
+def _hist(values, bins: list[float]) -> dict[str, int]:
+    """Counts per bin '{lo}-{hi}' (the last bin open-ended), every bin present."""
+    values = np.asarray(values, dtype=np.float64)
+    labels = [f"{lo:g}-{hi:g}" for lo, hi in zip(bins, bins[1:], strict=False)] + [f"{bins[-1]:g}+"]
+    idx = np.clip(np.searchsorted(bins, values[~np.isnan(values)], side="right") - 1, 0, len(labels) - 1)
+    counts = np.bincount(idx, minlength=len(labels))
+    return {label: int(n) for label, n in zip(labels, counts, strict=True)}
+
+
+def _counts(series: pl.Series) -> Counter:
+    vc = series.drop_nulls().value_counts()
+    return Counter(dict(zip(vc[series.name].to_list(), vc["count"].to_list(), strict=True)))
+
+
+def _marker_total(store, stage: str, key: str) -> int:
+    return sum(
+        int((read_marker(store, stage, s) or {}).get("stats", {}).get(key, 0)) for s in committed_shards(store, stage)
+    )
+
+
+def _read(store, rel: str, columns: list[str]) -> pl.DataFrame | None:
+    return pl.from_arrow(store.read_parquet(rel, columns=columns)) if store.exists(rel) else None
+
+
+def _crawl_shard(store, s: int, acc: dict) -> None:
+    """Add one crawl shard (and its dedup and filter rows) to the accumulators."""
+    name = shard_name(s)
+    crawl = _read(store, f"crawl/{name}.parquet", ["uid", "url", "status"])
+    crawl = crawl.with_columns(domain=pl.col("url").map_elements(domain_of, return_dtype=pl.Utf8))
+    acc["funnel"]["unique_urls"] += crawl.height
+    acc["funnel"]["fetched"] += crawl.filter(pl.col("status") == schema.SUCCESS).height
+    acc["statuses"] += _counts(crawl["status"])
+    kept = pl.Series("uid", [], dtype=pl.Utf8)
+    filt = _read(store, f"filter/{name}.parquet", ["uid", "keep", "drop_reason", "dup_of"])
+    if filt is not None:
+        acc["funnel"]["not_duplicates"] += filt.filter(pl.col("dup_of").is_null()).height
+        acc["funnel"]["kept_by_filter"] += filt.filter(pl.col("keep")).height
+        acc["reasons"] += _counts(filt["drop_reason"])
+        kept = filt.filter(pl.col("keep"))["uid"]
+    dedup = _read(store, f"dedup/{name}.parquet", ["dup_of", "dup_reason", "cluster_size"])
+    if dedup is not None:
+        acc["dup_reasons"] += _counts(dedup["dup_reason"])
+        sizes = _counts(dedup.filter(pl.col("dup_of").is_null())["cluster_size"])
+        acc["clusters"] += Counter({str(k): v for k, v in sizes.items()})
+    per = crawl.group_by("domain").agg(
+        urls=pl.len(),
+        success=(pl.col("status") == schema.SUCCESS).sum(),
+        opted_out=pl.col("status").is_in(list(OPT_OUT)).sum(),
+        kept=pl.col("uid").is_in(kept.implode()).sum(),
+    )
+    for row in per.iter_rows(named=True):
+        acc["domains"].setdefault(row.pop("domain"), Counter()).update(row)
+    marker = read_marker(store, "crawl", s) or {}
+    stats = marker.get("stats", {})
+    acc["crawl"].append(
+        {
+            "shard": s,
+            "finished_at": marker.get("finished_at"),
+            "seconds": stats.get("seconds", marker.get("duration_s")),
+            "rows": stats.get("rows"),
+            "success": stats.get("success"),
+            "failures": {k: v for k, v in stats.get("statuses", {}).items() if k != schema.SUCCESS},
+        }
+    )
+
+
+def collect(store, config: StatsConfig) -> dict:
+    """Every aggregate of stats.json, one shard at a time."""
+    acc = {
+        "funnel": Counter(),
+        "statuses": Counter(),
+        "reasons": Counter(),
+        "dup_reasons": Counter(),
+        "clusters": Counter(),
+        "domains": {},
+        "crawl": [],
+    }
+    acc["funnel"]["input_rows"] = _marker_total(store, "ingest/_map", "rows")
+    for s in committed_shards(store, "crawl"):
+        _crawl_shard(store, s, acc)
+    manifest = store.read_json(MANIFEST) if store.exists(MANIFEST) else {"shards": []}
+    languages, captions, sizes, aspects = Counter(), [], [], []
+    for shard in manifest["shards"]:
+        final = _read(
+            store, f"dataset/{shard['parquet']}", ["caption", "language", "original_width", "original_height"]
+        )
+        acc["funnel"]["final"] += final.height
+        languages += _counts(final["language"])
+        captions.append(final["caption"].str.len_chars().fill_null(0).to_numpy())
+        w, h = final["original_width"].to_numpy().astype(float), final["original_height"].to_numpy().astype(float)
+        sizes.append(np.maximum(w, h))
+        aspects.append(np.maximum(w, h) / np.maximum(1.0, np.minimum(w, h)))
+    flat = lambda parts: np.concatenate(parts) if parts else np.zeros(0)  # noqa: E731 (one shard's values each)
+    top = sorted(acc["domains"].items(), key=lambda kv: (-kv[1]["urls"], kv[0]))[: config.top_domains]
+    rate = lambda n, d: round(n / d, 4) if d else 0.0  # noqa: E731
+    return {
+        "funnel": {k: int(acc["funnel"][k]) for k in FUNNEL},
+        "drop_reasons": {
+            **{f"crawl/{k}": int(v) for k, v in sorted(acc["statuses"].items()) if k != schema.SUCCESS},
+            **{f"filter/{k}": int(v) for k, v in sorted(acc["reasons"].items())},
+        },
+        "languages": dict(languages.most_common()),
+        "caption_length": _hist(flat(captions), CAPTION_BINS),
+        "image_size": _hist(flat(sizes), SIZE_BINS),
+        "aspect_ratio": _hist(flat(aspects), ASPECT_BINS),
+        "top_domains": [
+            {
+                "domain": d,
+                "urls": int(c["urls"]),
+                "success_rate": rate(c["success"], c["urls"]),
+                "opt_out_rate": rate(c["opted_out"], c["urls"]),
+                "kept": int(c["kept"]),
+            }
+            for d, c in top
+        ],  # fmt: skip
+        "duplicate_clusters": {
+            "sizes": dict(sorted(acc["clusters"].items(), key=lambda kv: int(kv[0]))),
+            "by_reason": dict(sorted(acc["dup_reasons"].items())),
+        },
+        "crawl": sorted(acc["crawl"], key=lambda r: (r["finished_at"] or 0, r["shard"])),
+        "manifest": {k: manifest.get(k) for k in ("name", "version", "num_samples", "config_sha256")},
+    }
+
+
+# --- report.html ---------------------------------------------------------------------------------
+
+
+def svg_bars(title: str, counts: dict[str, int], width: int = 460) -> str:
+    """A horizontal bar chart as inline SVG (no scripts, no external files)."""
+    items = list(counts.items())
+    if not items:
+        return f"<h3>{html.escape(title)}</h3><p>nothing to show</p>"
+    top = max(v for _, v in items) or 1
+    row, label_w = 18, 170
+    parts = [f'<svg width="{width}" height="{row * len(items) + 4}" role="img" aria-label="{html.escape(title)}">']
+    for i, (label, value) in enumerate(items):
+        y = i * row + 2
+        bar = (width - label_w - 60) * value / top
+        parts.append(
+            f'<text x="{label_w - 6}" y="{y + 13}" text-anchor="end" font-size="12">{html.escape(str(label)[:28])}'
+            "</text>"
+            f'<rect x="{label_w}" y="{y}" width="{bar:.1f}" height="{row - 4}" fill="#4c78a8"/>'
+            f'<text x="{label_w + bar + 4:.1f}" y="{y + 13}" font-size="12">{value:,}</text>'
+        )
+    parts.append("</svg>")
+    return f"<h3>{html.escape(title)}</h3>" + "".join(parts)
+
+
+def _thumb(data: bytes, side: int = 96) -> str:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        im.thumbnail((side, side))
+        out = io.BytesIO()
+        im.save(out, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def _grid(samples: list[tuple[bytes, str]]) -> str:
+    cells = [
+        f'<figure><img src="{_thumb(img)}" alt=""><figcaption>{html.escape(caption or "")[:80]}</figcaption></figure>'
+        for img, caption in samples
+    ]
+    return '<div class="grid">' + "".join(cells) + "</div>"
+
+
+def _images_from_tar(store, rel: str, wanted: set[str]) -> dict[str, bytes]:
+    found = {}
+    with store.open_read(rel) as f:
+        for key, members in group_samples(iter_tar_members(f)):
+            if key in wanted:
+                found[key] = next((members[e] for e in ("jpg", "png", "webp") if e in members), b"")
+                if len(found) == len(wanted):
+                    break
+    return found
+
+
+def sample_images(store, config: StatsConfig) -> tuple[list, dict[str, list]]:
+    """Thumbnails of final samples (first shard) and of dropped samples per filter reason."""
+    manifest = store.read_json(MANIFEST) if store.exists(MANIFEST) else {"shards": []}
+    final = []
+    if manifest["shards"]:
+        first = manifest["shards"][0]
+        rows = store.read_parquet(f"dataset/{first['parquet']}", columns=["key", "caption"]).to_pylist()[
+            : config.thumbnails
+        ]
+        images = _images_from_tar(store, f"dataset/{first['tar']}", {r["key"] for r in rows})
+        final = [(images[r["key"]], r["caption"]) for r in rows if images.get(r["key"])]
+    dropped: dict[str, list] = {}
+    for s in committed_shards(store, "filter"):
+        filt = _read(store, f"filter/{shard_name(s)}.parquet", ["uid", "caption", "drop_reason"]).drop_nulls(
+            "drop_reason"
+        )
+        picks = {}
+        for uid, caption, reason in filt.iter_rows():
+            if (
+                len(dropped.get(reason, [])) + sum(1 for p in picks.values() if p[1] == reason)
+                < config.dropped_per_reason
+            ):
+                picks[uid] = (caption, reason)
+        if picks:
+            images = _images_from_tar(store, f"crawl/{shard_name(s)}.tar", set(picks))
+            for uid, (caption, reason) in picks.items():
+                if images.get(uid):
+                    dropped.setdefault(reason, []).append((images[uid], caption))
+    return final, dropped
+
+
+def render_report(stats: dict, final: list, dropped: dict[str, list]) -> str:
+    funnel = stats["funnel"]
+    domains = "".join(
+        f"<tr><td>{html.escape(d['domain'])}</td><td>{d['urls']:,}</td><td>{d['success_rate']:.1%}</td>"
+        f"<td>{d['opt_out_rate']:.1%}</td><td>{d['kept']:,}</td></tr>"
+        for d in stats["top_domains"]
+    )
+    errors = Counter()
+    for r in stats["crawl"]:
+        errors.update(r["failures"])
+    error_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:,}</td></tr>" for k, v in errors.most_common())
+    throughput = {
+        f"shard {r['shard']}": round((r["rows"] or 0) / r["seconds"]) if r.get("seconds") else 0 for r in stats["crawl"]
+    }
+    dropped_html = "".join(
+        f"<h3>{html.escape(reason)}</h3>{_grid(samples)}" for reason, samples in sorted(dropped.items())
+    )
+    name = html.escape(str(stats["manifest"].get("name") or "dataset"))
+    cluster_sizes = {f"size {k}": v for k, v in stats["duplicate_clusters"]["sizes"].items()}
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{name}: dataset report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1100px; color: #222; }}
+.cols {{ display: flex; flex-wrap: wrap; gap: 2em; }}
+table {{ border-collapse: collapse; }} td, th {{ padding: 2px 10px; border-bottom: 1px solid #ddd; text-align: left; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 8px; }}
+figure {{ margin: 0; width: 110px; font-size: 11px; }} figure img {{ width: 96px; height: 96px; object-fit: contain; }}
+</style></head><body>
+<h1>{name}</h1>
+<p>{funnel["final"]:,} samples in the final dataset, from {funnel["input_rows"]:,} input rows
+(manifest version {stats["manifest"].get("version")}).</p>
+<div class="cols">
+<div>{svg_bars("Funnel", {k.replace("_", " "): v for k, v in funnel.items()})}</div>
+<div>{svg_bars("Drop reasons", dict(sorted(stats["drop_reasons"].items(), key=lambda kv: -kv[1])))}</div>
+<div>{svg_bars("Languages (final)", dict(list(stats["languages"].items())[:15]))}</div>
+<div>{svg_bars("Caption length, characters (final)", stats["caption_length"])}</div>
+<div>{svg_bars("Image size, longer side px (final)", stats["image_size"])}</div>
+<div>{svg_bars("Aspect ratio (final)", stats["aspect_ratio"])}</div>
+<div>{svg_bars("Duplicate cluster sizes", cluster_sizes)}</div>
+<div>{svg_bars("Crawl throughput, URLs/s per shard in completion order", throughput)}</div>
+</div>
+<h2>Samples</h2>{_grid(final)}
+<h2>Top domains</h2>
+<table><tr><th>domain</th><th>URLs</th><th>fetched</th><th>opted out</th><th>kept</th></tr>{domains}</table>
+<h2>Crawl errors</h2><table><tr><th>status</th><th>URLs</th></tr>{error_rows}</table>
+<h2>Dropped samples, by reason</h2>{dropped_html or "<p>none</p>"}
+<p><small>generated {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} by clipline stats</small></p>
+</body></html>
+"""
+
+
+# --- the stage -------------------------------------------------------------------------------------
+
+
+def plan_stats(ctx: PlanContext) -> list[int]:
+    return [0] if committed_shards(ctx.storage, "crawl") else []
+
+
+def run_stats(ctx: ShardContext) -> dict:
+    stats = collect(ctx.storage, ctx.config)
+    final, dropped = sample_images(ctx.storage, ctx.config)
+    ctx.output_path(STATS).write_text(json.dumps(stats, indent=1) + "\n")
+    ctx.output_path(REPORT).write_text(render_report(stats, final, dropped))
+    return {"rows": stats["funnel"]["final"], **stats["funnel"]}
+
+
+# Always recomputed: the report describes whatever is committed now (a takedown changes it).
+STAGE = Stage(name="stats", plan=plan_stats, run_shard=run_stats, config_key="stats", redo=True)
