@@ -20,8 +20,6 @@ if TYPE_CHECKING:
 
 DATA_STAGES = ("ingest", "crawl", "dedup", "filter", "shard", "stats")
 LATER = {
-    "train": "#7 streaming trainer",
-    "eval": "#8 evaluation",
     "submit": "#9 running on a Ray cluster",
     "jobs": "#9 running on a Ray cluster",
 }
@@ -87,6 +85,26 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"(not implemented yet: issue {issue})")
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=cmd_later)
+
+    p = sub.add_parser("train", help="CLIP pretraining on a manifest's shards; resumes from OUT if it has a checkpoint")
+    p.add_argument("--data", metavar="MANIFEST", help="the dataset's manifest.json (local or s3://)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory: checkpoints, metrics.jsonl, tokenizer.json")
+    p.add_argument("--config", metavar="FILE", help="YAML training config (training.trainer.TrainConfig)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training config value, e.g. --set lr=1e-3 --set loader.batch_size=128")  # fmt: skip
+    p.add_argument("--nproc", type=int, default=1, metavar="N", help="DDP over N local processes (torchrun)")
+    p.add_argument("--ray-workers", type=int, default=0, metavar="N", help="DDP over N Ray Train workers instead")
+    p.add_argument("--address", metavar="ADDR", help="Ray cluster address for --ray-workers")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="zero-shot, retrieval and linear probe of a checkpoint -> eval.json")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint .pt or a run directory")
+    p.add_argument("--task", default="zeroshot,retrieval,linear", help="comma-separated tasks")
+    p.add_argument("--dataset", dest="datasets", action="append", default=[], metavar="[NAME=]PATH",
+                   help="heldout=DIR, fashion-mnist, an image folder or a manifest.json (repeatable)")  # fmt: skip
+    p.add_argument("--out", metavar="FILE", help="where eval.json goes (default: RUN_DIR/../eval/eval.json)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("takedown", help="remove samples from a published dataset: new manifest version, old kept")
     p.add_argument("--manifest", required=True, metavar="LOCATION", help="the dataset's manifest.json (local or s3://)")
@@ -166,6 +184,35 @@ def cmd_stage(args) -> int:
 
 def cmd_later(args) -> int:
     raise NotImplementedStage(f"clipline {args.command} is not implemented yet (issue {LATER[args.command]})")
+
+
+def cmd_train(args) -> int:
+    from pipeline.config import load_config
+    from training.trainer import TrainConfig, launch
+
+    overrides = list(args.overrides)
+    overrides += [f"data={args.data}"] if args.data else []
+    overrides += [f"out={args.out}"] if args.out else []
+    config = load_config(args.config, overrides, cls=TrainConfig)
+    result = launch(config, nproc=args.nproc, ray_workers=args.ray_workers, address=args.address)
+    if result is not None:
+        shown = {k: result[k] for k in ("step", "epoch", "loss") if k in result}
+        print(f"train: {shown} -> {config.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from eval.run import format_table, main_eval, resolve_checkpoint
+
+    if not args.datasets:
+        raise ClipError("eval: give at least one --dataset (heldout=DIR, fashion-mnist, an image folder, a manifest)")
+    out = args.out or str(Path(resolve_checkpoint(args.checkpoint)).parent.parent.parent / "eval" / "eval.json")
+    results = main_eval(args.checkpoint, [t for t in args.task.split(",") if t], args.datasets, out, args.device)
+    print(format_table(results))
+    print(f"eval: wrote {out}")
+    return 0
 
 
 def cmd_takedown(args) -> int:

@@ -1,0 +1,30 @@
+"""Functions run in spawned gloo processes by the DDP tests (importable by name, as spawn needs)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def loss_worker(rank: int, world: int, port: int, loss_name: str, out_dir: str) -> None:
+    """Each rank computes the local-rows loss on its half of a fixed global batch; saves loss and grads."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from training.loss import LOSSES
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    layer = torch.nn.parallel.DistributedDataParallel(layer)
+    x_img, x_txt = torch.randn(8, 16), torch.randn(8, 16)
+    local = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    scale, bias = torch.tensor(10.0), torch.tensor(-2.0)
+    out = layer(torch.cat([x_img[local], x_txt[local]]))  # one forward through DDP for both towers
+    n = out.shape[0] // 2
+    image = torch.nn.functional.normalize(out[:n], dim=-1)
+    text = torch.nn.functional.normalize(out[n:] * 1.5, dim=-1)
+    loss = LOSSES[loss_name](image, text, scale, bias)
+    loss.backward()  # DDP averages the gradients over ranks
+    torch.save({"loss": loss.detach(), "grad": layer.module.weight.grad.clone()}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()

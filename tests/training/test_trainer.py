@@ -1,0 +1,133 @@
+"""The trainer: exact kill-and-resume, DDP under torchrun (gloo), precision, checkpoint safety, manifests."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.errors import ClipError
+from pipeline.manifest import SupersededManifest
+from tests.training.helpers import make_dataset
+from training import checkpoint
+from training.checkpoint import CheckpointError
+from training.data import DataConfig
+from training.trainer import Run, TrainConfig
+
+
+def config(manifest, out, **kw) -> TrainConfig:
+    loader = DataConfig(batch_size=4, num_workers=kw.pop("num_workers", 2), image_size=32)
+    return TrainConfig(data=str(manifest), out=str(out), max_steps=8, warmup_steps=2, log_every=1, save_every=3,
+                       vocab_size=300, context_length=16, loader=loader, **kw)  # fmt: skip
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_and_resumed_training_equals_an_uninterrupted_run(tmp_path):
+    manifest = make_dataset(tmp_path / "data", [9, 7, 11, 5])
+    seen_full, seen_resumed = [], []
+    Run(config(manifest, tmp_path / "full")).fit(on_step=lambda run, b: seen_full.append(b["uids"]))
+
+    def kill_at_5(run, batch):
+        seen_resumed.append(batch["uids"])
+        if run.step == 5:  # after the step-3 checkpoint, before the step-6 one: steps 4-5 are lost
+            raise Killed
+
+    with pytest.raises(Killed):
+        Run(config(manifest, tmp_path / "resumed")).fit(on_step=kill_at_5)
+    resumed = Run(config(manifest, tmp_path / "resumed"))
+    assert resumed.step == 3
+    resumed.fit(on_step=lambda run, b: seen_resumed.append(b["uids"]))
+    # steps 4 and 5 were redone with the same samples: the resumed run saw exactly the uninterrupted sequence
+    assert seen_resumed[:3] + seen_resumed[5:] == seen_full
+    assert seen_full[3:5] == seen_resumed[3:5]
+    full = checkpoint.load(tmp_path / "full" / checkpoint.latest(_store(tmp_path / "full")))
+    again = checkpoint.load(tmp_path / "resumed" / checkpoint.latest(_store(tmp_path / "resumed")))
+    assert full["step"] == again["step"] == 8
+    for name, tensor in full["model"].items():
+        assert torch.equal(tensor, again["model"][name]), name
+    lines = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r][-3:] == [6, 7, 8]
+
+
+def _store(path):
+    from pipeline.storage import open_storage
+
+    return open_storage(path)
+
+
+def test_an_epoch_ends_when_data_ends_and_the_next_one_reshuffles(tmp_path):
+    manifest = make_dataset(tmp_path / "data", [6, 6])
+    orders = []
+    cfg = config(manifest, tmp_path / "run", num_workers=0)
+    cfg = TrainConfig(**{**cfg.__dict__, "max_steps": 0, "epochs": 2})
+    result = Run(cfg).fit(on_step=lambda run, b: orders.append((run.epoch, tuple(b["uids"]))))
+    assert result["epoch"] == 2 and result["step"] == 6  # 12 samples / batch 4 = 3 steps an epoch
+    first = [u for e, b in orders if e == 0 for u in b]
+    second = [u for e, b in orders if e == 1 for u in b]
+    assert sorted(first) == sorted(second) and first != second
+
+
+def test_ddp_with_torchrun_two_gloo_processes(tmp_path):
+    manifest = make_dataset(tmp_path / "data", [8, 8, 8, 8])  # 2 shards a rank: 4 steps of 4 each
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "pipeline", "-q", "train", "--data", str(manifest), "--out", str(out), "--nproc", "2",
+           "--set", "max_steps=3", "--set", "loader.batch_size=4", "--set", "loader.num_workers=1",
+           "--set", "loader.image_size=32", "--set", "vocab_size=300", "--set", "log_every=1"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = checkpoint.load(out / checkpoint.latest(_store(out)))
+    assert state["world"] == [2, 1] and state["step"] == 3
+    assert len(state["data"]["positions"]) == 2  # one consumer per rank, both recorded
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # rank 0 alone writes metrics
+
+
+def test_bf16_autocast_on_cpu_and_gradient_checkpointing_train(tmp_path):
+    manifest = make_dataset(tmp_path / "data", [8])
+    for kw in ({"precision": "bf16"}, {"grad_checkpointing": True}):
+        run = Run(config(manifest, tmp_path / str(kw), num_workers=0, **kw))
+        result = run.fit()
+        assert result["step"] == 2 and torch.isfinite(torch.tensor(result["loss"]))
+    with pytest.raises(ClipError, match="fp16 needs CUDA"):
+        Run(config(manifest, tmp_path / "fp16", num_workers=0, precision="fp16")).fit()
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/clipline-checkpoint-ran",))
+
+
+def test_a_tampered_checkpoint_is_refused_and_never_run(tmp_path):
+    if os.path.exists("/tmp/clipline-checkpoint-ran"):
+        os.remove("/tmp/clipline-checkpoint-ran")
+    good = {"model": {"w": torch.ones(2)}, "step": 1}
+    torch.save(good, tmp_path / "good.pt")
+    assert checkpoint.load(tmp_path / "good.pt")["step"] == 1
+    torch.save({"model": {"w": torch.ones(2)}, "hook": Payload()}, tmp_path / "evil.pt", pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="refused"):
+        checkpoint.load(tmp_path / "evil.pt")
+    assert not os.path.exists("/tmp/clipline-checkpoint-ran")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        checkpoint.load(tmp_path / "junk.pt")
+
+
+def test_superseded_manifest_and_changed_data_are_refused(tmp_path):
+    manifest = make_dataset(tmp_path / "data", [8, 8])
+    Run(config(manifest, tmp_path / "run", num_workers=0)).fit()
+    from pipeline.manifest import takedown
+
+    uid = _store(tmp_path / "data").read_parquet("shards/00000.parquet")["uid"][0].as_py()
+    (tmp_path / "ids.txt").write_text(uid + "\n")
+    takedown(str(manifest), str(tmp_path / "ids.txt"), reason="test")
+    with pytest.raises(SupersededManifest):
+        Run(config(tmp_path / "data" / "manifest.v1.json", tmp_path / "other", num_workers=0))
+    with pytest.raises(ClipError, match="another version of the data"):
+        Run(config(manifest, tmp_path / "run", num_workers=0))  # resuming on the new version

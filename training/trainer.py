@@ -1,0 +1,458 @@
+"""`clipline train`: CLIP pretraining from manifest shards, single process, torchrun DDP or Ray Train.
+
+The loop, phase by phase: set up (distributed, device, tokenizer, model,
+optimiser, schedule, resume) → per epoch, stream batches and step → log, save,
+evaluate on schedule. Everything a resumed run needs is in the checkpoint:
+model, optimiser, scheduler, scaler, step and the data position of every
+data consumer, so a killed run resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from pipeline.errors import ClipError
+from pipeline.storage import open_storage
+from training import checkpoint
+from training.data import DataConfig, ManifestDataset, loader, manifest_captions, next_worker, open_manifest
+from training.loss import LOSSES
+from training.model import CLIP, model_config
+from training.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. `data` is a manifest (local or s3://); `out` the run directory."""
+
+    data: str = ""
+    out: str = "train"
+    model: str = "tiny"  # a training.model.SIZES name
+    loss: Literal["clip", "siglip"] = "clip"
+    epochs: int = 1
+    max_steps: int = 0  # stop after this many steps in all (0: epochs decide)
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    warmup_steps: int = 20
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16: autocast on CPU or CUDA; fp16: CUDA + scaler
+    grad_checkpointing: bool = False
+    compile: bool = False
+    device: str = "auto"  # auto: cuda when present, else cpu
+    vocab_size: int = 4096
+    context_length: int = 32
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 200  # steps; a checkpoint is also saved at the end of every epoch
+    eval_every: int = 0  # steps; 0 = only at the end
+    eval_tasks: tuple[str, ...] = ()  # "zeroshot", "retrieval", "linear" (eval/run.py)
+    eval_datasets: tuple[str, ...] = ()  # "heldout=DIR", "fashion-mnist", an image folder, a manifest.json
+    loader: DataConfig = field(default_factory=DataConfig)
+
+
+# --- set-up ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def all_have(self, have: bool, device) -> bool:
+        """True only if every rank has a batch: ranks stop an epoch together, never hang (R3)."""
+        if self.world_size == 1:
+            return have
+        flag = torch.tensor([1 if have else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+
+def init_distributed(device_kind: str) -> Dist:
+    """Join the process group torchrun or Ray Train set up (env RANK/WORLD_SIZE); gloo on CPU, nccl on CUDA."""
+    if dist.is_available() and dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return Dist()
+    dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def pick_device(config: TrainConfig, ctx: Dist) -> torch.device:
+    kind = config.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ClipError("train: device 'cuda' asked for, but no CUDA device is available")
+        torch.cuda.set_device(ctx.local_rank)
+        return torch.device("cuda", ctx.local_rank)
+    return torch.device(kind)
+
+
+def ensure_tokenizer(config: TrainConfig, run, manifest, ctx: Dist) -> Tokenizer:
+    """The run's tokenizer: loaded from RUN/tokenizer.json, or trained on the captions by rank 0 first."""
+    if ctx.main and not run.exists("tokenizer.json"):
+        tokenizer = Tokenizer.train(manifest_captions(manifest), config.vocab_size, config.context_length)
+        local = _tmp_path("tokenizer.json")
+        tokenizer.save(local)
+        run.put_file(local, "tokenizer.json")
+    ctx.barrier()
+    path = _tmp_path("tokenizer-read.json")
+    path.write_bytes(run.read_bytes("tokenizer.json"))
+    return Tokenizer.load(path)
+
+
+def _tmp_path(name: str):
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.mkdtemp(prefix="clipline-train-")) / name
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices and conv kernels only, not on gains, biases, embeddings, scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim < 2 or "token" in name or name.endswith((".pos", "cls")) or "logit_" in name
+        (no_decay if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def schedule(warmup: int, total: int):
+    """Linear warmup then cosine decay to 0, by step."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    if config.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+class Run:
+    """One training run: everything set up, then `fit()`."""
+
+    def __init__(self, config: TrainConfig):
+        if not config.data:
+            raise ClipError("train: --data MANIFEST is required")
+        self.config = config
+        self.ctx = init_distributed(
+            "cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        )
+        self.device = pick_device(config, self.ctx)
+        if config.precision == "fp16" and self.device.type != "cuda":
+            raise ClipError("train: precision fp16 needs CUDA (use bf16 on CPU)")
+        self.run = open_storage(config.out)
+        self.manifest = open_manifest(config.data, config.loader)
+        self.tokenizer = ensure_tokenizer(config, self.run, self.manifest, self.ctx)
+        torch.manual_seed(config.seed)
+        mc = model_config(
+            config.model,
+            vocab_size=self.tokenizer.vocab_size,
+            context_length=config.context_length,
+            image_size=config.loader.image_size,
+            grad_checkpointing=config.grad_checkpointing,
+        )
+        self.model = CLIP(mc, eot_id=self.tokenizer.eot_id, siglip=config.loss == "siglip").to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps
+        )
+        global_batch = config.loader.batch_size * self.ctx.world_size
+        self.steps_per_epoch = max(1, self.manifest.data["num_samples"] // global_batch)
+        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, schedule(config.warmup_steps, self.total_steps)
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+        self.step, self.epoch, self.data_state = 0, 0, {}
+        self.counts: dict[str, int] = {}
+        self._metrics: bytes | None = None
+        self._resume()
+        self.net = self.model
+        if config.compile:
+            self.net = torch.compile(self.net)
+        if self.ctx.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        self.loss_fn = LOSSES[config.loss]
+
+    # -- checkpoints
+
+    def _resume(self) -> None:
+        rel = checkpoint.latest(self.run)
+        if rel is None:
+            return
+        state = checkpoint.load(self.run, rel, map_location=str(self.device))
+        if state["manifest_sha256"] != self.manifest.sha256():
+            raise ClipError(
+                f"train: {self.run.url(rel)} was trained on another version of the data "
+                f"(manifest changed, e.g. by a takedown); start a new run directory"
+            )
+        if state["world"] != [self.ctx.world_size, self.config.loader.num_workers]:
+            raise ClipError(
+                f"train: resuming needs the same ranks x workers as the checkpoint ({state['world'][0]} x "
+                f"{state['world'][1]}, now {self.ctx.world_size} x {self.config.loader.num_workers})"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.data_state = state["step"], state["epoch"], state["data"]
+        self.counts = dict(state.get("counts", {}))
+        if self.ctx.main:
+            log.info("resumed from %s at step %d (epoch %d)", rel, self.step, self.epoch)
+
+    def save(self, positions: dict, next_workers: int, epoch_done: bool) -> None:
+        """Gather every rank's data position; rank 0 writes the checkpoint."""
+        mine = {"positions": {str(k): list(v) for k, v in positions.items()}, "next_worker": next_workers}
+        everyone = [mine]
+        if self.ctx.world_size > 1:
+            everyone = [None] * self.ctx.world_size
+            dist.all_gather_object(everyone, mine)
+        if not self.ctx.main:
+            return
+        data = {"positions": {}, "next_worker": [r["next_worker"] for r in everyone]}
+        for r in everyone:
+            data["positions"].update(r["positions"])
+        if epoch_done:
+            data = {"positions": {}, "next_worker": [0] * self.ctx.world_size}
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "step": self.step,
+            "epoch": self.epoch + 1 if epoch_done else self.epoch,
+            "data": data,
+            "counts": self.counts,
+            "world": [self.ctx.world_size, self.config.loader.num_workers],
+            "manifest_sha256": self.manifest.sha256(),
+            "model_config": asdict(self.model.config),
+            "train_config": json.dumps(asdict(self.config), default=str),
+        }
+        checkpoint.save(self.run, state, self.step)
+
+    # -- the loop
+
+    def train_step(self, batch: dict) -> float:
+        images = batch["images"].to(self.device, non_blocking=True)
+        text = batch["text"].to(self.device, non_blocking=True)
+        with autocast(self.config, self.device):
+            image_f, text_f, scale, bias = self.net(images, text)
+            loss = self.loss_fn(image_f, text_f, scale, bias)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        return float(loss.detach())
+
+    def fit(self, on_step=None) -> dict:
+        """Train to the configured end; returns the last metrics. `on_step(run, batch)` is a test hook."""
+        last: dict = {}
+        while self.epoch < self.config.epochs and not self._done():
+            finished, last = self.run_epoch(on_step)
+            if not finished:
+                break
+        final = self.evaluate() if self.config.eval_tasks else {}
+        return {**last, **final, "step": self.step, "epoch": self.epoch}
+
+    def run_epoch(self, on_step=None) -> tuple[bool, dict]:
+        """Stream this epoch's batches (from the resumed position) and step; True when the data ran out."""
+        config, state, last = self.config, self.data_state or {}, {}
+        workers = max(1, config.loader.num_workers)
+        rank_state = {
+            "positions": state.get("positions", {}),
+            "next_worker": (state.get("next_worker") or [0] * self.ctx.world_size)[self.ctx.rank],
+        }
+        dataset = ManifestDataset(
+            self.manifest, config.loader, self.tokenizer, self.ctx.rank, self.ctx.world_size, self.epoch, rank_state
+        )
+        positions, next_w = dict(dataset.positions), dataset.rotation
+        batches, started, seen, finished = iter(loader(dataset)), time.time(), 0, False
+        sync_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        while not self._done():
+            batch = next(batches, None)
+            while batch is not None and not batch["uids"]:  # bookkeeping only: fault counts at a stream's end
+                self._account(batch, positions)
+                next_w = next_worker(batch["consumer"], workers)
+                batch = next(batches, None)
+            if not self.ctx.all_have(batch is not None, sync_device):
+                finished = True
+                break
+            loss = self.train_step(batch)
+            self.step += 1
+            seen += len(batch["uids"])
+            self._account(batch, positions)
+            next_w = next_worker(batch["consumer"], workers)
+            if on_step:
+                on_step(self, batch)
+            if self.step % config.log_every == 0 or self.step == 1:
+                rate = seen * self.ctx.world_size / max(1e-9, time.time() - started)
+                last = self.log({"loss": loss, "samples_per_s": round(rate, 1)})
+            if config.eval_every and self.step % config.eval_every == 0:
+                last.update(self.evaluate())
+            if config.save_every and self.step % config.save_every == 0:
+                self.save(positions, next_w, epoch_done=False)
+        self.save(positions, next_w, epoch_done=finished)
+        if finished:
+            self.epoch += 1
+            self.data_state = {}
+        return finished, last
+
+    def _account(self, batch: dict, positions: dict) -> None:
+        positions[batch["consumer"]] = batch["position"]
+        for k, v in batch["counts"].items():
+            self.counts[k] = self.counts.get(k, 0) + v
+
+    def _done(self) -> bool:
+        return bool(self.config.max_steps) and self.step >= self.config.max_steps
+
+    def log(self, metrics: dict) -> dict:
+        row = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "lr": self.scheduler.get_last_lr()[0],
+            "logit_scale": float(self.model.logit_scale.detach().exp()),
+            **metrics,
+            "data": dict(self.counts),
+            "time": round(time.time(), 3),
+        }
+        if self.ctx.main:
+            if self._metrics is None:  # the lines of earlier (resumed) sessions come first
+                self._metrics = self.run.read_bytes("metrics.jsonl") if self.run.exists("metrics.jsonl") else b""
+            self._metrics += (json.dumps(row) + "\n").encode()
+            self.run.write_bytes("metrics.jsonl", self._metrics)  # whole-object writes: works on s3:// too
+            log.info(
+                "step %d loss %.4f lr %.2e %.0f samples/s",
+                self.step,
+                metrics.get("loss", float("nan")),
+                row["lr"],
+                metrics.get("samples_per_s", 0),
+            )
+        return row
+
+    def evaluate(self) -> dict:
+        """The offline evaluators on the configured tasks, run in the loop (same code as `clipline eval`)."""
+        if not self.config.eval_tasks or not self.ctx.main:
+            return {}
+        from eval.run import evaluate
+
+        was_training = self.model.training
+        results = evaluate(self.model, self.tokenizer, self.config.eval_tasks, self.config.eval_datasets, self.device)
+        self.model.train(was_training)
+        self.log({"eval": results})
+        return {"eval": results}
+
+
+def train(config: TrainConfig) -> dict:
+    """Run (or resume) training; returns the final metrics."""
+    run = Run(config)
+    if run.ctx.main:
+        run.run.write_bytes("config.json", json.dumps(asdict(config), indent=1, default=str).encode())
+    try:
+        return run.fit()
+    finally:
+        if run.ctx.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+
+
+def launch(config: TrainConfig, nproc: int = 1, ray_workers: int = 0, address: str | None = None) -> dict | None:
+    """Train here, over `nproc` local DDP processes (torchrun), or over `ray_workers` Ray Train workers."""
+    if ray_workers:
+        return train_on_ray(config, ray_workers, address)
+    if nproc > 1 and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        import subprocess
+        import sys
+
+        from pipeline.config import to_dict
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "training.trainer", json.dumps(to_dict(config))]  # fmt: skip
+        done = subprocess.run(cmd, check=False)
+        if done.returncode:
+            raise ClipError(f"train: torchrun exited with status {done.returncode}")
+        return None
+    return train(config)
+
+
+def train_on_ray(config: TrainConfig, workers: int, address: str | None) -> dict:
+    """DDP over Ray Train's TorchTrainer: Ray starts the workers and the process group; the loop is `train`."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.config import to_dict
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    use_gpu = bool(ray.cluster_resources().get("GPU", 0))
+    trainer = TorchTrainer(
+        _ray_loop,
+        train_loop_config=to_dict(config),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        run_config=RunConfig(name=f"clipline-{os.getpid()}", storage_path=_tmp_path("ray").parent.as_posix()),
+    )
+    trainer.fit()
+    return {"workers": workers}
+
+
+def _ray_loop(config_dict: dict) -> None:
+    from pipeline.config import from_dict
+
+    train(from_dict(TrainConfig, config_dict))
+
+
+if __name__ == "__main__":  # torchrun entry: python -m training.trainer '{config json}'
+    import sys
+
+    from pipeline.config import from_dict
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    train(from_dict(TrainConfig, json.loads(sys.argv[1])))
