@@ -12,9 +12,19 @@ PYTEST_ARGS ?=
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test bench bench-quick clean
+.PHONY: setup fashion-mnist demo test bench bench-quick clean
 
-setup: $(STAMP)
+FASHION := .cache/datasets/usr/share/datasets/fashion-mnist
+
+setup: $(STAMP) fashion-mnist
+
+# Fashion-MNIST for the linear probe and zero-shot eval: Debian's dataset-fashion-mnist, from the Debian
+# registry. Installed system-wide already, or unpacked here without root; skipped (tests say so) if neither works.
+fashion-mnist:
+	@test -e /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz || test -e $(FASHION)/t10k-images-idx3-ubyte.gz || \
+	  (mkdir -p .cache/deb && cd .cache/deb && apt-get download dataset-fashion-mnist >/dev/null 2>&1 && \
+	   dpkg -x dataset-fashion-mnist_*.deb ../datasets && echo "fashion-mnist: unpacked into .cache/datasets") || \
+	  echo "fashion-mnist: not available (apt-get download failed); its eval is skipped"
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

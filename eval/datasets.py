@@ -21,7 +21,11 @@ from pipeline.errors import ClipError
 
 FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                    "ankle boot")  # fmt: skip
-FASHION_DIRS = (Path("/usr/share/datasets/fashion-mnist"), Path(".cache/datasets/usr/share/datasets/fashion-mnist"))
+# The system package's place, then where `make setup` unpacks the same .deb without root.
+FASHION_DIRS = (
+    Path("/usr/share/datasets/fashion-mnist"),
+    Path(__file__).resolve().parents[1] / ".cache/datasets/usr/share/datasets/fashion-mnist",
+)
 
 
 class EvalDataError(ClipError):

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 
 from pipeline import langid, schema
 from pipeline.errors import ConfigError, SchemaError
+from pipeline.formats import group_samples, iter_tar_members
 from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards
 from pipeline.storage import read_hash_lists, split_location
 
@@ -268,8 +269,13 @@ def _first_reason(checks: list[tuple[bool, pl.Expr, str | pl.Expr]]) -> pl.Expr:
 CHAIN = ("blocked", "duplicate", "image", "caption", "language", "text_match", "clip_score")
 
 
-def filter_table(crawl: pa.Table, dedup: pa.Table | None, config: FilterConfig, rules: Rules) -> pa.Table:
-    """The filter rows (one per successful crawl row) for one shard's crawl and dedup tables."""
+def filter_table(
+    crawl: pa.Table, dedup: pa.Table | None, config: FilterConfig, rules: Rules, images: dict[str, bytes] | None = None
+) -> pa.Table:
+    """The filter rows (one per successful crawl row) for one shard's crawl and dedup tables.
+
+    images: uid -> image bytes, needed only for the CLIP score (config.clip_checkpoint).
+    """
     frame = pl.from_arrow(crawl).filter(pl.col("status") == schema.SUCCESS)
     if dedup is not None:
         frame = frame.join(pl.from_arrow(dedup).select(["uid", "dup_of", "dup_reason"]), on="uid", how="left")
@@ -292,14 +298,24 @@ def filter_table(crawl: pa.Table, dedup: pa.Table | None, config: FilterConfig, 
     if config.clip_checkpoint:
         from pipeline import clip_score
 
-        frame = frame.with_columns(clip_score=pl.Series(clip_score.score(frame, config), dtype=pl.Float32))
+        images = images or {}
+        scores = clip_score.score(
+            [images.get(u, b"") for u in frame["uid"]],
+            captions,
+            config.clip_checkpoint,
+            config.clip_device,
+            config.clip_batch_size,
+        )
+        frame = frame.with_columns(clip_score=pl.Series(scores, dtype=pl.Float32))
     language_ok = pl.col("language_score") >= rules.min_language_score
     if rules.languages:
         language_ok = language_ok & pl.col("language").is_in(list(rules.languages))
-    clip_threshold = rules.min_clip_score
+    clip_active = bool(rules.min_clip_score or rules.clip_top_fraction)
+    clip_threshold = rules.min_clip_score if rules.min_clip_score else -np.inf
     if rules.clip_top_fraction and frame.height:
         kth = max(1, int(np.ceil(frame.height * rules.clip_top_fraction)))
-        clip_threshold = max(clip_threshold, float(np.sort(frame["clip_score"].to_numpy())[::-1][kth - 1]))
+        ranked = np.sort(np.nan_to_num(frame["clip_score"].to_numpy(), nan=-2.0))[::-1]
+        clip_threshold = max(clip_threshold, float(ranked[kth - 1]))
     reasons = {
         "blocked": pl.col("blocked"),
         "duplicate": pl.when(pl.col("dup_of").is_not_null() & config.drop_duplicates).then(pl.lit("duplicate")),
@@ -309,9 +325,9 @@ def filter_table(crawl: pa.Table, dedup: pa.Table | None, config: FilterConfig, 
         "text_match": pl.when(pl.lit(rules.text_match) & ~pl.col("text_match").fill_null(False)).then(
             pl.lit("no_text_match")
         ),
-        "clip_score": pl.when(pl.lit(clip_threshold > 0) & (pl.col("clip_score") < clip_threshold)).then(
-            pl.lit("clip_score")
-        ),
+        "clip_score": pl.when(
+            pl.lit(clip_active) & ((pl.col("clip_score") < clip_threshold) | pl.col("clip_score").is_nan())
+        ).then(pl.lit("clip_score")),
     }
     frame = frame.with_columns(drop_reason=pl.coalesce([reasons[name] for name in CHAIN]))
     frame = frame.with_columns(keep=pl.col("drop_reason").is_null())
@@ -339,7 +355,14 @@ def run_filter(ctx: ShardContext) -> dict:
         if not ctx.storage.exists(rel):
             raise SchemaError(f"{rel} is missing: run the dedup stage first, or set filter.drop_duplicates: false")
         dedup = ctx.read_table(rel)
-    table = filter_table(crawl, dedup, config, rules)
+    images = None
+    if config.clip_checkpoint:
+        with ctx.storage.open_read(f"crawl/{ctx.name}.tar") as f:
+            images = {
+                key: next((m[e] for e in ("jpg", "png", "webp") if e in m), b"")
+                for key, m in group_samples(iter_tar_members(f))
+            }
+    table = filter_table(crawl, dedup, config, rules, images)
     ctx.write_table(f"filter/{ctx.name}.parquet", table)
     reasons = pl.from_arrow(table.select(["drop_reason"])).drop_nulls()["drop_reason"].value_counts(sort=True)
     languages = pl.from_arrow(table.select(["language"]))["language"].value_counts()

@@ -4,6 +4,8 @@ import hashlib
 import shutil
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401
 import pytest
 
 from pipeline import langid
@@ -271,3 +273,37 @@ def test_stage_needs_dedup_outputs_unless_told(tmp_path):
     run_pipeline([STAGE], store, RunConfig(out=store.uri, filter=FilterConfig(drop_duplicates=False)),
                  executor="inline", progress=False)  # fmt: skip
     assert store.read_parquet("filter/00000.parquet")["keep"].to_pylist() == [True]
+
+
+def test_clip_score_pass_with_a_trained_checkpoint(tmp_path):
+    import numpy as np
+    import torch
+
+    from eval.run import load_model
+    from tests.training.helpers import image_bytes, make_dataset
+    from training.data import DataConfig, decode_image
+    from training.trainer import Run, TrainConfig
+
+    manifest = make_dataset(tmp_path / "data", [16])
+    config = TrainConfig(data=str(manifest), out=str(tmp_path / "run"), max_steps=2, vocab_size=300,
+                         context_length=16, loader=DataConfig(batch_size=8, num_workers=0, image_size=32))  # fmt: skip
+    Run(config).fit()
+    colours = ["red", "green", "blue", "yellow", "red", "blue"]
+    rows = [{"uid": f"u{i}", "caption": f"a {c} square"} for i, c in enumerate(colours)]
+    images = {f"u{i}": image_bytes(c, i) for i, c in enumerate(colours)}
+    images["u5"] = b"broken"
+    cfg = FilterConfig(preset="none", clip_checkpoint=str(tmp_path / "run"), clip_top_fraction=0.5)
+    table = filter_table(crawl_rows(rows), None, cfg, cfg.rules(), images)
+    got = table["clip_score"].to_numpy(zero_copy_only=False)
+    model, tokenizer = load_model(str(tmp_path / "run" / "checkpoints" / "step-00000002.pt"))
+    with torch.no_grad():
+        pixels = torch.stack([decode_image(images[f"u{i}"], 32, None) for i in range(5)])
+        expected = (model.encode_image(pixels) * model.encode_text(tokenizer([r["caption"] for r in rows[:5]]))).sum(1)
+    assert np.allclose(got[:5], expected.numpy(), atol=1e-5) and np.isnan(got[5])
+    kept = table["keep"].to_pylist()
+    assert sum(kept) == 3 and not kept[5]  # the best half (ceil(6 * 0.5)); an undecodable image is dropped
+    assert set(table.filter(pa.compute.invert(table["keep"]))["drop_reason"].to_pylist()) == {"clip_score"}
+    threshold = float(np.sort(got[:5])[2])
+    cfg = FilterConfig(preset="none", clip_checkpoint=str(tmp_path / "run"), min_clip_score=threshold)
+    table = filter_table(crawl_rows(rows), None, cfg, cfg.rules(), images)
+    assert table["keep"].to_pylist() == [bool(s >= threshold) for s in got[:5]] + [False]
