@@ -203,6 +203,7 @@ class Run:
         self.step, self.epoch, self.data_state = 0, 0, {}
         self.counts: dict[str, int] = {}
         self._metrics: bytes | None = None
+        self.last_loss = float("nan")
         self._resume()
         self.net = self.model
         if config.compile:
@@ -301,7 +302,7 @@ class Run:
             if not finished:
                 break
         final = self.evaluate() if self.config.eval_tasks else {}
-        return {**last, **final, "step": self.step, "epoch": self.epoch}
+        return {**last, **final, "loss": self.last_loss, "step": self.step, "epoch": self.epoch}
 
     def run_epoch(self, on_step=None) -> tuple[bool, dict]:
         """Stream this epoch's batches (from the resumed position) and step; True when the data ran out."""
@@ -326,7 +327,7 @@ class Run:
             if not self.ctx.all_have(batch is not None, sync_device):
                 finished = True
                 break
-            loss = self.train_step(batch)
+            loss = self.last_loss = self.train_step(batch)
             self.step += 1
             seen += len(batch["uids"])
             self._account(batch, positions)

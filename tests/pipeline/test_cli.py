@@ -83,20 +83,42 @@ def test_unbuilt_command_is_named_with_its_issue():
     assert result.returncode == 2 and "unknown stage 'nonsense'" in result.stderr
 
 
-def test_demo_tiny_serves_the_web_and_says_what_it_did(tmp_path, capsys):
-    assert main(["-q", "demo", "--size", "tiny", "--out", str(tmp_path / "out")]) == 0
+def test_demo_tiny_end_to_end(tmp_path, capsys):
+    """#10: the whole flow in one command, then again reusing everything committed."""
+    from pipeline.manifest import read_manifest, verify
+
+    out = tmp_path / "out"
+    assert main(["-q", "demo", "--size", "tiny", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith(f"clipline demo (tiny): outputs in {tmp_path / 'out'}\n")
+    assert printed.startswith(f"clipline demo (tiny): outputs in {out}\n")
     assert "synthetic web: 407 URLs on 4 loopback sites" in printed
     assert "  crawl: 353 of 411 URLs fetched" in printed
     # The reasons' split can move by one between runs: uids include the web's (random) port, and the
     # lowest-uid tie-break then picks another keeper among equal copies. The totals do not move.
     assert "  dedup: 53 duplicates in 45 clusters (exact_bytes " in printed
-    assert (tmp_path / "out" / "web" / "urls.parquet").exists()
-    assert (tmp_path / "out" / "web" / "heldout" / "labels.parquet").exists()
-    spec = json.loads((tmp_path / "out" / "web" / "spec.json").read_text())
-    assert spec["images"] == 300
-    # A second run reuses the generated web.
-    mtime = (tmp_path / "out" / "web" / "catalog.parquet").stat().st_mtime_ns
-    assert main(["-q", "demo", "--size", "tiny", "--out", str(tmp_path / "out")]) == 0
-    assert (tmp_path / "out" / "web" / "catalog.parquet").stat().st_mtime_ns == mtime
+    funnel = json.loads((out / "dataset/stats/stats.json").read_text())["funnel"]
+    assert funnel == {"input_rows": 413, "unique_urls": 411, "fetched": 353, "not_duplicates": 300,
+                      "kept_by_filter": 282, "final": 282}  # fmt: skip
+    assert "  funnel: input rows 413 -> unique urls 411 -> fetched 353 -> not duplicates 300" in printed
+    manifest = read_manifest(str(out / "dataset/manifest.json"))
+    assert manifest.data["num_samples"] == 282 and [s["num_samples"] for s in manifest.shards] == [100, 100, 82]
+    assert verify(manifest) == []
+    assert "<svg" in (out / "dataset/stats/report.html").read_text()
+    # DESIGN.md's layout
+    for rel in ("ingest/00000.parquet", "crawl/00000.tar", "crawl/00000.parquet", "filter/00000.parquet",
+                "dataset/shards/00000.tar", "dataset/shards/00000.parquet", "train/metrics.jsonl",
+                "train/tokenizer.json", "train/config.json", "eval/eval.json", "web/urls.parquet"):  # fmt: skip
+        assert (out / rel).exists(), rel
+    assert list((out / "train/checkpoints").glob("*.pt"))
+    results = json.loads((out / "eval/eval.json").read_text())
+    zeroshot = results["zeroshot"]["heldout"]
+    assert zeroshot["classes"] == 30 and zeroshot["top1"] > 0.12  # chance is 1/30 = 0.033
+    assert results["retrieval"]["heldout"]["image_to_text_R@5"] > 5 / 120  # chance R@5 with 120 images
+    assert "zeroshot  heldout        top1 " in printed and "(chance 0.033)" in printed
+    # A second run reuses the generated web, every committed shard and the finished training.
+    mtime = (out / "web" / "catalog.parquet").stat().st_mtime_ns
+    assert main(["-q", "demo", "--size", "tiny", "--out", str(out)]) == 0
+    again = capsys.readouterr().out
+    assert (out / "web" / "catalog.parquet").stat().st_mtime_ns == mtime
+    assert "crawl             5 shards (5 reused)" in again
+    assert json.loads((out / "eval/eval.json").read_text())["zeroshot"] == results["zeroshot"]
