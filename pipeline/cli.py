@@ -19,10 +19,6 @@ if TYPE_CHECKING:
     from pipeline.config import RunConfig
 
 DATA_STAGES = ("ingest", "crawl", "dedup", "filter", "shard", "stats")
-LATER = {
-    "submit": "#9 running on a Ray cluster",
-    "jobs": "#9 running on a Ray cluster",
-}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -81,11 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
             )
         p.set_defaults(func=cmd_stage, stage=name)
 
-    for name, issue in LATER.items():
-        p = sub.add_parser(name, help=f"(not implemented yet: issue {issue})")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=cmd_later)
-
     p = sub.add_parser("train", help="CLIP pretraining on a manifest's shards; resumes from OUT if it has a checkpoint")
     p.add_argument("--data", metavar="MANIFEST", help="the dataset's manifest.json (local or s3://)")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory: checkpoints, metrics.jsonl, tokenizer.json")
@@ -105,6 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="where eval.json goes (default: RUN_DIR/../eval/eval.json)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("submit", help="run any clipline command as a Ray job on a cluster, streaming its logs")
+    p.add_argument("--address", required=True, metavar="URL", help="the cluster's job API, e.g. http://HEAD:8265")
+    p.add_argument("--working-dir", metavar="DIR", help="upload this directory as the job's working directory")
+    p.add_argument("--runtime-env", metavar="FILE", help="YAML Ray runtime env (pip, env_vars, ...)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="the clipline command to run")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list the cluster's jobs, show or follow one's logs, stop one")
+    p.add_argument("action", choices=("list", "logs", "stop"))
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--address", required=True, metavar="URL", help="the cluster's job API, e.g. http://HEAD:8265")
+    p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("takedown", help="remove samples from a published dataset: new manifest version, old kept")
     p.add_argument("--manifest", required=True, metavar="LOCATION", help="the dataset's manifest.json (local or s3://)")
@@ -182,10 +188,6 @@ def cmd_stage(args) -> int:
     return _run_stages(_load(args), [args.stage])
 
 
-def cmd_later(args) -> int:
-    raise NotImplementedStage(f"clipline {args.command} is not implemented yet (issue {LATER[args.command]})")
-
-
 def cmd_train(args) -> int:
     from pipeline.config import load_config
     from training.trainer import TrainConfig, launch
@@ -213,6 +215,19 @@ def cmd_eval(args) -> int:
     print(format_table(results))
     print(f"eval: wrote {out}")
     return 0
+
+
+def cmd_submit(args) -> int:
+    from pipeline.submit import submit
+
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    return submit(args.address, rest, args.working_dir, args.runtime_env, wait=not args.no_wait)
+
+
+def cmd_jobs(args) -> int:
+    from pipeline.submit import jobs_command
+
+    return jobs_command(args.address, args.action, args.job_id, args.follow)
 
 
 def cmd_takedown(args) -> int:

@@ -374,4 +374,11 @@ def run_filter(ctx: ShardContext) -> dict:
     }
 
 
-STAGE = Stage(name="filter", plan=plan_filter, run_shard=run_filter, config_key="filter", rate_key="rows")
+STAGE = Stage(
+    name="filter",
+    plan=plan_filter,
+    run_shard=run_filter,
+    config_key="filter",
+    rate_key="rows",
+    gpu_when=lambda config: bool(config.clip_checkpoint),  # the CLIP-score pass runs the model
+)

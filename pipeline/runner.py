@@ -57,10 +57,19 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to Ray once per process: an existing connection, a cluster, or a local instance."""
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray job: join the job's cluster
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
+
+
+def stage_resources(stage, run) -> tuple[float, float]:
+    """(CPUs, GPUs) per task: a stage that can use a GPU (the CLIP-score filter) gets one when the cluster has any."""
+    wants_gpu = stage.num_gpus or (stage.gpu_when and stage.gpu_when(stage.config_of(run)))
+    if wants_gpu and ray.cluster_resources().get("GPU", 0) >= 1:
+        return stage.num_cpus, float(stage.num_gpus or 1)
+    return stage.num_cpus, 0.0
 
 
 def _one_line(exc: BaseException) -> str:
@@ -166,9 +175,10 @@ def run_stage(
                             finished(ShardOutcome(shard, {}, error=f"{stage.name}/{shard_name(shard)}: {_one_line(e)}"))
         elif executor == "ray":
             ensure_ray(address, num_cpus)
+            cpus, gpus = stage_resources(stage, run)
             task = _execute_remote.options(
-                num_cpus=stage.num_cpus,
-                num_gpus=stage.num_gpus,
+                num_cpus=cpus,
+                num_gpus=gpus,
                 max_retries=max_retries,  # worker/node death
                 retry_exceptions=True,  # application exceptions, same bound
                 name=f"clipline-{stage.name}",

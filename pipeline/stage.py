@@ -149,6 +149,7 @@ class Stage:
     num_gpus: float = 0.0
     rate_key: str = "rows"  # the stats count shown per second in the progress bar
     redo: bool = False  # run planned shards even when committed, replacing outputs and marker (retry passes)
+    gpu_when: Callable[[Any], bool] | None = None  # config -> True when a GPU helps (used if the cluster has one)
 
     def config_of(self, run: Any) -> Any:
         return getattr(run, self.config_key or self.name, None)

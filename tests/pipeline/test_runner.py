@@ -197,3 +197,13 @@ def test_runtime_only_fields_do_not_change_the_config_identity():
     assert config_sha256(base) == config_sha256(replace(base, sleep=2.0, fail_shards=(1,)))
     assert config_sha256(base) != config_sha256(replace(base, seed=2))
     assert config_sha256(ToyRun(toy=base)) != config_sha256(ToyRun(toy=replace(base, rows=7)))
+
+
+def test_gpu_stages_ask_for_a_gpu_only_when_the_cluster_has_one(ray_local):
+    from pipeline.config import RunConfig
+    from pipeline.filter import STAGE as FILTER, FilterConfig
+    from pipeline.runner import stage_resources
+
+    assert stage_resources(FILTER, RunConfig(filter=FilterConfig(clip_checkpoint="run/"))) == (1.0, 0.0)  # no GPU here
+    assert stage_resources(FILTER, RunConfig()) == (1.0, 0.0)
+    assert FILTER.gpu_when(FilterConfig(clip_checkpoint="run/")) and not FILTER.gpu_when(FilterConfig())
