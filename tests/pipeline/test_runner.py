@@ -201,7 +201,8 @@ def test_runtime_only_fields_do_not_change_the_config_identity():
 
 def test_gpu_stages_ask_for_a_gpu_only_when_the_cluster_has_one(ray_local):
     from pipeline.config import RunConfig
-    from pipeline.filter import STAGE as FILTER, FilterConfig
+    from pipeline.filter import STAGE as FILTER
+    from pipeline.filter import FilterConfig
     from pipeline.runner import stage_resources
 
     assert stage_resources(FILTER, RunConfig(filter=FilterConfig(clip_checkpoint="run/"))) == (1.0, 0.0)  # no GPU here
