@@ -76,7 +76,9 @@ def main() -> None:
     print(f"\n{'model':6} {'batch':>5} {'clipline/s':>10} {'reference/s':>11} {'ratio':>6} {'loss diff':>10}")
     for r in results:
         ours, theirs = r["clipline"]["samples_per_s"], r["reference"]["samples_per_s"]
-        print(f"{r['model']:6} {r['batch']:5} {ours:10.1f} {theirs:11.1f} {r['ratio']:6.2f} {r['loss_difference']:10.2e}")
+        print(
+            f"{r['model']:6} {r['batch']:5} {ours:10.1f} {theirs:11.1f} {r['ratio']:6.2f} {r['loss_difference']:10.2e}"
+        )
     print(f"peak RSS {peak:.0f} MB (both sides in this process)")
     out = REPO / "bench" / "results" / "train.json"
     out.write_text(json.dumps({"bench": "train", "quick": args.quick, "results": results, "peak_rss_mb": peak,
