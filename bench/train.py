@@ -70,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    runs = [("tiny", 20, 64)] if args.quick else [("tiny", 40, 64), ("small", 10, 32)]
+    runs = [("tiny", 20, 64)] if args.quick else [("tiny", 40, 64), ("small", 10, 32), ("B/32", 3, 16)]
     results = [measure(*r) for r in runs]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\n{'model':6} {'batch':>5} {'clipline/s':>10} {'reference/s':>11} {'ratio':>6} {'loss diff':>10}")

@@ -200,10 +200,11 @@ class Run:
             self.optimizer, schedule(config.warmup_steps, self.total_steps)
         )
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
-        self.step, self.epoch, self.data_state = 0, 0, {}
+        self.step, self.epoch, self.data_state, self.samples_seen = 0, 0, {}, 0
         self.counts: dict[str, int] = {}
         self._metrics: bytes | None = None
         self.last_loss = float("nan")
+        self._tb = None
         self._resume()
         self.net = self.model
         if config.compile:
@@ -236,6 +237,7 @@ class Run:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.data_state = state["step"], state["epoch"], state["data"]
+        self.samples_seen = int(state.get("samples_seen", 0))
         self.counts = dict(state.get("counts", {}))
         if self.ctx.main:
             log.info("resumed from %s at step %d (epoch %d)", rel, self.step, self.epoch)
@@ -260,6 +262,7 @@ class Run:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "step": self.step,
+            "samples_seen": self.samples_seen,
             "epoch": self.epoch + 1 if epoch_done else self.epoch,
             "data": data,
             "counts": self.counts,
@@ -318,25 +321,32 @@ class Run:
         positions, next_w = dict(dataset.positions), dataset.rotation
         batches, started, seen, finished = iter(loader(dataset)), time.time(), 0, False
         sync_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        waited = 0.0  # seconds spent waiting for data since the epoch (or resume) started
         while not self._done():
+            asked = time.time()
             batch = next(batches, None)
             while batch is not None and not batch["uids"]:  # bookkeeping only: fault counts at a stream's end
                 self._account(batch, positions)
                 next_w = next_worker(batch["consumer"], workers)
                 batch = next(batches, None)
+            waited += time.time() - asked
             if not self.ctx.all_have(batch is not None, sync_device):
                 finished = True
                 break
             loss = self.last_loss = self.train_step(batch)
             self.step += 1
             seen += len(batch["uids"])
+            self.samples_seen += len(batch["uids"]) * self.ctx.world_size
             self._account(batch, positions)
             next_w = next_worker(batch["consumer"], workers)
             if on_step:
                 on_step(self, batch)
             if self.step % config.log_every == 0 or self.step == 1:
-                rate = seen * self.ctx.world_size / max(1e-9, time.time() - started)
-                last = self.log({"loss": loss, "samples_per_s": round(rate, 1)})
+                elapsed = max(1e-9, time.time() - started)
+                rate = seen * self.ctx.world_size / elapsed
+                last = self.log(
+                    {"loss": loss, "samples_per_s": round(rate, 1), "data_wait": round(waited / elapsed, 3)}
+                )
             if config.eval_every and self.step % config.eval_every == 0:
                 last.update(self.evaluate())
             if config.save_every and self.step % config.save_every == 0:
@@ -359,6 +369,7 @@ class Run:
         row = {
             "step": self.step,
             "epoch": self.epoch,
+            "samples_seen": self.samples_seen,
             "lr": self.scheduler.get_last_lr()[0],
             "logit_scale": float(self.model.logit_scale.detach().exp()),
             **metrics,
@@ -370,6 +381,7 @@ class Run:
                 self._metrics = self.run.read_bytes("metrics.jsonl") if self.run.exists("metrics.jsonl") else b""
             self._metrics += (json.dumps(row) + "\n").encode()
             self.run.write_bytes("metrics.jsonl", self._metrics)  # whole-object writes: works on s3:// too
+            self._tensorboard(row)
             log.info(
                 "step %d loss %.4f lr %.2e %.0f samples/s",
                 self.step,
@@ -378,6 +390,25 @@ class Run:
                 metrics.get("samples_per_s", 0),
             )
         return row
+
+    def _tensorboard(self, row: dict) -> None:
+        """Scalars to RUN_DIR/tensorboard (local run directories; on s3:// metrics.jsonl is the record)."""
+        if self.run.url().startswith("s3://"):
+            return
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=self.run.url("tensorboard"))
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and key not in ("step", "time"):
+                self._tb.add_scalar(f"train/{key}", value, self.step)
+            elif key == "eval":
+                for task, by_set in value.items():
+                    for name, metrics in by_set.items() if isinstance(by_set, dict) else ():
+                        for metric, v in metrics.items():
+                            if isinstance(v, float):
+                                self._tb.add_scalar(f"eval/{task}/{name}/{metric}", v, self.step)
+        self._tb.flush()
 
     def evaluate(self) -> dict:
         """The offline evaluators on the configured tasks, run in the loop (same code as `clipline eval`)."""

@@ -131,3 +131,28 @@ def test_superseded_manifest_and_changed_data_are_refused(tmp_path):
         Run(config(tmp_path / "data" / "manifest.v1.json", tmp_path / "other", num_workers=0))
     with pytest.raises(ClipError, match="another version of the data"):
         Run(config(manifest, tmp_path / "run", num_workers=0))  # resuming on the new version
+
+
+def test_streams_from_the_s3_endpoint_and_keeps_the_run_there(tmp_path, s3_store):
+    manifest = make_dataset(tmp_path / "data", [8, 8])
+    for path in sorted((tmp_path / "data").rglob("*")):
+        if path.is_file():
+            s3_store.put_file(path, f"data/{path.relative_to(tmp_path / 'data')}")
+    out = f"{s3_store.uri}/run"
+    cfg = config(f"{s3_store.uri}/data/manifest.json", out, num_workers=1)
+    cfg = TrainConfig(**{**cfg.__dict__, "max_steps": 3})
+    seen = []
+    Run(cfg).fit(on_step=lambda run, b: seen.append(b["uids"]))
+    run_store = _store(out)
+    state = checkpoint.load(run_store, checkpoint.latest(run_store))
+    assert state["step"] == 3 and state["samples_seen"] == 12 and len(seen) == 3
+    assert run_store.exists("tokenizer.json") and run_store.exists("metrics.jsonl")
+    rows = [json.loads(x) for x in run_store.read_bytes("metrics.jsonl").decode().splitlines()]
+    assert rows[-1]["step"] == 3 and 0 <= rows[-1]["data_wait"] <= 1 and rows[-1]["samples_seen"] == 12
+    assert manifest.exists()
+
+
+def test_local_runs_write_tensorboard_events(tmp_path):
+    manifest = make_dataset(tmp_path / "data", [8])
+    Run(config(manifest, tmp_path / "run", num_workers=0)).fit()
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
