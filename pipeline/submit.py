@@ -77,7 +77,7 @@ def submit(address: str, command: list[str], working_dir=None, runtime_env_file=
     jobs = client(address)
     env = runtime_env(working_dir, runtime_env_file)
     entrypoint = "python -m pipeline " + shlex.join(command)
-    job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=env, entrypoint_num_cpus=entrypoint_num_cpus)
+    job_id = _submit_with_retry(jobs, entrypoint, env, entrypoint_num_cpus)
     print(f"submitted {job_id}: {entrypoint}", file=sys.stderr)
     if env["env_vars"]:
         print(f"  env: {shown(env['env_vars'])}", file=sys.stderr)
@@ -85,6 +85,18 @@ def submit(address: str, command: list[str], working_dir=None, runtime_env_file=
         print(job_id)
         return 0
     return follow(jobs, job_id)
+
+
+def _submit_with_retry(jobs, entrypoint: str, env: dict, cpus: float, wait_s: float = 90.0) -> str:
+    """submit_job, retried while a freshly started head has no job agent yet (Ray answers 500 then)."""
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            return jobs.submit_job(entrypoint=entrypoint, runtime_env=env, entrypoint_num_cpus=cpus)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise SubmitError(f"the cluster refused the job: {str(e).strip().splitlines()[0][:300]}") from e
+            time.sleep(2)
 
 
 def follow(jobs, job_id: str) -> int:
