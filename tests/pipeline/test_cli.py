@@ -116,3 +116,18 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     assert (out / "web" / "catalog.parquet").stat().st_mtime_ns == mtime
     assert "crawl             5 shards (5 reused)" in again
     assert json.loads((out / "eval/eval.json").read_text())["zeroshot"] == results["zeroshot"]
+
+
+def test_demo_against_the_s3_endpoint(tmp_path, s3, capsys):
+    """--storage s3://...: the data outputs go to the bucket; training reads the manifest from there."""
+    from pipeline.manifest import read_manifest, verify
+    from tests.conftest import BUCKET
+
+    location = f"s3://{BUCKET}/demo-{tmp_path.name[-12:]}"
+    assert main(["-q", "demo", "--size", "tiny", "--out", str(tmp_path / "out"), "--storage", location]) == 0
+    printed = capsys.readouterr().out
+    assert f"dataset: {location}/dataset/manifest.json" in printed
+    manifest = read_manifest(f"{location}/dataset/manifest.json")
+    assert manifest.data["num_samples"] == 282 and verify(manifest) == []
+    results = json.loads((tmp_path / "out/eval/eval.json").read_text())
+    assert results["zeroshot"]["heldout"]["top1"] > 0.12

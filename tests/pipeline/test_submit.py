@@ -45,7 +45,14 @@ def ray_head(tmp_path_factory):
             f"--temp-dir={temp}",
             "--include-dashboard=true",
             "--disable-usage-stats",
-        ],  # fmt: skip
+            # Its own agent ports: the session's local Ray already holds the defaults (52365, ...), and a head
+            # whose job agent cannot bind answers every submission with "No available agent".
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+        ],
         env=env,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
