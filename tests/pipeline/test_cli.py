@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from pipeline.cli import DATA_STAGES, main
 from tests.conftest import REPO
 
@@ -74,6 +76,7 @@ def test_every_design_command_has_help():
     assert result.returncode == 2 and "unknown stage 'nonsense'" in result.stderr
 
 
+@pytest.mark.timeout(900)  # ~100 s alone on 2 cores; the default 300 s is tight when the machine is shared
 def test_demo_tiny_end_to_end(tmp_path, capsys):
     """#10: the whole flow in one command, then again reusing everything committed."""
     from pipeline.manifest import read_manifest, verify
@@ -88,11 +91,18 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     # lowest-uid tie-break then picks another keeper among equal copies. The totals do not move.
     assert "  dedup: 53 duplicates in 45 clusters (exact_bytes " in printed
     funnel = json.loads((out / "dataset/stats/stats.json").read_text())["funnel"]
-    assert funnel == {"input_rows": 413, "unique_urls": 411, "fetched": 353, "not_duplicates": 300,
-                      "kept_by_filter": 282, "final": 282}  # fmt: skip
+    kept = funnel.pop("kept_by_filter")
+    # Which copy of a duplicate is kept follows the uids, which include the web's random port; when the copies'
+    # captions differ (one junk), the filter then keeps one sample more or less. Everything else is exact.
+    assert kept in (281, 282) and funnel.pop("final") == kept
+    assert funnel == {"input_rows": 413, "unique_urls": 411, "fetched": 353, "not_duplicates": 300}
     assert "  funnel: input rows 413 -> unique urls 411 -> fetched 353 -> not duplicates 300" in printed
     manifest = read_manifest(str(out / "dataset/manifest.json"))
-    assert manifest.data["num_samples"] == 282 and [s["num_samples"] for s in manifest.shards] == [100, 100, 82]
+    assert manifest.data["num_samples"] == kept and [s["num_samples"] for s in manifest.shards] == [
+        100,
+        100,
+        kept - 200,
+    ]
     assert verify(manifest) == []
     assert "<svg" in (out / "dataset/stats/report.html").read_text()
     # DESIGN.md's layout
@@ -118,8 +128,12 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     assert json.loads((out / "eval/eval.json").read_text())["zeroshot"] == results["zeroshot"]
 
 
-def test_demo_against_the_s3_endpoint(tmp_path, s3, capsys):
-    """--storage s3://...: the data outputs go to the bucket; training reads the manifest from there."""
+@pytest.mark.timeout(900)
+def test_demo_against_the_s3_endpoint(tmp_path, s3, ray_local, capsys):
+    """--storage s3://...: the data outputs go to the bucket; training reads the manifest from there.
+
+    ray_local: a Ray whose workers have the endpoint and keys in their env (one started before `s3` has not).
+    """
     from pipeline.manifest import read_manifest, verify
     from tests.conftest import BUCKET
 
@@ -128,6 +142,6 @@ def test_demo_against_the_s3_endpoint(tmp_path, s3, capsys):
     printed = capsys.readouterr().out
     assert f"dataset: {location}/dataset/manifest.json" in printed
     manifest = read_manifest(f"{location}/dataset/manifest.json")
-    assert manifest.data["num_samples"] == 282 and verify(manifest) == []
+    assert manifest.data["num_samples"] in (281, 282) and verify(manifest) == []
     results = json.loads((tmp_path / "out/eval/eval.json").read_text())
     assert results["zeroshot"]["heldout"]["top1"] > 0.12
