@@ -136,7 +136,7 @@ def fashion_mnist(root: str | Path | None = None, max_train: int = 10_000, max_t
 
 def manifest_captions(location: str, max_samples: int = 5000) -> EvalSet:
     """Image-caption pairs from a clipline manifest's shards (for retrieval); captions grouped by image sha256."""
-    from pipeline.formats import group_samples, iter_tar_members
+    from pipeline.formats import group_samples, image_member, iter_tar_members
     from pipeline.manifest import read_manifest
 
     manifest = read_manifest(location, allow_superseded=True)
@@ -146,7 +146,7 @@ def manifest_captions(location: str, max_samples: int = 5000) -> EvalSet:
         meta = {r["key"]: r for r in rows}
         with manifest.storage.open_read(shard["tar"]) as f:
             for key, members in group_samples(iter_tar_members(io.BytesIO(f.read()))):
-                image = next((members[e] for e in ("jpg", "png", "webp") if e in members), None)
+                image = image_member(members)
                 if image is None or key not in meta:
                     continue
                 h = meta[key]["sha256"] or key

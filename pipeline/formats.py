@@ -55,6 +55,14 @@ def iter_tar_members(fileobj: IO[bytes]) -> Iterator[tuple[str, bytes]]:
                 yield info.name, f.read() if f else b""
 
 
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the image members a sample may carry, in the order looked for
+
+
+def image_member(members: dict[str, bytes]) -> bytes | None:
+    """The image bytes of one sample ({ext: data}), or None when it has none."""
+    return next((members[e] for e in IMAGE_EXTS if e in members), None)
+
+
 def group_samples(members: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Consecutive members with the same key as one sample: (key, {ext: data})."""
     key, sample = None, {}

@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from pipeline import schema
 from pipeline.errors import SchemaError
-from pipeline.formats import TarWriter
+from pipeline.formats import IMAGE_EXTS, TarWriter
 from pipeline.stage import (
     IDENTITY,
     PlanContext,
@@ -135,7 +135,7 @@ def tar_offsets(fileobj) -> dict[str, tuple[str, int, int]]:
     with tarfile.open(fileobj=fileobj, mode="r:") as tar:
         for info in tar:
             key, _, ext = info.name.rpartition("/")[2].partition(".")
-            if info.isfile() and ext in ("jpg", "png", "webp"):
+            if info.isfile() and ext in IMAGE_EXTS:
                 found[key] = (ext, info.offset_data, info.size)
     return found
 

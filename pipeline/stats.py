@@ -34,7 +34,7 @@ import polars as pl
 
 from pipeline import schema
 from pipeline.filter import domain_of
-from pipeline.formats import group_samples, iter_tar_members
+from pipeline.formats import group_samples, image_member, iter_tar_members
 from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards, read_marker, shard_name
 
 STATS, REPORT, MANIFEST = "dataset/stats/stats.json", "dataset/stats/report.html", "dataset/manifest.json"
@@ -224,7 +224,7 @@ def _images_from_tar(store, rel: str, wanted: set[str]) -> dict[str, bytes]:
     with store.open_read(rel) as f:
         for key, members in group_samples(iter_tar_members(f)):
             if key in wanted:
-                found[key] = next((members[e] for e in ("jpg", "png", "webp") if e in members), b"")
+                found[key] = image_member(members) or b""
                 if len(found) == len(wanted):
                     break
     return found

@@ -42,11 +42,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.errors import ClipError
-from pipeline.formats import group_samples, iter_tar_members
+from pipeline.formats import group_samples, image_member, iter_tar_members
 from pipeline.manifest import Manifest, read_manifest
 
 log = logging.getLogger(__name__)
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 class DataError(ClipError):
@@ -184,7 +183,7 @@ class ManifestDataset(IterableDataset):
                         continue
                     if index >= unit.stop:
                         break
-                    image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+                    image = image_member(members)
                     if image is None:
                         counts["no_image"] += 1
                         continue
