@@ -9,7 +9,6 @@ allowed for retrieval).
 from __future__ import annotations
 
 import gzip
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -145,7 +144,7 @@ def manifest_captions(location: str, max_samples: int = 5000) -> EvalSet:
         rows = manifest.storage.read_parquet(shard["parquet"], columns=["key", "caption", "sha256"]).to_pylist()
         meta = {r["key"]: r for r in rows}
         with manifest.storage.open_read(shard["tar"]) as f:
-            for key, members in group_samples(iter_tar_members(io.BytesIO(f.read()))):
+            for key, members in group_samples(iter_tar_members(f)):
                 image = image_member(members)
                 if image is None or key not in meta:
                     continue

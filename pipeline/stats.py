@@ -246,13 +246,13 @@ def sample_images(store, config: StatsConfig) -> tuple[list, dict[str, list]]:
         filt = _read(store, f"filter/{shard_name(s)}.parquet", ["uid", "caption", "drop_reason"]).drop_nulls(
             "drop_reason"
         )
-        picks = {}
-        for uid, caption, reason in filt.iter_rows():
-            if (
-                len(dropped.get(reason, [])) + sum(1 for p in picks.values() if p[1] == reason)
-                < config.dropped_per_reason
-            ):
-                picks[uid] = (caption, reason)
+        # the first rows of each reason, as many as it still lacks (one pass in polars, not a loop per row)
+        shown = {reason: len(samples) for reason, samples in dropped.items()}
+        quota = config.dropped_per_reason - pl.col("drop_reason").replace_strict(
+            shown, default=0, return_dtype=pl.Int64
+        )
+        wanted = filt.filter(pl.int_range(pl.len()).over("drop_reason") < quota)
+        picks = {uid: (caption, reason) for uid, caption, reason in wanted.iter_rows()}
         if picks:
             images = _images_from_tar(store, f"crawl/{shard_name(s)}.tar", set(picks))
             for uid, (caption, reason) in picks.items():

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -203,7 +204,7 @@ class ManifestDataset(IterableDataset):
         """The batches of one consumer from its recorded position on."""
         units = self.units()[consumer]
         start_unit, start_offset = self.positions.get(consumer, (0, 0))
-        batch, counts = [], _Counts()
+        batch, counts = [], Counter()
         for u in range(start_unit, len(units)):
             samples = self.unit_samples(units[u], counts)
             for offset in range(start_offset if u == start_unit else 0, len(samples)):
@@ -219,7 +220,7 @@ class ManifestDataset(IterableDataset):
                     yield self._collate(
                         batch, consumer, (u, offset + 1) if offset + 1 < len(samples) else (u + 1, 0), counts
                     )
-                    batch, counts = [], _Counts()
+                    batch, counts = [], Counter()
         # A last partial batch is dropped: every rank must take the same number of equal steps. Counts since the
         # last batch come as a bookkeeping item with no samples; its position is past the end, so a resumed
         # run does not yield it again.
@@ -246,11 +247,6 @@ class ManifestDataset(IterableDataset):
             raise AssertionError("DataLoader num_workers must equal DataConfig.num_workers")
         logical = (physical + self.rotation) % self.workers  # continue the round-robin where it stopped
         yield from self.consumer_batches(self.rank * self.workers + logical)
-
-
-class _Counts(dict):
-    def __missing__(self, key):
-        return 0
 
 
 def loader(dataset: ManifestDataset) -> DataLoader:

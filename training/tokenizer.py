@@ -57,18 +57,25 @@ class Tokenizer:
         backend.train_from_iterator((_normalise(c) for c in captions), trainer=trainer)
         return cls(backend, context_length)
 
-    def save(self, path: str | Path) -> None:
+    def to_bytes(self) -> bytes:
         data = json.loads(self.backend.to_str())
         data["clipline"] = {"context_length": self.context_length}
-        Path(path).write_text(json.dumps(data))
+        return json.dumps(data).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "Tokenizer":
+        from tokenizers import Tokenizer as Backend
+
+        data = json.loads(raw)
+        context_length = data.pop("clipline", {}).get("context_length", 32)
+        return cls(Backend.from_str(json.dumps(data)), context_length)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        from tokenizers import Tokenizer as Backend
-
-        data = json.loads(Path(path).read_text())
-        context_length = data.pop("clipline", {}).get("context_length", 32)
-        return cls(Backend.from_str(json.dumps(data)), context_length)
+        return cls.from_bytes(Path(path).read_bytes())
 
     def encode_ids(self, texts: Sequence[str | None]) -> np.ndarray:
         """(len(texts), context_length) int64 ids: <sot> ... <eot> <pad>..."""

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -116,20 +117,9 @@ def ensure_tokenizer(config: TrainConfig, run, manifest, ctx: Dist) -> Tokenizer
     """The run's tokenizer: loaded from RUN/tokenizer.json, or trained on the captions by rank 0 first."""
     if ctx.main and not run.exists("tokenizer.json"):
         tokenizer = Tokenizer.train(manifest_captions(manifest), config.vocab_size, config.context_length)
-        local = _tmp_path("tokenizer.json")
-        tokenizer.save(local)
-        run.put_file(local, "tokenizer.json")
+        run.write_bytes("tokenizer.json", tokenizer.to_bytes())
     ctx.barrier()
-    path = _tmp_path("tokenizer-read.json")
-    path.write_bytes(run.read_bytes("tokenizer.json"))
-    return Tokenizer.load(path)
-
-
-def _tmp_path(name: str):
-    import tempfile
-    from pathlib import Path
-
-    return Path(tempfile.mkdtemp(prefix="clipline-train-")) / name
+    return Tokenizer.from_bytes(run.read_bytes("tokenizer.json"))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -469,7 +459,9 @@ def train_on_ray(config: TrainConfig, workers: int, address: str | None) -> dict
         _ray_loop,
         train_loop_config=to_dict(config),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-        run_config=RunConfig(name=f"clipline-{os.getpid()}", storage_path=_tmp_path("ray").parent.as_posix()),
+        run_config=RunConfig(
+            name=f"clipline-{os.getpid()}", storage_path=tempfile.mkdtemp(prefix="clipline-ray-train-")
+        ),
     )
     trainer.fit()
     return {"workers": workers}
