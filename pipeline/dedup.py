@@ -8,8 +8,9 @@ signature. Two images are near-duplicates when their pHashes differ in at most
 Four committed steps, none of which holds all hashes in one place:
 
 1. ``dedup/_map`` — per crawl shard: emit (kind, key, node) rows for the exact
-   keys, the caption key and every candidate table of the near index, hash-
-   partitioned by key; and a node table (uid, resolution, caption key).
+   keys, and (kind, key, node, pHash, colour) rows for the caption key and every
+   candidate table of the near index, hash-partitioned by key into one file of
+   each sort per shard (pipeline/shuffle.py); and a node table (uid, resolution).
 2. ``dedup/_reduce`` — per partition, with polars: rows sharing a key are
    candidates; pairs are confirmed (Hamming + colour for near) and become edges.
 3. ``dedup/_components`` — one task over the edges only (memory O(duplicates),
@@ -41,6 +42,7 @@ import pyarrow.compute as pc
 
 from pipeline import schema
 from pipeline.errors import ConfigError
+from pipeline.shuffle import map_files, read_partition, write_partitioned
 from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards, shard_name
 
 PLAN = "dedup/_plan.json"
@@ -153,31 +155,59 @@ def plan_map(ctx: PlanContext) -> list[int]:
     return shards
 
 
-def _partition(kind: np.ndarray, key: np.ndarray, partitions: int) -> np.ndarray:
+def _mix(kind: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """(kind, key) mixed into one uint64."""
     mixed = key.view(np.uint64) ^ (kind.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-    mixed ^= mixed >> np.uint64(29)
-    return (mixed % np.uint64(partitions)).astype(np.int32)
+    return mixed ^ (mixed >> np.uint64(29))
+
+
+def _partition(kind: np.ndarray, key: np.ndarray, partitions: int) -> np.ndarray:
+    return (_mix(kind, key) % np.uint64(partitions)).astype(np.int32)
+
+
+EXACT_SCHEMA = pa.schema([("kind", pa.int8()), ("key", pa.int64()), ("gid", pa.int64())])
+FUZZY_SCHEMA = pa.schema(
+    [*EXACT_SCHEMA, ("phash", pa.int64()), ("c0", pa.int64()), ("c1", pa.int64()), ("c2", pa.int64())]
+)
+CAPTION_FIELD = pa.field("caption_key", pa.int64())  # on fuzzy rows only with keep_different_captions
+
+
+def fuzzy_schema(config: DedupConfig) -> pa.Schema:
+    return FUZZY_SCHEMA.append(CAPTION_FIELD) if config.keep_different_captions else FUZZY_SCHEMA
 
 
 def run_map(ctx: ShardContext) -> dict:
     config: DedupConfig = ctx.config
     plan = ctx.storage.read_json(PLAN)
-    crawl = ctx.read_table(f"crawl/{ctx.name}.parquet")
+    captions_needed = config.caption or config.keep_different_captions
+    columns = ["uid", "status", "sha256", "pixel_hash", "phash", "colour_sig", "original_width", "original_height"]
+    crawl = ctx.read_table(f"crawl/{ctx.name}.parquet", columns=columns + (["caption"] if captions_needed else []))
     rows = np.arange(crawl.num_rows, dtype=np.int64)
     ok = pc.fill_null(pc.and_(pc.equal(crawl["status"], schema.SUCCESS), pc.is_valid(crawl["phash"])), False)
     ok = ok.to_numpy(zero_copy_only=False)
     t = crawl.filter(pa.array(ok))
     gid = (np.int64(ctx.shard) << np.int64(32)) | rows[ok]
-    captions = caption_key(t["caption"])
     area = t["original_width"].to_numpy().astype(np.int64) * t["original_height"].to_numpy().astype(np.int64)
-    ctx.write_table(
-        f"{MAP}/nodes/{ctx.name}.parquet",
-        pa.table({"gid": gid, "uid": t["uid"], "area": area, "caption_key": captions}),
-    )
-    if not len(gid):
-        return {"rows": 0, "emitted": 0}
-    phash = t["phash"].to_numpy().astype(np.int64)
-    colour = pack_colour(t["colour_sig"])
+    ctx.write_table(f"{MAP}/nodes/{ctx.name}.parquet", pa.table({"gid": gid, "uid": t["uid"], "area": area}))
+    captions = caption_key(t["caption"]) if captions_needed else None
+
+    def emit(kind: str, table_schema: pa.Schema, kinds: list[np.ndarray], keys: list[np.ndarray], **carried) -> int:
+        n = len(kinds)
+        columns = {
+            "kind": np.concatenate(kinds).astype(np.int8) if n else np.zeros(0, np.int8),
+            "key": np.concatenate(keys) if n else np.zeros(0, np.int64),
+            "gid": np.tile(gid, n),
+            **{f.name: np.tile(carried[f.name], n) if n else np.zeros(0, np.int64) for f in list(table_schema)[3:]},
+        }
+        table = pa.table(columns, schema=table_schema)
+        keep = columns["kind"] >= 0
+        if not keep.all():
+            table = table.filter(pa.array(keep))
+        kind_of, key_of = columns["kind"][keep], columns["key"][keep]
+        parts = _partition(kind_of, key_of, plan["partitions"])
+        write_partitioned(ctx, f"{MAP}/{kind}/{ctx.name}.arrow", table, parts, plan["partitions"])
+        return table.num_rows
+
     kinds, keys = [], []
     if config.exact_bytes:
         kinds.append(np.full(len(gid), KIND_BYTES))
@@ -185,32 +215,23 @@ def run_map(ctx: ShardContext) -> dict:
     if config.exact_pixels:
         kinds.append(np.full(len(gid), KIND_PIXELS))
         keys.append(hex_key(t["pixel_hash"]))
+    emitted = emit("exact", EXACT_SCHEMA, kinds, keys)
+    kinds, keys = [], []
     if config.caption:
-        has = captions != 0
-        kinds.append(np.where(has, KIND_CAPTION, -1))
+        kinds.append(np.where(captions != 0, KIND_CAPTION, -1))
         keys.append(captions)
     if config.near:
-        for i, k in enumerate(table_keys(phash, plan["near_index"])):
+        for i, k in enumerate(table_keys(t["phash"].to_numpy().astype(np.int64), plan["near_index"])):
             kinds.append(np.full(len(gid), KIND_NEAR + i))
             keys.append(k)
-    n = len(kinds)
-    emitted = pa.table(
-        {
-            "kind": np.concatenate(kinds).astype(np.int16),
-            "key": np.concatenate(keys),
-            "gid": np.tile(gid, n),
-            "phash": np.tile(phash, n),
-            "c0": np.tile(colour[0], n),
-            "c1": np.tile(colour[1], n),
-            "c2": np.tile(colour[2], n),
-            "caption_key": np.tile(captions, n),
-        }
-    )
-    emitted = emitted.filter(pc.greater_equal(emitted["kind"], 0))
-    parts = _partition(emitted["kind"].to_numpy(), emitted["key"].to_numpy(), plan["partitions"])
-    for p in np.unique(parts):
-        ctx.write_table(f"{MAP}/p{int(p):05d}/{ctx.name}.parquet", emitted.filter(pa.array(parts == p)))
-    return {"rows": len(gid), "emitted": emitted.num_rows}
+    carried = {}
+    if kinds:
+        carried = {"phash": t["phash"].to_numpy().astype(np.int64)}
+        carried.update(zip(("c0", "c1", "c2"), pack_colour(t["colour_sig"]), strict=True))
+        if config.keep_different_captions:
+            carried["caption_key"] = captions
+    emitted += emit("fuzzy", fuzzy_schema(config), kinds, keys, **carried)
+    return {"rows": len(gid), "emitted": emitted}
 
 
 # --- step 2: reduce -------------------------------------------------------------------------
@@ -236,51 +257,46 @@ def colour_distance_packed(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarr
     return worst
 
 
-def edges_of_partition(frame: pl.DataFrame, config: DedupConfig) -> pl.DataFrame:
-    """Confirmed duplicate edges (a, b, reason) among rows sharing a (kind, key)."""
-    frame = frame.with_columns(size=pl.len().over(["kind", "key"])).filter(pl.col("size") >= 2)
-    out = []
-    exact = frame.filter(pl.col("kind") < KIND_CAPTION)
-    if exact.height:  # a star to the smallest node of each group: enough for connectivity
-        out.append(
-            exact.with_columns(b=pl.col("gid").min().over(["kind", "key"]))
-            .filter(pl.col("gid") != pl.col("b"))
-            .select(a=pl.col("gid"), b="b", reason=pl.col("kind").cast(pl.Int8))
-        )
-    fuzzy = frame.filter(pl.col("kind") >= KIND_CAPTION)
-    fuzzy = fuzzy.filter((pl.col("kind") != KIND_CAPTION) | (pl.col("size") <= config.max_caption_group))
-    if fuzzy.height:
-        # Identical (pHash, colour) in a group collapse onto one representative first.
-        fuzzy = fuzzy.with_columns(
-            rep=pl.col("gid").min().over(["kind", "key", "phash", "c0", "c1", "c2", "caption_key"])
-        )
-        same = fuzzy.filter(pl.col("gid") != pl.col("rep"))
-        reason_of = pl.when(pl.col("kind") == KIND_CAPTION).then(3).otherwise(2).cast(pl.Int8)
-        out.append(same.select(a=pl.col("gid"), b="rep", reason=reason_of))
-        reps = fuzzy.filter(pl.col("gid") == pl.col("rep")).select(
-            ["kind", "key", "gid", "phash", "c0", "c1", "c2", "caption_key"]
-        )
-        pairs = reps.join(reps, on=["kind", "key"], suffix="_b").filter(pl.col("gid") < pl.col("gid_b"))
-        if config.keep_different_captions:
-            pairs = pairs.filter((pl.col("caption_key") == pl.col("caption_key_b")) | (pl.col("kind") == KIND_CAPTION))
-        pairs = pairs.with_columns(dist=(pl.col("phash") ^ pl.col("phash_b")).bitwise_count_ones())
-        limit = pl.when(pl.col("kind") == KIND_CAPTION).then(config.caption_threshold).otherwise(config.near_threshold)
-        pairs = pairs.filter(pl.col("dist") <= limit)
-        colour = colour_distance_packed(
-            [pairs[f"c{i}"].to_numpy() for i in range(3)], [pairs[f"c{i}_b"].to_numpy() for i in range(3)]
-        )
-        pairs = pairs.with_columns(colour=pl.Series(colour, dtype=pl.Int16))
-        pairs = pairs.filter(pl.col("colour") <= config.colour_tolerance)
-        out.append(
-            pairs.select(
-                a=pl.col("gid"),
-                b=pl.col("gid_b"),
-                reason=pl.when(pl.col("kind") == KIND_CAPTION).then(3).otherwise(2).cast(pl.Int8),
-            )
-        )
-    if not out:
-        return pl.DataFrame(schema={"a": pl.Int64, "b": pl.Int64, "reason": pl.Int8})
-    return pl.concat(out).unique().sort(["a", "b", "reason"])
+EMPTY_EDGES = {"a": pl.Int64, "b": pl.Int64, "reason": pl.Int8}
+
+
+def exact_edges(frame: pl.DataFrame) -> pl.DataFrame:
+    """Rows sharing an exact key: a star to the smallest node of each group (enough for connectivity)."""
+    return (
+        frame.with_columns(b=pl.col("gid").min().over(["kind", "key"]))
+        .filter(pl.col("gid") != pl.col("b"))
+        .select(a=pl.col("gid"), b="b", reason=pl.col("kind").cast(pl.Int8))
+    )
+
+
+def fuzzy_edges(frame: pl.DataFrame, config: DedupConfig) -> pl.DataFrame:
+    """Confirmed near / caption edges among rows sharing a (kind, key)."""
+    # One int64 per (kind, key), so grouping and joining hash one column, not two.
+    group = ["group"]
+    frame = frame.with_columns(group=pl.Series(_mix(frame["kind"].to_numpy(), frame["key"].to_numpy()).view(np.int64)))
+    frame = frame.filter(pl.col("group").is_duplicated()).with_columns(size=pl.len().over(group))
+    frame = frame.filter((pl.col("kind") != KIND_CAPTION) | (pl.col("size") <= config.max_caption_group))
+    reason_of = pl.when(pl.col("kind") == KIND_CAPTION).then(3).otherwise(2).cast(pl.Int8)
+    # Identical (pHash, colour[, caption]) in a group collapse onto one representative first,
+    # so a cluster of k copies costs k rows, not k^2 / 2 pairs.
+    signature = ["phash", "c0", "c1", "c2", *(["caption_key"] if config.keep_different_captions else [])]
+    frame = frame.with_columns(rep=pl.col("gid").min().over([*group, *signature]))
+    collapsed = frame.filter(pl.col("gid") != pl.col("rep")).select(a=pl.col("gid"), b="rep", reason=reason_of)
+    reps = frame.filter(pl.col("gid") == pl.col("rep"))
+    # Candidate pairs are joined narrow (most fail the Hamming test); the survivors get their signatures.
+    narrow = reps.select([*group, "kind", "gid", "phash"])
+    pairs = narrow.join(narrow, on=group, suffix="_b").filter(pl.col("gid") < pl.col("gid_b"))
+    limit = pl.when(pl.col("kind") == KIND_CAPTION).then(config.caption_threshold).otherwise(config.near_threshold)
+    pairs = pairs.filter((pl.col("phash") ^ pl.col("phash_b")).bitwise_count_ones() <= limit)
+    signatures = reps.select(["gid", *signature[1:]]).unique("gid")
+    pairs = pairs.join(signatures, on="gid").join(signatures, left_on="gid_b", right_on="gid", suffix="_b")
+    if config.keep_different_captions:
+        pairs = pairs.filter((pl.col("caption_key") == pl.col("caption_key_b")) | (pl.col("kind") == KIND_CAPTION))
+    colour = colour_distance_packed(
+        [pairs[f"c{i}"].to_numpy() for i in range(3)], [pairs[f"c{i}_b"].to_numpy() for i in range(3)]
+    )
+    pairs = pairs.filter(pl.Series(colour <= config.colour_tolerance))
+    return pl.concat([collapsed, pairs.select(a=pl.col("gid"), b=pl.col("gid_b"), reason=reason_of)])
 
 
 def plan_reduce(ctx: PlanContext) -> list[int]:
@@ -289,34 +305,21 @@ def plan_reduce(ctx: PlanContext) -> list[int]:
 
 def run_reduce(ctx: ShardContext) -> dict:
     config: DedupConfig = ctx.config
-    pieces = ctx.storage.list(f"{MAP}/p{ctx.shard:05d}", suffix=".parquet")
-    frames = [pl.from_arrow(ctx.read_table(p)) for p in pieces]
-    frame = (
-        pl.concat(frames)
-        if frames
-        else pl.DataFrame(
-            schema={
-                "kind": pl.Int16,
-                "key": pl.Int64,
-                "gid": pl.Int64,
-                "phash": pl.Int64,
-                "c0": pl.Int64,
-                "c1": pl.Int64,
-                "c2": pl.Int64,
-                "caption_key": pl.Int64,
-            }
-        )
+    exact = pl.from_arrow(read_partition(ctx.storage, map_files(ctx.storage, f"{MAP}/exact"), ctx.shard, EXACT_SCHEMA))
+    fuzzy = pl.from_arrow(
+        read_partition(ctx.storage, map_files(ctx.storage, f"{MAP}/fuzzy"), ctx.shard, fuzzy_schema(config))
     )
     skipped = (
-        frame.filter(pl.col("kind") == KIND_CAPTION)
+        fuzzy.filter(pl.col("kind") == KIND_CAPTION)
         .group_by("key")
         .len()
         .filter(pl.col("len") > config.max_caption_group)
         .height
     )
-    edges = edges_of_partition(frame, config)
+    edges = pl.concat([pl.DataFrame(schema=EMPTY_EDGES), exact_edges(exact), fuzzy_edges(fuzzy, config)])
+    edges = edges.unique().sort(["a", "b", "reason"])
     ctx.write_table(f"{REDUCE}/{ctx.name}.parquet", edges.to_arrow())
-    return {"rows": frame.height, "edges": edges.height, "caption_groups_skipped": skipped}
+    return {"rows": exact.height + fuzzy.height, "edges": edges.height, "caption_groups_skipped": skipped}
 
 
 # --- step 3: connected components -------------------------------------------------------------

@@ -6,7 +6,7 @@ Three committed steps, so that 400M rows never sit in one process:
    whole text file, streamed in blocks): normalise URLs and captions, compute
    the uid, refuse what must never be fetched (non-http(s) schemes, invalid
    URLs, blocklisted URL hashes) with a status, and write the rows partitioned
-   by uid hash.
+   by uid hash (one file per map part, all partitions in it: pipeline/shuffle.py).
 2. ``ingest/_merge`` — one task per partition: drop exact duplicates (same uid,
    i.e. same normalised URL and caption), keeping the first in input order.
 3. ``ingest`` — one task per work shard: the driver lays the partitions end to
@@ -31,15 +31,16 @@ from pathlib import PurePosixPath
 from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.errors import ConfigError, SchemaError
+from pipeline.shuffle import map_files, read_pieces, write_partitioned
 from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, shard_name
 from pipeline.storage import open_storage, read_hash_lists, split_location
 
@@ -329,9 +330,10 @@ def normalise_rows(
     return {k: pa.array(v, pa.string()) for k, v in columns.items()}, counts
 
 
-def partition_of(uids: pa.Array, partitions: int) -> pa.Array:
+def partition_of(uids: pa.Array, partitions: int) -> np.ndarray:
     """Partition index of each uid: its first 8 hex digits mod `partitions`."""
-    return pa.array([int(u[:8], 16) % partitions for u in uids.to_pylist()], pa.int32())
+    first = pl.Series(uids).str.slice(0, 8).str.to_integer(base=16, dtype=pl.Int64)
+    return (first % partitions).cast(pl.Int32).to_numpy()
 
 
 def run_map(ctx: ShardContext) -> dict:
@@ -353,10 +355,8 @@ def run_map(ctx: ShardContext) -> dict:
         if not pending:
             return
         table = pa.concat_tables(pending, promote_options="permissive")
-        partitions = partition_of(table["uid"].combine_chunks(), plan["partitions"])
-        for p in sorted(set(partitions.to_pylist())):
-            piece = table.filter(pc.equal(partitions, p))
-            ctx.write_table(f"{MAP}/p{p:05d}/c{ctx.shard:05d}-{parts_written:04d}.parquet", piece)
+        parts = partition_of(table["uid"].combine_chunks(), plan["partitions"])
+        write_partitioned(ctx, f"{MAP}/c{ctx.shard:05d}-{parts_written:04d}.arrow", table, parts, plan["partitions"])
         pending, parts_written = [], parts_written + 1
 
     try:
@@ -391,8 +391,7 @@ def plan_merge(ctx: PlanContext) -> list[int]:
 
 def run_merge(ctx: ShardContext) -> dict:
     config: IngestConfig = ctx.config
-    pieces = ctx.storage.list(f"{MAP}/p{ctx.shard:05d}", suffix=".parquet")
-    tables = [ctx.read_table(p) for p in pieces]
+    tables = read_pieces(ctx.storage, map_files(ctx.storage, MAP), ctx.shard)
     if tables:
         frame = pl.from_arrow(pa.concat_tables(tables, promote_options="permissive"))
         before = frame.height

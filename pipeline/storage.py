@@ -146,6 +146,14 @@ class Storage:
     def _commit_spooled(self, tmp: str, rel: str) -> None:
         self.put_file(tmp, rel)
 
+    def read_range(self, rel: str, start: int, stop: int) -> bytes:
+        """Bytes [start, stop) of `rel` (one ranged GET on S3)."""
+        if stop <= start:
+            return b""
+        with self.open_seekable(rel) as f:
+            f.seek(start)
+            return f.read(stop - start)
+
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
@@ -406,6 +414,15 @@ class S3Storage(Storage):
 
     def open_seekable(self, rel: str) -> IO[bytes]:
         return io.BufferedReader(_S3RangeReader(self, rel, self.size(rel)), buffer_size=1 << 20)
+
+    def read_range(self, rel: str, start: int, stop: int) -> bytes:
+        if stop <= start:
+            return b""
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(rel), Range=f"bytes={start}-{stop - 1}")
+            return body["Body"].read()
+        except Exception as e:
+            raise _s3_error(e, self.url(rel)) from e
 
     def put_file(self, local_path: str | os.PathLike, rel: str) -> None:
         # upload_file switches to multipart above 8 MiB; the object is invisible until complete.

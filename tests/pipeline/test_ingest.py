@@ -209,7 +209,7 @@ def test_a_big_text_file_is_partitioned_in_parts_of_bounded_size(tmp_path):
     pacsv.write_csv(pa.Table.from_pylist(big), tmp_path / "big.csv")
     parts = ingest(tmp_path / "a", inputs=(str(tmp_path / "big.csv"),), shard_size=30_000, rows_per_chunk=20_000)
     whole = ingest(tmp_path / "b", inputs=(str(tmp_path / "big.csv"),), shard_size=30_000)
-    pieces = open_storage(tmp_path / "a").list("ingest/_map/p00000", suffix=".parquet")
+    pieces = open_storage(tmp_path / "a").list("ingest/_map", suffix=".arrow")  # one file per part
     assert len(open_storage(tmp_path / "a").read_json("ingest/_plan.json")["chunks"]) == 1
     assert len(pieces) >= 2
     assert [t.num_rows for t in parts] == [30_000, 30_000, 10_000]
