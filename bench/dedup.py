@@ -140,13 +140,14 @@ def side_exact_peer(work: Path) -> dict:
     return {"seconds": seconds, "duplicates": int((groups["n"] - 1).sum())}
 
 
-def side_near_peer(work: Path, sample: int = 2000) -> dict:
+def side_near_peer(work: Path) -> dict:
     """Brute force: each sampled row against all N rows (the all-pairs method)."""
     import numpy as np
     import polars as pl
 
     frame = pl.read_parquet(str(work / "crawl" / "*.parquet"), columns=["phash", "colour_sig"])
     h = frame["phash"].to_numpy().view(np.uint64)
+    sample = min(2000, max(200, 2_000_000_000 // len(h)))  # about a minute whatever N is
     colours = frame["colour_sig"].to_numpy()  # synthetic grids: copies share theirs, others differ widely
     rows = np.random.default_rng(1).choice(len(h), size=min(sample, len(h)), replace=False)
     table = np.array([bin(i).count("1") for i in range(1 << 16)], dtype=np.uint8)

@@ -188,24 +188,24 @@ def run_map(ctx: ShardContext) -> dict:
     t = crawl.filter(pa.array(ok))
     gid = (np.int64(ctx.shard) << np.int64(32)) | rows[ok]
     area = t["original_width"].to_numpy().astype(np.int64) * t["original_height"].to_numpy().astype(np.int64)
-    ctx.write_table(f"{MAP}/nodes/{ctx.name}.parquet", pa.table({"gid": gid, "uid": t["uid"], "area": area}))
+    nodes = pa.table({"gid": gid, "uid": t["uid"], "area": area})
+    ctx.write_table(f"{MAP}/nodes/{ctx.name}.parquet", nodes, work=True)
     captions = caption_key(t["caption"]) if captions_needed else None
 
     def emit(kind: str, table_schema: pa.Schema, kinds: list[np.ndarray], keys: list[np.ndarray], **carried) -> int:
-        n = len(kinds)
-        columns = {
-            "kind": np.concatenate(kinds).astype(np.int8) if n else np.zeros(0, np.int8),
-            "key": np.concatenate(keys) if n else np.zeros(0, np.int64),
-            "gid": np.tile(gid, n),
-            **{f.name: np.tile(carried[f.name], n) if n else np.zeros(0, np.int64) for f in list(table_schema)[3:]},
-        }
+        # Rows (one per image and key kind) are gathered column by column straight into partition
+        # order, so the map never holds the unsorted table and a sorted copy of it at once.
+        kind_all = np.concatenate(kinds).astype(np.int8) if kinds else np.zeros(0, np.int8)
+        key_all = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+        parts = _partition(kind_all, key_all, plan["partitions"])
+        parts[kind_all < 0] = plan["partitions"]  # no key (an empty caption): sorted last, left out
+        order = np.argsort(parts, kind="stable")[: int((kind_all >= 0).sum())]
+        image = order % max(1, len(gid))
+        columns = {"kind": kind_all[order], "key": key_all[order], "gid": gid[image]}
+        columns.update({f.name: carried[f.name][image] for f in list(table_schema)[3:] if f.name in carried})
+        columns.update({f.name: np.zeros(0, np.int64) for f in list(table_schema)[3:] if f.name not in carried})
         table = pa.table(columns, schema=table_schema)
-        keep = columns["kind"] >= 0
-        if not keep.all():
-            table = table.filter(pa.array(keep))
-        kind_of, key_of = columns["kind"][keep], columns["key"][keep]
-        parts = _partition(kind_of, key_of, plan["partitions"])
-        write_partitioned(ctx, f"{MAP}/{kind}/{ctx.name}.arrow", table, parts, plan["partitions"])
+        write_partitioned(ctx, f"{MAP}/{kind}/{ctx.name}.arrow", table, parts[order], plan["partitions"])
         return table.num_rows
 
     kinds, keys = [], []
@@ -318,7 +318,7 @@ def run_reduce(ctx: ShardContext) -> dict:
     )
     edges = pl.concat([pl.DataFrame(schema=EMPTY_EDGES), exact_edges(exact), fuzzy_edges(fuzzy, config)])
     edges = edges.unique().sort(["a", "b", "reason"])
-    ctx.write_table(f"{REDUCE}/{ctx.name}.parquet", edges.to_arrow())
+    ctx.write_table(f"{REDUCE}/{ctx.name}.parquet", edges.to_arrow(), work=True)
     return {"rows": exact.height + fuzzy.height, "edges": edges.height, "caption_groups_skipped": skipped}
 
 
@@ -357,16 +357,18 @@ def run_components(ctx: ShardContext) -> dict:
     index = np.searchsorted(nodes, np.concatenate([a, b]))
     reasons = np.full(len(nodes), len(REASONS), dtype=np.int16)
     np.minimum.at(reasons, index, np.concatenate([edges["reason"].to_numpy()] * 2).astype(np.int16))
-    names = np.array([*REASONS, ""], dtype=object)[reasons]
-    members = pl.DataFrame({"gid": nodes, "cluster": label, "reason": pl.Series(names, dtype=pl.Utf8)})
-    shards = sorted({int(g) >> 32 for g in nodes})
-    info = pl.concat(
-        [
-            pl.from_arrow(ctx.read_table(f"{MAP}/nodes/{shard_name(s)}.parquet")).filter(pl.col("gid").is_in(nodes))
-            for s in shards
-        ]
-    )
-    members = members.join(info, on="gid")
+    names = pl.Series(np.array([*REASONS, ""], dtype=object)[reasons], dtype=pl.Utf8)
+    members = pl.DataFrame({"gid": nodes, "cluster": label, "reason": names})
+    # uid and resolution of the clustered nodes: nodes are sorted, and so is each shard's node
+    # table, so each shard's rows are found by binary search (no hash set of all nodes).
+    node_shards = nodes >> 32
+    shards = np.unique(node_shards).tolist()
+    bounds = np.searchsorted(node_shards, [*shards, shards[-1] + 1])
+    info = []
+    for s, start, stop in zip(shards, bounds[:-1], bounds[1:], strict=True):
+        table = ctx.read_table(f"{MAP}/nodes/{shard_name(s)}.parquet", columns=["uid", "area", "gid"])
+        info.append(table.take(pa.array(np.searchsorted(table["gid"].to_numpy(), nodes[start:stop]))))
+    members = members.hstack(pl.from_arrow(pa.concat_tables(info)).select("uid", "area"))
     order = ["cluster", "uid"] if config.keep == "lowest_uid" else ["cluster", "area", "uid"]
     descending = [False, False] if config.keep == "lowest_uid" else [False, True, False]
     members = members.sort(order, descending=descending)
@@ -383,10 +385,12 @@ def run_components(ctx: ShardContext) -> dict:
         )
         .with_columns(dup_of=pl.when(pl.col("gid") == pl.col("keeper_gid")).then(None).otherwise(pl.col("dup_of")))
     )
-    members = members.with_columns(shard=(pl.col("gid") // (1 << 32)).cast(pl.Int64)).sort("gid")
-    for s in shards:
-        part = members.filter(pl.col("shard") == s).select(["gid", "uid", "dup_of", "dup_reason", "cluster_size"])
-        ctx.write_table(f"dedup/_clusters/{shard_name(s)}.parquet", part.to_arrow())
+    members = members.sort("gid")
+    written = members.select(["gid", "uid", "dup_of", "dup_reason", "cluster_size"])
+    for s, start, stop in zip(shards, bounds[:-1], bounds[1:], strict=True):  # gid order = nodes order
+        ctx.write_table(
+            f"dedup/_clusters/{shard_name(s)}.parquet", written.slice(start, stop - start).to_arrow(), work=True
+        )
     sizes = members.group_by("cluster").agg(size=pl.len())["size"].value_counts().sort("size")
     removed = members.filter(pl.col("dup_reason").is_not_null())
     stats.update(

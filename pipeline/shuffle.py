@@ -22,11 +22,17 @@ INDEX_SUFFIX = ".idx"
 
 
 def write_partitioned(ctx: ShardContext, rel: str, table: pa.Table, parts: np.ndarray, partitions: int) -> None:
-    """Stage `rel` (+ its index) holding `table`'s rows grouped by `parts` (values in [0, partitions))."""
-    order = np.argsort(parts, kind="stable")
-    rows = table.take(pa.array(order)).combine_chunks()
+    """Stage `rel` (+ its index) holding `table`'s rows grouped by `parts` (values in [0, partitions)).
+
+    Rows already in partition order are written as they are (no copy): a caller that
+    builds big tables can gather each column straight into that order.
+    """
+    if len(parts) > 1 and not (parts[:-1] <= parts[1:]).all():
+        order = np.argsort(parts, kind="stable")
+        table, parts = table.take(pa.array(order)), parts[order]
+    rows = table.combine_chunks()
     batch = rows.to_batches()[0] if rows.num_rows else None
-    bounds = np.searchsorted(parts[order], np.arange(partitions + 1))
+    bounds = np.searchsorted(parts, np.arange(partitions + 1))
     offsets = np.zeros(partitions + 1, dtype="<i8")
     with pa.OSFile(str(ctx.output_path(rel)), "wb") as sink:
         for p in range(partitions):

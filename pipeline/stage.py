@@ -133,8 +133,10 @@ class ShardContext:
         self.staged[rel] = local
         return local
 
-    def write_table(self, rel: str, table: pa.Table) -> None:
-        pq.write_table(table, self.output_path(rel), **PARQUET_OPTIONS)
+    def write_table(self, rel: str, table: pa.Table, work: bool = False) -> None:
+        """Stage a parquet output; `work` files (read back by a later step, never by users) use lz4."""
+        options = {**PARQUET_OPTIONS, "compression": "lz4"} if work else PARQUET_OPTIONS
+        pq.write_table(table, self.output_path(rel), **options)
 
 
 @dataclass(frozen=True)
