@@ -269,8 +269,19 @@ def exact_edges(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def fuzzy_edges(frame: pl.DataFrame, config: DedupConfig) -> pl.DataFrame:
-    """Confirmed near / caption edges among rows sharing a (kind, key)."""
+def first_table(a: np.ndarray, b: np.ndarray, design: dict) -> np.ndarray:
+    """Per pair of pHashes, the first table of the near index in which their keys are equal."""
+    equal = np.stack([x == y for x, y in zip(table_keys(a, design), table_keys(b, design), strict=True)])
+    return np.where(equal.any(axis=0), equal.argmax(axis=0), len(equal))
+
+
+def fuzzy_edges(frame: pl.DataFrame, config: DedupConfig, design: dict) -> pl.DataFrame:
+    """Confirmed near / caption edges among rows sharing a (kind, key).
+
+    A near pair meets in every table whose key blocks it agrees on; only the first such
+    table's reducer emits it (a test on the two pHashes alone), so each pair is one edge,
+    not up to `tables` (at 10M rows that was 12x the edges, and the components step's memory).
+    """
     # One int64 per (kind, key), so grouping and joining hash one column, not two.
     group = ["group"]
     frame = frame.with_columns(group=pl.Series(_mix(frame["kind"].to_numpy(), frame["key"].to_numpy()).view(np.int64)))
@@ -281,7 +292,9 @@ def fuzzy_edges(frame: pl.DataFrame, config: DedupConfig) -> pl.DataFrame:
     # so a cluster of k copies costs k rows, not k^2 / 2 pairs.
     signature = ["phash", "c0", "c1", "c2", *(["caption_key"] if config.keep_different_captions else [])]
     frame = frame.with_columns(rep=pl.col("gid").min().over([*group, *signature]))
-    collapsed = frame.filter(pl.col("gid") != pl.col("rep")).select(a=pl.col("gid"), b="rep", reason=reason_of)
+    collapsed = frame.filter(
+        (pl.col("gid") != pl.col("rep")) & pl.col("kind").is_in([KIND_CAPTION, KIND_NEAR])  # identical: table 0
+    ).select(a=pl.col("gid"), b="rep", reason=reason_of)
     reps = frame.filter(pl.col("gid") == pl.col("rep"))
     # Candidate pairs are joined narrow (most fail the Hamming test); the survivors get their signatures.
     narrow = reps.select([*group, "kind", "gid", "phash"])
@@ -296,6 +309,8 @@ def fuzzy_edges(frame: pl.DataFrame, config: DedupConfig) -> pl.DataFrame:
         [pairs[f"c{i}"].to_numpy() for i in range(3)], [pairs[f"c{i}_b"].to_numpy() for i in range(3)]
     )
     pairs = pairs.filter(pl.Series(colour <= config.colour_tolerance))
+    first = first_table(pairs["phash"].to_numpy(), pairs["phash_b"].to_numpy(), design) + KIND_NEAR
+    pairs = pairs.filter((pl.col("kind") == KIND_CAPTION) | (pl.col("kind") == pl.Series(first, dtype=pl.Int64)))
     return pl.concat([collapsed, pairs.select(a=pl.col("gid"), b=pl.col("gid_b"), reason=reason_of)])
 
 
@@ -316,7 +331,8 @@ def run_reduce(ctx: ShardContext) -> dict:
         .filter(pl.col("len") > config.max_caption_group)
         .height
     )
-    edges = pl.concat([pl.DataFrame(schema=EMPTY_EDGES), exact_edges(exact), fuzzy_edges(fuzzy, config)])
+    design = ctx.storage.read_json(PLAN)["near_index"]
+    edges = pl.concat([pl.DataFrame(schema=EMPTY_EDGES), exact_edges(exact), fuzzy_edges(fuzzy, config, design)])
     edges = edges.unique().sort(["a", "b", "reason"])
     ctx.write_table(f"{REDUCE}/{ctx.name}.parquet", edges.to_arrow(), work=True)
     return {"rows": exact.height + fuzzy.height, "edges": edges.height, "caption_groups_skipped": skipped}
@@ -325,10 +341,11 @@ def run_reduce(ctx: ShardContext) -> dict:
 # --- step 3: connected components -------------------------------------------------------------
 
 
-def connected_components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(nodes, label) for the nodes of the edge list: label = smallest node of its component."""
-    nodes, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
-    ea, eb = inverse[: len(a)], inverse[len(a) :]
+def union_find(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(nodes, index, root): the sorted nodes of the edge list, each edge end's index into
+    them (a's then b's), and each node's root: the index of the smallest node of its component."""
+    nodes, index = np.unique(np.concatenate([a, b]), return_inverse=True)
+    ea, eb = index[: len(a)], index[len(a) :]
     parent = np.arange(len(nodes))
     while True:
         low = np.minimum(parent[ea], parent[eb])
@@ -337,7 +354,19 @@ def connected_components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.n
         while not np.array_equal(parent, parent[parent]):  # pointer jumping to the roots
             parent = parent[parent]
         if np.array_equal(parent[ea], parent[eb]):
-            return nodes, nodes[parent]
+            return nodes, index, parent
+
+
+def connected_components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(nodes, label) for the nodes of the edge list: label = smallest node of its component."""
+    nodes, _, root = union_find(a, b)
+    return nodes, nodes[root]
+
+
+def uid_half(uid: pa.Array, half: int) -> np.ndarray:
+    """Hex digits 16*half .. 16*half+16 of each uid as uint64 (0 where not hex); the halves order like the text."""
+    digits = pl.Series(uid).str.slice(16 * half, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False)
+    return digits.fill_null(0).to_numpy()
 
 
 def plan_components(ctx: PlanContext) -> list[int]:
@@ -352,13 +381,10 @@ def run_components(ctx: ShardContext) -> dict:
     if edges is None or edges.height == 0:
         return stats
     a, b = edges["a"].to_numpy(), edges["b"].to_numpy()
-    nodes, label = connected_components(a, b)
+    nodes, index, root = union_find(a, b)
     # The strongest reason among each node's own edges.
-    index = np.searchsorted(nodes, np.concatenate([a, b]))
     reasons = np.full(len(nodes), len(REASONS), dtype=np.int16)
     np.minimum.at(reasons, index, np.concatenate([edges["reason"].to_numpy()] * 2).astype(np.int16))
-    names = pl.Series(np.array([*REASONS, ""], dtype=object)[reasons], dtype=pl.Utf8)
-    members = pl.DataFrame({"gid": nodes, "cluster": label, "reason": names})
     # uid and resolution of the clustered nodes: nodes are sorted, and so is each shard's node
     # table, so each shard's rows are found by binary search (no hash set of all nodes).
     node_shards = nodes >> 32
@@ -368,37 +394,41 @@ def run_components(ctx: ShardContext) -> dict:
     for s, start, stop in zip(shards, bounds[:-1], bounds[1:], strict=True):
         table = ctx.read_table(f"{MAP}/nodes/{shard_name(s)}.parquet", columns=["uid", "area", "gid"])
         info.append(table.take(pa.array(np.searchsorted(table["gid"].to_numpy(), nodes[start:stop]))))
-    members = members.hstack(pl.from_arrow(pa.concat_tables(info)).select("uid", "area"))
-    order = ["cluster", "uid"] if config.keep == "lowest_uid" else ["cluster", "area", "uid"]
-    descending = [False, False] if config.keep == "lowest_uid" else [False, True, False]
-    members = members.sort(order, descending=descending)
-    keepers = (
-        members.group_by("cluster", maintain_order=True)
-        .first()
-        .select(cluster="cluster", dup_of="uid", keeper_gid="gid")
+    info = pa.concat_tables(info)
+    uid = info["uid"].combine_chunks()
+    # The keeper of each cluster, by sorting numbers only: the uid (32 hex digits) as two
+    # integers orders exactly like the string; the gid breaks any tie left.
+    halves = [uid_half(uid, i) for i in (0, 1)]
+    keys = [nodes, halves[1], halves[0]] + ([] if config.keep == "lowest_uid" else [-info["area"].to_numpy()])
+    order = np.lexsort([*keys, root])
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = root[order][1:] != root[order][:-1]
+    keeper = np.empty(len(nodes), dtype=np.int64)
+    keeper[root[order[first]]] = order[first]  # by root: the node index of its cluster's keeper
+    keeper_of = keeper[root]
+    is_keeper = keeper_of == np.arange(len(nodes))
+    per_root = np.bincount(root, minlength=len(nodes))
+    sizes = per_root[root]
+    reasons[is_keeper] = len(REASONS)
+    written = pa.table(
+        {
+            "gid": nodes,
+            "uid": uid,
+            "dup_of": pc.if_else(pa.array(is_keeper), pa.scalar(None, uid.type), uid.take(keeper_of)),
+            "dup_reason": pl.Series([*REASONS, None], dtype=pl.Utf8).gather(reasons.astype(np.int64)).to_arrow(),
+            "cluster_size": sizes.astype(np.int32),
+        }
     )
-    members = (
-        members.join(keepers, on="cluster")
-        .with_columns(
-            cluster_size=pl.len().over("cluster").cast(pl.Int32),
-            dup_reason=pl.when(pl.col("gid") == pl.col("keeper_gid")).then(None).otherwise(pl.col("reason")),
-        )
-        .with_columns(dup_of=pl.when(pl.col("gid") == pl.col("keeper_gid")).then(None).otherwise(pl.col("dup_of")))
-    )
-    members = members.sort("gid")
-    written = members.select(["gid", "uid", "dup_of", "dup_reason", "cluster_size"])
     for s, start, stop in zip(shards, bounds[:-1], bounds[1:], strict=True):  # gid order = nodes order
-        ctx.write_table(
-            f"dedup/_clusters/{shard_name(s)}.parquet", written.slice(start, stop - start).to_arrow(), work=True
-        )
-    sizes = members.group_by("cluster").agg(size=pl.len())["size"].value_counts().sort("size")
-    removed = members.filter(pl.col("dup_reason").is_not_null())
+        ctx.write_table(f"dedup/_clusters/{shard_name(s)}.parquet", written.slice(start, stop - start), work=True)
+    counts = np.bincount(reasons[~is_keeper], minlength=len(REASONS))
+    size_values, size_counts = np.unique(per_root[per_root > 0], return_counts=True)
     stats.update(
-        rows=members.height,
-        clusters=int(keepers.height),
-        duplicates=removed.height,
-        by_reason={r: int(n) for r, n in removed.group_by("dup_reason").len().sort("dup_reason").iter_rows()},
-        cluster_sizes={str(int(s)): int(c) for s, c in sizes.iter_rows()},
+        rows=len(nodes),
+        clusters=int(is_keeper.sum()),
+        duplicates=int((~is_keeper).sum()),
+        by_reason={r: int(n) for r, n in zip(REASONS, counts.tolist(), strict=True) if n},
+        cluster_sizes={str(int(v)): int(c) for v, c in zip(size_values, size_counts, strict=True)},
     )
     return stats
 
