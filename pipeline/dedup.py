@@ -332,7 +332,9 @@ def run_reduce(ctx: ShardContext) -> dict:
         .height
     )
     design = ctx.storage.read_json(PLAN)["near_index"]
-    edges = pl.concat([pl.DataFrame(schema=EMPTY_EDGES), exact_edges(exact), fuzzy_edges(fuzzy, config, design)])
+    # Rows of different kinds never pair: one kind at a time keeps the working set a table's worth.
+    fuzzy_parts = [fuzzy_edges(part, config, design) for part in fuzzy.partition_by("kind")]
+    edges = pl.concat([pl.DataFrame(schema=EMPTY_EDGES), exact_edges(exact), *fuzzy_parts])
     edges = edges.unique().sort(["a", "b", "reason"])
     ctx.write_table(f"{REDUCE}/{ctx.name}.parquet", edges.to_arrow(), work=True)
     return {"rows": exact.height + fuzzy.height, "edges": edges.height, "caption_groups_skipped": skipped}
