@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 
 from pipeline import schema
 from pipeline.errors import ConfigError
-from pipeline.shuffle import map_files, read_partition, write_partitioned
+from pipeline.shuffle import map_files, read_partition, write_gathered
 from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards, shard_name
 
 PLAN = "dedup/_plan.json"
@@ -193,20 +193,20 @@ def run_map(ctx: ShardContext) -> dict:
     captions = caption_key(t["caption"]) if captions_needed else None
 
     def emit(kind: str, table_schema: pa.Schema, kinds: list[np.ndarray], keys: list[np.ndarray], **carried) -> int:
-        # Rows (one per image and key kind) are gathered column by column straight into partition
-        # order, so the map never holds the unsorted table and a sorted copy of it at once.
+        # Row i is key kind i // images of image i % images; each partition's rows are gathered
+        # when written, so the map never holds all emitted rows (at 100k images x 16 kinds, 100 MB).
         kind_all = np.concatenate(kinds).astype(np.int8) if kinds else np.zeros(0, np.int8)
         key_all = np.concatenate(keys) if keys else np.zeros(0, np.int64)
         parts = _partition(kind_all, key_all, plan["partitions"])
-        parts[kind_all < 0] = plan["partitions"]  # no key (an empty caption): sorted last, left out
-        order = np.argsort(parts, kind="stable")[: int((kind_all >= 0).sum())]
-        image = order % max(1, len(gid))
-        columns = {"kind": kind_all[order], "key": key_all[order], "gid": gid[image]}
-        columns.update({f.name: carried[f.name][image] for f in list(table_schema)[3:] if f.name in carried})
-        columns.update({f.name: np.zeros(0, np.int64) for f in list(table_schema)[3:] if f.name not in carried})
-        table = pa.table(columns, schema=table_schema)
-        write_partitioned(ctx, f"{MAP}/{kind}/{ctx.name}.arrow", table, parts[order], plan["partitions"])
-        return table.num_rows
+        parts[kind_all < 0] = plan["partitions"]  # no key (an empty caption): left out
+
+        def gather(rows: np.ndarray) -> pa.RecordBatch:
+            image = rows % len(gid)
+            extra = [carried[f.name][image] for f in list(table_schema)[3:]]
+            return pa.record_batch([kind_all[rows], key_all[rows], gid[image], *extra], schema=table_schema)
+
+        write_gathered(ctx, f"{MAP}/{kind}/{ctx.name}.arrow", table_schema, parts, plan["partitions"], gather)
+        return int((kind_all >= 0).sum())
 
     kinds, keys = [], []
     if config.exact_bytes:
