@@ -127,7 +127,11 @@ def side_clipline_exact(work: Path) -> dict:
     started = time.perf_counter()
     reports = run_pipeline(list(STAGES), open_storage(exact_work), run, progress=False)
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "duplicates": reports[2].total("duplicates")}
+    return {
+        "seconds": seconds,
+        "stage_seconds": {r.stage: round(r.seconds, 2) for r in reports},
+        "duplicates": reports[2].total("duplicates"),
+    }
 
 
 def side_exact_peer(work: Path) -> dict:

@@ -378,30 +378,34 @@ def plan_components(ctx: PlanContext) -> list[int]:
 def run_components(ctx: ShardContext) -> dict:
     config: DedupConfig = ctx.config
     edge_files = ctx.storage.list(REDUCE, suffix=".parquet")
-    edges = pl.concat([pl.from_arrow(ctx.read_table(f)) for f in edge_files]) if edge_files else None
     stats: dict = {"rows": 0, "clusters": 0, "duplicates": 0, "by_reason": {}, "cluster_sizes": {}}
-    if edges is None or edges.height == 0:
+    edges = [ctx.read_table(f) for f in edge_files]
+    if not sum(t.num_rows for t in edges):
         return stats
-    a, b = edges["a"].to_numpy(), edges["b"].to_numpy()
+    a, b, edge_reason = (np.concatenate([t[c].to_numpy() for t in edges]) for c in ("a", "b", "reason"))
+    del edges
     nodes, index, root = union_find(a, b)
     # The strongest reason among each node's own edges.
     reasons = np.full(len(nodes), len(REASONS), dtype=np.int16)
-    np.minimum.at(reasons, index, np.concatenate([edges["reason"].to_numpy()] * 2).astype(np.int16))
+    np.minimum.at(reasons, index, np.concatenate([edge_reason, edge_reason]).astype(np.int16))
+    del a, b, edge_reason, index
     # uid and resolution of the clustered nodes: nodes are sorted, and so is each shard's node
     # table, so each shard's rows are found by binary search (no hash set of all nodes).
     node_shards = nodes >> 32
     shards = np.unique(node_shards).tolist()
     bounds = np.searchsorted(node_shards, [*shards, shards[-1] + 1])
-    info = []
+    uids, areas = [], []
     for s, start, stop in zip(shards, bounds[:-1], bounds[1:], strict=True):
         table = ctx.read_table(f"{MAP}/nodes/{shard_name(s)}.parquet", columns=["uid", "area", "gid"])
-        info.append(table.take(pa.array(np.searchsorted(table["gid"].to_numpy(), nodes[start:stop]))))
-    info = pa.concat_tables(info)
-    uid = info["uid"].combine_chunks()
+        rows = pa.array(np.searchsorted(table["gid"].to_numpy(), nodes[start:stop]))
+        uids.append(table["uid"].take(rows).combine_chunks())
+        areas.append(table["area"].take(rows).to_numpy())
+    uid = pa.chunked_array(uids, pa.string())
     # The keeper of each cluster, by sorting numbers only: the uid (32 hex digits) as two
     # integers orders exactly like the string; the gid breaks any tie left.
-    halves = [uid_half(uid, i) for i in (0, 1)]
-    keys = [nodes, halves[1], halves[0]] + ([] if config.keep == "lowest_uid" else [-info["area"].to_numpy()])
+    halves = [np.concatenate([uid_half(u, i) for u in uids]) for i in (0, 1)]
+    del uids
+    keys = [nodes, halves[1], halves[0]] + ([] if config.keep == "lowest_uid" else [-np.concatenate(areas)])
     order = np.lexsort([*keys, root])
     first = np.ones(len(order), dtype=bool)
     first[1:] = root[order][1:] != root[order][:-1]
@@ -412,17 +416,17 @@ def run_components(ctx: ShardContext) -> dict:
     per_root = np.bincount(root, minlength=len(nodes))
     sizes = per_root[root]
     reasons[is_keeper] = len(REASONS)
-    written = pa.table(
-        {
-            "gid": nodes,
-            "uid": uid,
-            "dup_of": pc.if_else(pa.array(is_keeper), pa.scalar(None, uid.type), uid.take(keeper_of)),
-            "dup_reason": pl.Series([*REASONS, None], dtype=pl.Utf8).gather(reasons.astype(np.int64)).to_arrow(),
-            "cluster_size": sizes.astype(np.int32),
-        }
-    )
+    names = pl.Series([*REASONS, None], dtype=pl.Utf8)
     for s, start, stop in zip(shards, bounds[:-1], bounds[1:], strict=True):  # gid order = nodes order
-        ctx.write_table(f"dedup/_clusters/{shard_name(s)}.parquet", written.slice(start, stop - start), work=True)
+        here = slice(start, stop)
+        part = {
+            "gid": nodes[here],
+            "uid": uid.slice(start, stop - start),
+            "dup_of": pc.if_else(is_keeper[here], pa.scalar(None, pa.string()), uid.take(keeper_of[here])),
+            "dup_reason": names.gather(reasons[here].astype(np.int64)).to_arrow(),
+            "cluster_size": sizes[here].astype(np.int32),
+        }
+        ctx.write_table(f"dedup/_clusters/{shard_name(s)}.parquet", pa.table(part), work=True)
     counts = np.bincount(reasons[~is_keeper], minlength=len(REASONS))
     size_values, size_counts = np.unique(per_root[per_root > 0], return_counts=True)
     stats.update(
