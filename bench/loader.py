@@ -8,6 +8,8 @@ per data worker):
 - peer: webdataset `.decode("pil")`, PIL resize to 224, to-tensor, normalise,
   `.batched(64)` — what an OpenCLIP-style pipeline does without torchvision.
 
+Each side runs 3 times, alternating; the best round of each is compared.
+
     python bench/loader.py --quick     # 1,000 samples
     python bench/loader.py             # 4,000
 """
@@ -28,6 +30,7 @@ sys.path.insert(0, str(REPO))
 from bench.common import machine, run_subprocess  # noqa: E402
 
 BATCH, SIZE = 64, 224
+ROUNDS = 3
 
 
 def make_shards(root: Path, n: int, source: int, per_shard: int = 250) -> Path:
@@ -69,12 +72,14 @@ def side(args) -> None:
     if args.side == "clipline":
         from pipeline.manifest import read_manifest
         from training.data import DataConfig, ManifestDataset, loader
+        from training.model import normalisation, normalise
 
+        scale, shift = normalisation()
         config = DataConfig(batch_size=BATCH, num_workers=0, image_size=SIZE)
         for batch in loader(ManifestDataset(read_manifest(str(manifest)), config)):
             if not batch["uids"]:
                 continue
-            x = (batch["images"].float() / 255 - mean) / std  # what the model does on its device
+            x = normalise(batch["images"], scale, shift)  # what the model does first, on its device
             n += x.shape[0]
     else:
         import numpy as np
@@ -109,10 +114,11 @@ def main() -> None:
     for source in (256, 512):  # typical crawl outputs; draft-mode decoding pays off from 2x the target size
         with tempfile.TemporaryDirectory() as tmp:
             manifest = make_shards(Path(tmp), n, source)
-            sides = {
-                s: run_subprocess(__file__, ["--side", s, "--manifest", str(manifest)])
-                for s in ("clipline", "webdataset")
-            }
+            runs = {"clipline": [], "webdataset": []}
+            for _ in range(ROUNDS):  # sides alternate; the best round of each counts (machine noise is ~10%)
+                for s in runs:
+                    runs[s].append(run_subprocess(__file__, ["--side", s, "--manifest", str(manifest)]))
+            sides = {s: max(r, key=lambda x: x["per_s"]) for s, r in runs.items()}
         ratio = sides["clipline"]["per_s"] / sides["webdataset"]["per_s"]
         results[str(source)] = {"sides": sides, "ratio": ratio}
         for s, r in sides.items():

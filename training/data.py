@@ -102,7 +102,7 @@ def decode_image(data: bytes, size: int, rng: np.random.Generator | None, scale=
     with Image.open(io.BytesIO(data)) as im:
         if im.format == "JPEG":
             im.draft("RGB", (size, size))  # decode at 1/2, 1/4 or 1/8 scale when that still covers `size`
-        pixels = np.array(im.convert("RGB"))  # (h, w, 3) uint8
+        pixels = np.array(im if im.mode == "RGB" else im.convert("RGB"))  # (h, w, 3) uint8
     h, w = pixels.shape[:2]
     if rng is None:
         side = min(w, h)
@@ -118,7 +118,7 @@ def decode_image(data: bytes, size: int, rng: np.random.Generator | None, scale=
         return crop.contiguous()
     batch = crop[None].contiguous(memory_format=torch.channels_last)
     resized = torch.nn.functional.interpolate(batch, size=(size, size), mode="bicubic", antialias=True)
-    return resized[0].contiguous()  # (3, size, size) uint8
+    return resized[0]  # (3, size, size) uint8, channels-last in memory: the batch's stack copies it anyway
 
 
 class ManifestDataset(IterableDataset):

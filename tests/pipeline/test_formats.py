@@ -1,3 +1,4 @@
+import gzip
 import io
 import tarfile
 
@@ -47,3 +48,72 @@ def test_reading_never_extracts_to_disk(tmp_path):
     buf.seek(0)
     assert list(iter_tar_members(buf)) == [("../../outside.txt", b"bad")]
     assert not (tmp_path.parent.parent / "outside.txt").exists()
+
+
+def _members_by_tarfile(data: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_tar_reader_agrees_with_tarfile_on_every_format(fmt):
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as tar:
+        for name, payload in [
+            ("a.jpg", b"\xff\xd8" + bytes(range(256)) * 3),
+            ("d" * 60 + "/" + "long" * 20 + ".txt", "caption é".encode()),  # > 100 chars: prefix, GNU L, pax path
+            ("empty.json", b""),
+            ("exactly.bin", b"x" * 1024),  # ends on a block boundary
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        folder = tarfile.TarInfo("a-dir")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        if fmt == tarfile.PAX_FORMAT:
+            info = tarfile.TarInfo("ünïcode-ключ.txt")  # non-ASCII names go through a pax record
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    data = out.getvalue()
+    assert list(iter_tar_members(io.BytesIO(data))) == _members_by_tarfile(data)
+    assert len(list(iter_tar_members(io.BytesIO(data)))) == (5 if fmt == tarfile.PAX_FORMAT else 4)
+    gz = gzip.compress(data)
+    assert list(iter_tar_members(io.BytesIO(gz))) == _members_by_tarfile(data)
+
+
+def test_the_tar_reader_refuses_cut_and_corrupt_tars(tmp_path):
+    with TarWriter(tmp_path / "t.tar") as tar:
+        for i in range(3):
+            tar.add(f"{i:03d}", {"jpg": b"j" * 700, "txt": b"t"})
+    data = (tmp_path / "t.tar").read_bytes()
+    with pytest.raises(tarfile.ReadError, match="unexpected end"):
+        list(iter_tar_members(io.BytesIO(data[: 512 + 300])))  # cut inside the first member
+    got = list(iter_tar_members(io.BytesIO(data[: 512 * 3])))  # cut on a header boundary: what is whole
+    assert got == [("000.jpg", b"j" * 700)]
+    corrupt = bytearray(data)
+    corrupt[0] ^= 0x01  # the first header's name changes, its checksum does not
+    with pytest.raises(tarfile.ReadError, match="checksum"):
+        list(iter_tar_members(io.BytesIO(bytes(corrupt))))
+    with pytest.raises(tarfile.ReadError, match="empty"):
+        list(iter_tar_members(io.BytesIO(b"")))
+
+
+def test_short_reads_from_raw_streams_are_assembled(tmp_path):
+    class Trickle(io.RawIOBase):  # returns at most 100 bytes a read, as a raw network stream may
+        def __init__(self, data):
+            self.data, self.at = data, 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            n = min(len(b), 100, len(self.data) - self.at)
+            b[:n] = self.data[self.at : self.at + n]
+            self.at += n
+            return n
+
+    with TarWriter(tmp_path / "t.tar") as tar:
+        tar.add("000", {"jpg": b"j" * 1500, "txt": b"caption"})
+    data = (tmp_path / "t.tar").read_bytes()
+    assert list(iter_tar_members(Trickle(data))) == [("000.jpg", b"j" * 1500), ("000.txt", b"caption")]
