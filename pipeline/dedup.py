@@ -404,7 +404,6 @@ def run_components(ctx: ShardContext) -> dict:
     # The keeper of each cluster, by sorting numbers only: the uid (32 hex digits) as two
     # integers orders exactly like the string; the gid breaks any tie left.
     halves = [np.concatenate([uid_half(u, i) for u in uids]) for i in (0, 1)]
-    del uids
     keys = [nodes, halves[1], halves[0]] + ([] if config.keep == "lowest_uid" else [-np.concatenate(areas)])
     order = np.lexsort([*keys, root])
     first = np.ones(len(order), dtype=bool)
