@@ -1,4 +1,5 @@
-"""CLIP score for the filter: cosine similarity of each image with its caption under a clipline checkpoint.
+"""CLIP score for the filter (cosine similarity of each image with its caption under a clipline checkpoint),
+and image embeddings for semantic dedup.
 
 The second filtering pass (LAION and DataComp filter at CLIP ViT-B/32 cosine
 >= 0.28 / top 30%): images are decoded from the crawl tar, centre-cropped to
@@ -27,31 +28,49 @@ def pick_device(setting: str) -> str:
     return setting
 
 
-@torch.no_grad()
-def score(images: list[bytes], captions: list[str | None], checkpoint: str, device: str = "auto",
-          batch_size: int = 256) -> np.ndarray:  # fmt: skip
-    """Cosine similarity per (image bytes, caption) pair; NaN where the image does not decode."""
+def _autocast(device: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def _decoded_batches(images: list[bytes], size: int, batch_size: int):
+    """(rows, pixels) per batch of the images that decode; the rest are left out."""
     from training.data import decode_image
 
-    device = pick_device(device)
-    model, tokenizer = _model(checkpoint, device)
-    size = model.config.image_size
-    out = np.full(len(images), np.nan, dtype=np.float32)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-    )
     for start in range(0, len(images), batch_size):
         decoded, rows = [], []
         for i in range(start, min(len(images), start + batch_size)):
             try:
                 decoded.append(decode_image(images[i], size, rng=None))
                 rows.append(i)
-            except Exception:  # noqa: BLE001 - an undecodable image has no score
+            except Exception:  # noqa: BLE001 - an undecodable image has no features
                 continue
-        if not rows:
-            continue
-        with autocast:
-            image_features = model.encode_image(torch.stack(decoded).to(device))
+        if rows:
+            yield rows, torch.stack(decoded)
+
+
+@torch.no_grad()
+def score(images: list[bytes], captions: list[str | None], checkpoint: str, device: str = "auto",
+          batch_size: int = 256) -> np.ndarray:  # fmt: skip
+    """Cosine similarity per (image bytes, caption) pair; NaN where the image does not decode."""
+    device = pick_device(device)
+    model, tokenizer = _model(checkpoint, device)
+    out = np.full(len(images), np.nan, dtype=np.float32)
+    for rows, pixels in _decoded_batches(images, model.config.image_size, batch_size):
+        with _autocast(device):
+            image_features = model.encode_image(pixels.to(device))
             text_features = model.encode_text(tokenizer([captions[i] for i in rows]).to(device))
         out[rows] = (image_features.float() * text_features.float()).sum(dim=1).cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def embed(images: list[bytes], checkpoint: str, device: str = "auto", batch_size: int = 256) -> np.ndarray:
+    """Unit-length image embeddings, (len(images), embed_dim) float32; NaN rows where an image does not decode."""
+    device = pick_device(device)
+    model, _ = _model(checkpoint, device)
+    out = np.full((len(images), model.config.embed_dim), np.nan, dtype=np.float32)
+    for rows, pixels in _decoded_batches(images, model.config.image_size, batch_size):
+        with _autocast(device):
+            features = model.encode_image(pixels.to(device))
+        out[rows] = features.float().cpu().numpy()
     return out

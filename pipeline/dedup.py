@@ -5,7 +5,11 @@ pixel hash (equal for lossless re-encodes), a 64-bit pHash and a colour
 signature. Two images are near-duplicates when their pHashes differ in at most
 `near_threshold` bits and their colour grids in at most `colour_tolerance`.
 
-Four committed steps, none of which holds all hashes in one place:
+Four committed steps, none of which holds all hashes in one place (six with
+semantic dedup, whose two come first: ``dedup/_embed`` per crawl shard, the image
+embeddings of a clipline checkpoint; ``dedup/_centroids``, spherical k-means on a
+sample of them; the map then keys each image by its nearest centroid and the
+reduce compares the images of one centroid pairwise, SemDeDup-style):
 
 1. ``dedup/_map`` — per crawl shard: emit (kind, key, node) rows for the exact
    keys, and (kind, key, node, pHash, colour) rows for the caption key and every
@@ -49,7 +53,8 @@ PLAN = "dedup/_plan.json"
 MAP, REDUCE, COMPONENTS = "dedup/_map", "dedup/_reduce", "dedup/_components"
 # Edge reasons, strongest first: a removed image gets the strongest reason among its own edges.
 REASONS = ("exact_bytes", "exact_pixels", "near", "caption", "semantic")
-KIND_BYTES, KIND_PIXELS, KIND_CAPTION, KIND_NEAR = 0, 1, 2, 10  # near table t has kind 10 + t
+KIND_BYTES, KIND_PIXELS, KIND_CAPTION, KIND_SEMANTIC, KIND_NEAR = 0, 1, 2, 4, 10  # near table t: kind 10 + t
+EMBED, CENTROIDS = "dedup/_embed", "dedup/_centroids"
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,14 @@ class DedupConfig:
     max_caption_group: int = 2000  # bigger same-caption groups ("photo") are not compared, but counted
     keep_different_captions: bool = False  # True: a duplicate image with another caption is kept
     keep: Literal["largest", "lowest_uid"] = "largest"  # largest resolution (then lowest uid), or lowest uid
-    semantic: bool = False  # SemDeDup-style; needs image embeddings from a trained checkpoint (issue #7)
+    semantic: bool = False  # SemDeDup-style, over image embeddings of a trained clipline checkpoint
+    semantic_checkpoint: str | None = None  # a run directory (its latest checkpoint) or a .pt file
+    semantic_threshold: float = 0.95  # cosine similarity at or above which two images are semantic duplicates
+    semantic_cluster_size: int = 10_000  # k-means clusters = images / this; pairs are compared within one
+    semantic_sample: int = 200_000  # embeddings k-means is fitted on (sampled from every shard)
+    semantic_iterations: int = 20  # k-means iterations (fewer if the assignment stops changing)
+    semantic_device: str = field(default="auto", metadata={IDENTITY: False})  # auto | cpu | cuda
+    semantic_batch_size: int = field(default=256, metadata={IDENTITY: False})
     pair_budget_per_image: int = 50  # candidate pairs the near index may cost, per image
     max_tables: int = 32  # emission budget of the near index, per image
     rows_per_partition: int = field(default=1_000_000, metadata={IDENTITY: False})  # memory per reduce task
@@ -130,19 +142,171 @@ def caption_key(captions: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.where(folded.to_numpy() == "", 0, np.maximum(key, 1))
 
 
+# --- step 0 (semantic only): embeddings and k-means centroids ------------------------------
+
+
+def _ok_rows(crawl: pa.Table) -> np.ndarray:
+    """The crawl rows dedup looks at: fetched and hashed images."""
+    ok = pc.fill_null(pc.and_(pc.equal(crawl["status"], schema.SUCCESS), pc.is_valid(crawl["phash"])), False)
+    return ok.to_numpy(zero_copy_only=False)
+
+
+def _gids(shard: int, rows: np.ndarray) -> np.ndarray:
+    """Node ids: the crawl shard in the high 32 bits, the crawl row in the low."""
+    return (np.int64(shard) << np.int64(32)) | rows.astype(np.int64)
+
+
+def plan_embed(ctx: PlanContext) -> list[int]:
+    config: DedupConfig = ctx.config
+    if not config.semantic:
+        return []
+    if not config.semantic_checkpoint:
+        raise ConfigError("dedup.semantic needs dedup.semantic_checkpoint: a trained clipline run directory or .pt")
+    if not 0 < config.semantic_threshold <= 1:
+        raise ConfigError(f"dedup.semantic_threshold must be a cosine in (0, 1], not {config.semantic_threshold}")
+    from eval.run import resolve_checkpoint
+
+    resolve_checkpoint(config.semantic_checkpoint)  # a wrong path is one error on the driver, before any task
+    return committed_shards(ctx.storage, "crawl")
+
+
+def run_embed(ctx: ShardContext) -> dict:
+    """Unit image embeddings (float16) of the shard's images: ``dedup/_embed/{shard}.parquet`` (gid, embedding)."""
+    from pipeline import clip_score
+    from pipeline.formats import read_images
+
+    config: DedupConfig = ctx.config
+    crawl = ctx.read_table(f"crawl/{ctx.name}.parquet", columns=["key", "status", "phash"])
+    ok = _ok_rows(crawl)
+    keys = crawl["key"].filter(pa.array(ok)).to_pylist()
+    images = read_images(ctx.storage, f"crawl/{ctx.name}.tar") if keys else {}
+    vectors = clip_score.embed(
+        [images.get(k, b"") for k in keys],
+        config.semantic_checkpoint,
+        clip_score.pick_device(config.semantic_device),
+        config.semantic_batch_size,
+    )
+    decoded = ~np.isnan(vectors).any(axis=1)
+    table = pa.table(
+        {
+            "gid": _gids(ctx.shard, np.flatnonzero(ok)[decoded]),
+            "embedding": vector_array(vectors[decoded].astype(np.float16)),
+        }
+    )
+    ctx.write_table(f"{EMBED}/{ctx.name}.parquet", table, work=True)
+    return {"rows": len(keys), "embedded": int(decoded.sum()), "undecodable": int((~decoded).sum())}
+
+
+def vector_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    """A (n, d) array as an Arrow column of d-element lists."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+
+
+def vectors_of(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """An Arrow column of d-element lists as a unit-length (n, d) float32 array."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    x = column.flatten().to_numpy().astype(np.float32).reshape(len(column), column.type.list_size)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def nearest(x: np.ndarray, centroids: np.ndarray, device: str = "cpu", block: int = 65536) -> np.ndarray:
+    """The index of each row's most similar centroid (cosine; rows and centroids unit length)."""
+    import torch
+
+    c = torch.from_numpy(centroids).to(device)
+    out = np.empty(len(x), dtype=np.int64)
+    for start in range(0, len(x), block):
+        sim = torch.from_numpy(x[start : start + block]).to(device) @ c.T
+        out[start : start + block] = sim.argmax(dim=1).cpu().numpy()
+    return out
+
+
+def spherical_kmeans(x: np.ndarray, k: int, iterations: int, seed: int = 0, device: str = "cpu") -> np.ndarray:
+    """k unit centroids of unit rows x: k-means++ seeding on the cosine distance, then Lloyd steps.
+
+    Deterministic for a given x (a seeded generator; a cluster left empty keeps its centroid).
+    The seeding costs k passes over the sample (on the GPU when there is one), which is what
+    keeps two seeds from landing in one true cluster and leaving another without any.
+    """
+    import torch
+
+    rng = np.random.default_rng(seed)
+    data = torch.from_numpy(x).to(device)
+    chosen = [int(rng.integers(len(x)))]
+    best = (data @ data[chosen[0]]).cpu().numpy().astype(np.float64)
+    trials = 2 + int(math.log(k))  # greedy k-means++: the best of a few D-weighted candidates
+    for _ in range(1, k):
+        weight = np.maximum(1.0 - best, 0.0)
+        total = weight.sum()
+        if total <= 0:  # fewer distinct points than k: the rest are repeats
+            chosen.append(int(rng.integers(len(x))))
+            continue
+        candidates = rng.choice(len(x), size=trials, p=weight / total)
+        sims = np.maximum(best[None, :], (data[torch.from_numpy(candidates)] @ data.T).cpu().numpy())
+        pick = int(np.argmin(np.maximum(1.0 - sims, 0.0).sum(axis=1)))
+        chosen.append(int(candidates[pick]))
+        best = sims[pick]
+    centroids = x[chosen].copy()
+    assign = None
+    for _ in range(iterations):
+        new = nearest(x, centroids, device)
+        if assign is not None and np.array_equal(new, assign):
+            break
+        assign = new
+        sums = np.zeros_like(centroids, dtype=np.float64)
+        np.add.at(sums, assign, x)
+        norms = np.linalg.norm(sums, axis=1, keepdims=True)
+        filled = norms[:, 0] > 0
+        centroids[filled] = (sums[filled] / norms[filled]).astype(np.float32)
+    return centroids
+
+
+def plan_centroids(ctx: PlanContext) -> list[int]:
+    return [0] if ctx.config.semantic else []
+
+
+def run_centroids(ctx: ShardContext) -> dict:
+    """k-means centroids of a sample of every shard's embeddings (``dedup/_centroids.parquet``)."""
+    from pipeline.clip_score import pick_device
+
+    config: DedupConfig = ctx.config
+    files = ctx.storage.list(EMBED, suffix=".parquet")
+    counts = [ctx.read_table(f, columns=["gid"]).num_rows for f in files]
+    total = sum(counts)
+    if not total:
+        return {"clusters": 0, "sample": 0}
+    # Each shard gives its share of the sample, chosen by a generator seeded by the shard: a rerun
+    # (or a resumed run) samples the same rows.
+    sample = []
+    for f, n in zip(files, counts, strict=True):
+        take = min(n, math.ceil(config.semantic_sample * n / total))
+        if not take:
+            continue
+        rows = np.sort(np.random.default_rng(int(f.rsplit("/", 1)[-1].split(".")[0])).choice(n, take, replace=False))
+        sample.append(vectors_of(ctx.read_table(f, columns=["embedding"])["embedding"].take(pa.array(rows))))
+    x = np.concatenate(sample)
+    k = max(1, min(len(x), math.ceil(total / config.semantic_cluster_size)))
+    device = pick_device(config.semantic_device)
+    centroids = spherical_kmeans(x, k, config.semantic_iterations, device=device)
+    fit = float((x * centroids[nearest(x, centroids, device)]).sum(axis=1).mean())
+    ctx.write_table(CENTROIDS + ".parquet", pa.table({"centroid": vector_array(centroids)}), work=True)
+    return {"clusters": k, "sample": len(x), "mean_cosine_to_centroid": round(fit, 4)}
+
+
 # --- step 1: map -------------------------------------------------------------------------------
 
 
 def plan_map(ctx: PlanContext) -> list[int]:
     config: DedupConfig = ctx.config
-    if config.semantic:
-        raise ConfigError("dedup.semantic needs image embeddings from a trained clipline checkpoint (issue #7)")
     shards = committed_shards(ctx.storage, "crawl")
     images = sum(
         int(ctx.storage.read_json(f"crawl/_committed/{s:05d}.json")["stats"].get("success", 0)) for s in shards
     )
     design = index_design(images, config.near_threshold, config.pair_budget_per_image, config.max_tables)
     emitted = images * (2 + (design["tables"] if config.near else 0) + 1)
+    if config.semantic and ctx.storage.exists(CENTROIDS + ".parquet"):
+        dim = ctx.storage.read_parquet(CENTROIDS + ".parquet")["centroid"].type.list_size
+        emitted += images * (1 + dim // 16)  # a semantic row carries its float16 embedding: ~dim/16 key rows
     plan = {
         "images": images,
         "near_index": design,
@@ -176,23 +340,25 @@ def fuzzy_schema(config: DedupConfig) -> pa.Schema:
     return FUZZY_SCHEMA.append(CAPTION_FIELD) if config.keep_different_captions else FUZZY_SCHEMA
 
 
+def semantic_schema(dim: int) -> pa.Schema:
+    return EXACT_SCHEMA.append(pa.field("embedding", pa.list_(pa.float16(), dim)))
+
+
 def run_map(ctx: ShardContext) -> dict:
     config: DedupConfig = ctx.config
     plan = ctx.storage.read_json(PLAN)
     captions_needed = config.caption or config.keep_different_captions
     columns = ["uid", "status", "sha256", "pixel_hash", "phash", "colour_sig", "original_width", "original_height"]
     crawl = ctx.read_table(f"crawl/{ctx.name}.parquet", columns=columns + (["caption"] if captions_needed else []))
-    rows = np.arange(crawl.num_rows, dtype=np.int64)
-    ok = pc.fill_null(pc.and_(pc.equal(crawl["status"], schema.SUCCESS), pc.is_valid(crawl["phash"])), False)
-    ok = ok.to_numpy(zero_copy_only=False)
+    ok = _ok_rows(crawl)
     t = crawl.filter(pa.array(ok))
-    gid = (np.int64(ctx.shard) << np.int64(32)) | rows[ok]
+    gid = _gids(ctx.shard, np.flatnonzero(ok))
     area = t["original_width"].to_numpy().astype(np.int64) * t["original_height"].to_numpy().astype(np.int64)
     nodes = pa.table({"gid": gid, "uid": t["uid"], "area": area})
     ctx.write_table(f"{MAP}/nodes/{ctx.name}.parquet", nodes, work=True)
     captions = caption_key(t["caption"]) if captions_needed else None
 
-    def emit(kind: str, table_schema: pa.Schema, kinds: list[np.ndarray], keys: list[np.ndarray], **carried) -> int:
+    def emit(kind: str, table_schema: pa.Schema, gid, kinds: list, keys: list, **carried) -> int:
         # Row i is key kind i // images of image i % images; each partition's rows are gathered
         # when written, so the map never holds all emitted rows (at 100k images x 16 kinds, 100 MB).
         kind_all = np.concatenate(kinds).astype(np.int8) if kinds else np.zeros(0, np.int8)
@@ -202,7 +368,7 @@ def run_map(ctx: ShardContext) -> dict:
 
         def gather(rows: np.ndarray) -> pa.RecordBatch:
             image = rows % len(gid)
-            extra = [carried[f.name][image] for f in list(table_schema)[3:]]
+            extra = [_column(carried[f.name][image]) for f in list(table_schema)[3:]]
             return pa.record_batch([kind_all[rows], key_all[rows], gid[image], *extra], schema=table_schema)
 
         write_gathered(ctx, f"{MAP}/{kind}/{ctx.name}.arrow", table_schema, parts, plan["partitions"], gather)
@@ -215,7 +381,7 @@ def run_map(ctx: ShardContext) -> dict:
     if config.exact_pixels:
         kinds.append(np.full(len(gid), KIND_PIXELS))
         keys.append(hex_key(t["pixel_hash"]))
-    emitted = emit("exact", EXACT_SCHEMA, kinds, keys)
+    emitted = emit("exact", EXACT_SCHEMA, gid, kinds, keys)
     kinds, keys = [], []
     if config.caption:
         kinds.append(np.where(captions != 0, KIND_CAPTION, -1))
@@ -230,8 +396,29 @@ def run_map(ctx: ShardContext) -> dict:
         carried.update(zip(("c0", "c1", "c2"), pack_colour(t["colour_sig"]), strict=True))
         if config.keep_different_captions:
             carried["caption_key"] = captions
-    emitted += emit("fuzzy", fuzzy_schema(config), kinds, keys, **carried)
+    emitted += emit("fuzzy", fuzzy_schema(config), gid, kinds, keys, **carried)
+    if config.semantic:
+        emitted += emit_semantic(ctx, emit)
     return {"rows": len(gid), "emitted": emitted}
+
+
+def _column(values: np.ndarray) -> pa.Array:
+    return vector_array(values) if values.ndim == 2 else pa.array(values)
+
+
+def emit_semantic(ctx: ShardContext, emit) -> int:
+    """Each embedded image keyed by its nearest k-means centroid (SemDeDup compares within a cluster)."""
+    from pipeline.clip_score import pick_device
+
+    embedded = ctx.read_table(f"{EMBED}/{ctx.name}.parquet")
+    if not ctx.storage.exists(CENTROIDS + ".parquet"):  # no image anywhere embedded
+        return 0
+    centroids = vectors_of(ctx.read_table(CENTROIDS + ".parquet")["centroid"])
+    x = vectors_of(embedded["embedding"])
+    cluster = nearest(x, centroids, pick_device(ctx.config.semantic_device))
+    kind = np.full(len(x), KIND_SEMANTIC)
+    gid = embedded["gid"].to_numpy()
+    return emit("semantic", semantic_schema(centroids.shape[1]), gid, [kind], [cluster], embedding=x.astype(np.float16))
 
 
 # --- step 2: reduce -------------------------------------------------------------------------
@@ -314,6 +501,49 @@ def fuzzy_edges(frame: pl.DataFrame, config: DedupConfig, design: dict) -> pl.Da
     return pl.concat([collapsed, pairs.select(a=pl.col("gid"), b=pl.col("gid_b"), reason=reason_of)])
 
 
+def semantic_edges(
+    cluster: np.ndarray, gid: np.ndarray, x: np.ndarray, threshold: float, block: int = 1024, spill: int = 2_000_000
+) -> pl.DataFrame:
+    """Edges between images of one k-means cluster whose embeddings' cosine is >= threshold.
+
+    Within a cluster, similarities are computed a block of rows at a time against the rows
+    after it (each pair once); the pairs found are reduced to a spanning star per connected
+    group (union-find) whenever they pile up and at the end, so a cluster of many
+    near-identical images costs edges linear in its size, not quadratic.
+    """
+    order = np.lexsort((gid, cluster))
+    cluster, gid, x = cluster[order], gid[order], x[order]
+    starts = np.flatnonzero(np.r_[True, cluster[1:] != cluster[:-1]]) if len(cluster) else np.zeros(0, np.int64)
+    stops = np.r_[starts[1:], len(cluster)]
+    a_out, b_out = [], []
+    for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
+        pairs_a, pairs_b, pending = [], [], 0
+        for i0 in range(start, stop - 1, block):
+            sim = x[i0 : i0 + block] @ x[i0:stop].T
+            i, j = np.nonzero(sim >= threshold)
+            later = j > i  # j counts from i0 too: each pair once, no self-pairs
+            pairs_a.append(i[later] + i0)
+            pairs_b.append(j[later] + i0)
+            pending += int(later.sum())
+            if pending > spill:
+                pairs_a, pairs_b = _stars(np.concatenate(pairs_a), np.concatenate(pairs_b))
+                pending = len(pairs_a[0])
+        if pending:
+            (a,), (b,) = _stars(np.concatenate(pairs_a), np.concatenate(pairs_b))
+            a_out.append(gid[a])
+            b_out.append(gid[b])
+    a = np.concatenate(a_out) if a_out else np.zeros(0, np.int64)
+    b = np.concatenate(b_out) if b_out else np.zeros(0, np.int64)
+    return pl.DataFrame({"a": a, "b": b, "reason": np.full(len(a), REASONS.index("semantic"), np.int8)})
+
+
+def _stars(a: np.ndarray, b: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The same components as the edges (a, b), as one edge from each non-root node to its root."""
+    nodes, _, root = union_find(a, b)
+    leaf = root != np.arange(len(nodes))
+    return [nodes[leaf]], [nodes[root[leaf]]]
+
+
 def plan_reduce(ctx: PlanContext) -> list[int]:
     return list(range(ctx.storage.read_json(PLAN)["partitions"]))
 
@@ -334,7 +564,15 @@ def run_reduce(ctx: ShardContext) -> dict:
     design = ctx.storage.read_json(PLAN)["near_index"]
     # Rows of different kinds never pair: one kind at a time keeps the working set a table's worth.
     fuzzy_parts = [fuzzy_edges(part, config, design) for part in fuzzy.partition_by("kind")]
-    edges = pl.concat([pl.DataFrame(schema=EMPTY_EDGES), exact_edges(exact), *fuzzy_parts])
+    semantic = []
+    if config.semantic:
+        files = map_files(ctx.storage, f"{MAP}/semantic")
+        if files:
+            dim = ctx.read_table(CENTROIDS + ".parquet")["centroid"].type.list_size
+            rows = read_partition(ctx.storage, files, ctx.shard, semantic_schema(dim))
+            x = vectors_of(rows["embedding"])
+            semantic = [semantic_edges(rows["key"].to_numpy(), rows["gid"].to_numpy(), x, config.semantic_threshold)]
+    edges = pl.concat([pl.DataFrame(schema=EMPTY_EDGES), exact_edges(exact), *fuzzy_parts, *semantic])
     edges = edges.unique().sort(["a", "b", "reason"])
     ctx.write_table(f"{REDUCE}/{ctx.name}.parquet", edges.to_arrow(), work=True)
     return {"rows": exact.height + fuzzy.height, "edges": edges.height, "caption_groups_skipped": skipped}
@@ -466,4 +704,8 @@ MAP_STAGE = Stage(name=MAP, plan=plan_map, run_shard=run_map, config_key="dedup"
 REDUCE_STAGE = Stage(name=REDUCE, plan=plan_reduce, run_shard=run_reduce, config_key="dedup")
 COMPONENTS_STAGE = Stage(name=COMPONENTS, plan=plan_components, run_shard=run_components, config_key="dedup")
 STAGE = Stage(name="dedup", plan=plan_dedup, run_shard=run_dedup, config_key="dedup")
-STAGES = (MAP_STAGE, REDUCE_STAGE, COMPONENTS_STAGE, STAGE)
+EMBED_STAGE = Stage(
+    name=EMBED, plan=plan_embed, run_shard=run_embed, config_key="dedup", gpu_when=lambda config: config.semantic
+)
+CENTROIDS_STAGE = Stage(name=CENTROIDS, plan=plan_centroids, run_shard=run_centroids, config_key="dedup")
+STAGES = (EMBED_STAGE, CENTROIDS_STAGE, MAP_STAGE, REDUCE_STAGE, COMPONENTS_STAGE, STAGE)

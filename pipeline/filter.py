@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 
 from pipeline import langid, schema
 from pipeline.errors import ConfigError, SchemaError
-from pipeline.formats import group_samples, image_member, iter_tar_members
+from pipeline.formats import read_images
 from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards
 from pipeline.storage import read_hash_lists, split_location
 
@@ -357,8 +357,7 @@ def run_filter(ctx: ShardContext) -> dict:
         dedup = ctx.read_table(rel)
     images = None
     if config.clip_checkpoint:
-        with ctx.storage.open_read(f"crawl/{ctx.name}.tar") as f:
-            images = {key: image_member(members) or b"" for key, members in group_samples(iter_tar_members(f))}
+        images = read_images(ctx.storage, f"crawl/{ctx.name}.tar")
     table = filter_table(crawl, dedup, config, rules, images)
     ctx.write_table(f"filter/{ctx.name}.parquet", table)
     reasons = pl.from_arrow(table.select(["drop_reason"])).drop_nulls()["drop_reason"].value_counts(sort=True)

@@ -152,3 +152,9 @@ def group_samples(members: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, d
         sample[ext] = data
     if sample:
         yield key, sample
+
+
+def read_images(storage, rel: str) -> dict[str, bytes]:
+    """{key: image bytes} of a crawl tar (b"" for a sample without an image member)."""
+    with storage.open_read(rel) as f:
+        return {key: image_member(members) or b"" for key, members in group_samples(iter_tar_members(f))}

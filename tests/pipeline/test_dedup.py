@@ -175,8 +175,82 @@ def test_empty_and_single_shards(tmp_path):
 
 
 def test_semantic_dedup_says_what_it_needs(tmp_path):
-    with pytest.raises(ConfigError, match="dedup.semantic needs image embeddings from a trained clipline checkpoint"):
-        dedup(store_with_shards(tmp_path, [[{"uid": "a"}]]), semantic=True)
+    store = store_with_shards(tmp_path, [[{"uid": "a"}]])
+    with pytest.raises(ConfigError, match="dedup.semantic needs dedup.semantic_checkpoint"):
+        dedup(store, semantic=True)
+    with pytest.raises(ConfigError, match="semantic_threshold must be a cosine"):
+        dedup(store, semantic=True, semantic_checkpoint="x", semantic_threshold=1.5)
+    with pytest.raises(Exception, match="no-such-run: a run directory without checkpoints/latest.json"):
+        (tmp_path / "no-such-run").mkdir()
+        dedup(store, semantic=True, semantic_checkpoint=str(tmp_path / "no-such-run"))
+    assert not store.list("dedup/_embed")  # refused on the driver, before any task
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def components_of(nodes: np.ndarray, a: np.ndarray, b: np.ndarray) -> set[frozenset]:
+    """Connected components (of two or more nodes) as a set of node sets."""
+    found, label = connected_components(a, b) if len(a) else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    groups: dict[int, set] = {}
+    for n, lab in zip(found.tolist(), label.tolist(), strict=True):
+        groups.setdefault(lab, set()).add(n)
+    return {frozenset(g) for g in groups.values()}
+
+
+def brute_force_components(x: np.ndarray, gid: np.ndarray, threshold: float) -> set[frozenset]:
+    sim = x @ x.T
+    i, j = np.nonzero(np.triu(sim >= threshold, k=1))
+    return components_of(gid, gid[i], gid[j])
+
+
+def planted_embeddings(seed: int = 0, dim: int = 32):
+    """Distinct random directions, groups of noisy copies (one of 300), and a chain whose ends are far apart."""
+    rng = np.random.default_rng(seed)
+    distinct = unit(rng.normal(size=(200, dim)))
+    groups = [unit(distinct[i] + rng.normal(scale=0.02, size=(n, dim))) for i, n in ((0, 3), (1, 2), (2, 300))]
+    start, direction = unit(rng.normal(size=(2, dim)))
+    chain = unit(np.array([start + t * direction for t in (0.0, 0.15, 0.3, 0.45)]))
+    x = np.concatenate([distinct, *groups, chain]).astype(np.float32)
+    gid = rng.permutation(np.arange(len(x), dtype=np.int64) * 7 + (5 << 32))
+    return x, gid, chain
+
+
+@pytest.mark.parametrize(("block", "spill"), [(1024, 2_000_000), (16, 500)])
+def test_semantic_edges_are_the_components_of_the_cosine_graph(block, spill):
+    from pipeline.dedup import semantic_edges
+
+    x, gid, chain = planted_embeddings()
+    threshold = 0.98
+    assert float(chain[0] @ chain[-1]) < threshold < float(min(chain[i] @ chain[i + 1] for i in range(3)))
+    edges = semantic_edges(np.zeros(len(x), np.int64), gid, x, threshold, block=block, spill=spill)
+    got = components_of(gid, edges["a"].to_numpy(), edges["b"].to_numpy())
+    expected = brute_force_components(x, gid, threshold)
+    assert got == expected
+    assert sorted(len(g) for g in expected) == [2 + 1, 3 + 1, 4, 300 + 1]  # groups with their originals, the chain
+    assert edges.height == sum(len(g) - 1 for g in expected)  # a star per group: 302 copies, 301 edges
+    assert set(edges["reason"].to_list()) == {4}  # REASONS.index("semantic")
+    # Split into k-means clusters, pairs are only compared within a cluster.
+    cluster = (np.arange(len(x)) % 2).astype(np.int64)
+    edges = semantic_edges(cluster, gid, x, threshold, block=block, spill=spill)
+    inside = set().union(*(brute_force_components(x[cluster == c], gid[cluster == c], threshold) for c in (0, 1)))
+    assert components_of(gid, edges["a"].to_numpy(), edges["b"].to_numpy()) == inside
+    assert inside != expected  # the split did cut groups: recall is lost at cluster borders
+
+
+def test_spherical_kmeans_finds_planted_clusters_and_is_deterministic():
+    from pipeline.dedup import nearest, spherical_kmeans
+
+    rng = np.random.default_rng(1)
+    centres = unit(rng.normal(size=(4, 16)))
+    truth = np.repeat(np.arange(4), 100)
+    x = unit(centres[truth] + rng.normal(scale=0.05, size=(400, 16)))
+    centroids = spherical_kmeans(x, 4, iterations=20)
+    assert np.array_equal(centroids, spherical_kmeans(x, 4, iterations=20))
+    assign = nearest(x, centroids)
+    pairs = {(int(t), int(a)) for t, a in zip(truth, assign, strict=True)}
+    assert len(pairs) == 4 and len({a for _, a in pairs}) == 4  # each planted cluster is exactly one centroid's
 
 
 # --- on the synthetic web ----------------------------------------------------------------------
@@ -252,3 +326,108 @@ def test_packed_colour_distance_equals_the_string_one():
     b = [y[:10] + "f" + y[11:] if i % 5 == 1 else y for i, y in enumerate(b)]
     got = colour_distance_packed(pack_colour(pa.array(a)), pack_colour(pa.array(b)))
     assert got.tolist() == [colour_distance(x, y) for x, y in zip(a, b, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A clipline run trained for two steps on colour swatches: a real checkpoint, weak embeddings."""
+    from tests.training.helpers import make_dataset
+    from training.data import DataConfig
+    from training.trainer import Run, TrainConfig
+
+    root = tmp_path_factory.mktemp("semantic-checkpoint")
+    config = TrainConfig(data=str(make_dataset(root / "data", [16])), out=str(root / "run"), max_steps=2,
+                         vocab_size=300, context_length=16, loader=DataConfig(batch_size=8, num_workers=0,
+                         image_size=32))  # fmt: skip
+    Run(config).fit()
+    return str(root / "run")
+
+
+def clusters_of(out: pl.DataFrame) -> set[frozenset]:
+    """The dedup output's clusters of two or more images, as sets of uids."""
+    grouped = (
+        out.with_columns(c=pl.coalesce("dup_of", "uid")).group_by("c").agg("uid").filter(pl.col("uid").list.len() > 1)
+    )
+    return {frozenset(g) for g in grouped["uid"].to_list()}
+
+
+def test_semantic_dedup_on_the_synthetic_web(crawled_web, checkpoint, tmp_path):
+    import torch
+
+    from eval.run import load_model, resolve_checkpoint
+    from pipeline.dedup import vectors_of
+    from pipeline.formats import read_images
+    from training.data import decode_image
+
+    only = dict(exact_bytes=False, exact_pixels=False, near=False, caption=False)
+    semantic = dict(semantic=True, semantic_checkpoint=checkpoint, **only)
+    # The stored embeddings are the checkpoint's, image for image (float16).
+    store = copy_of(crawled_web[0], tmp_path, "probe")
+    run_pipeline(list(STAGES[:1]), store, RunConfig(out=store.uri, dedup=DedupConfig(**semantic)), executor="inline",
+                 progress=False)  # fmt: skip
+    model, _ = load_model(resolve_checkpoint(checkpoint))
+    uids, stored = [], []
+    for s in range(4):
+        crawl = store.read_parquet(f"crawl/{s:05d}.parquet")
+        embedded = store.read_parquet(f"dedup/_embed/{s:05d}.parquet")
+        rows = embedded["gid"].to_numpy() & 0xFFFFFFFF
+        images = read_images(store, f"crawl/{s:05d}.tar")
+        with torch.no_grad():
+            pixels = torch.stack([decode_image(images[k], 32, None) for k in crawl["key"].take(rows).to_pylist()])
+            expected = model.encode_image(pixels).numpy()
+        x = vectors_of(embedded["embedding"])
+        assert np.abs(x - expected).max() < 2e-3
+        assert sorted(crawl.filter(pa.compute.equal(crawl["status"], "success"))["uid"].to_pylist()) == sorted(
+            crawl["uid"].take(rows).to_pylist()
+        )  # every fetched image embedded, once
+        uids += crawl["uid"].take(rows).to_pylist()
+        stored.append(x)
+    x, uid = np.concatenate(stored), np.array(uids)
+    # A threshold in a gap of the pair similarities, so float rounding cannot move a pair across it.
+    sims = np.sort((x @ x.T)[np.triu_indices(len(x), 1)])
+    window = np.flatnonzero((sims[:-1] > 0.995) & (sims[1:] < 0.9995))
+    gap = window[np.argmax(sims[window + 1] - sims[window])]
+    threshold = float(sims[gap] + sims[gap + 1]) / 2
+
+    # One k-means cluster (fewer images than semantic_cluster_size): the clusters are exactly the
+    # connected components of the graph of pairs with cosine >= threshold.
+    out = dedup(copy_of(crawled_web[0], tmp_path, "one"), semantic_threshold=threshold, **semantic)
+    gid = np.arange(len(uid), dtype=np.int64)
+    expected = {frozenset(uid[list(g)]) for g in brute_force_components(x, gid, threshold)}
+    assert clusters_of(out) == expected and len(expected) >= 10
+    assert set(out["dup_reason"].drop_nulls().to_list()) == {"semantic"}
+    crawled = pl.concat([pl.from_arrow(store.read_parquet(f"crawl/{s:05d}.parquet")) for s in range(4)])
+    truth = crawled.select(["uid", "url"]).join(crawled_web[1], on="url")
+    copied = truth.filter(pl.col("dup_kind") == "exact")["image_id"].implode()
+    exact_groups = truth.filter(
+        pl.col("image_id").is_in(copied) & (pl.col("dup_kind").is_null() | (pl.col("dup_kind") == "exact"))
+    )
+    assert exact_groups["image_id"].n_unique() >= 10
+
+    def exact_copies_together(result: pl.DataFrame) -> bool:  # same bytes, same embedding: always one cluster
+        joined = exact_groups.join(result, on="uid").with_columns(c=pl.coalesce("dup_of", "uid"))
+        return joined.group_by("image_id").agg(pl.col("c").n_unique())["c"].max() == 1
+
+    assert exact_copies_together(out)
+
+    # Many k-means clusters: pairs are compared within a cluster only, so the clusters refine the above.
+    split_store = copy_of(crawled_web[0], tmp_path, "split")
+    split = dedup(split_store, semantic_threshold=threshold, semantic_cluster_size=60, **semantic)
+    marker = split_store.read_json(marker_path("dedup/_centroids", 0))
+    assert marker["stats"]["clusters"] == -(-len(uid) // 60)
+    got = clusters_of(split)
+    assert all(any(g <= e for e in expected) for g in got)
+    found = sum(len(g) - 1 for g in got) / sum(len(g) - 1 for g in expected)
+    print(f"semantic duplicates found with {marker['stats']['clusters']} k-means clusters: {found:.0%} of those with one")
+    assert exact_copies_together(split)
+
+    # Deterministic: another run gives the same bytes, and a resumed one too.
+    again = copy_of(crawled_web[0], tmp_path, "again")
+    dedup(again, semantic_threshold=threshold, semantic_cluster_size=60, **semantic)
+    outputs = lambda st: {n: st.read_bytes(n) for n in st.list("dedup") if "_committed" not in n}  # noqa: E731
+    assert outputs(again) == outputs(split_store)
+    for stage, shards in (("dedup/_embed", [2]), ("dedup/_centroids", [0]), ("dedup/_map", [1])):
+        for s in shards:
+            again.delete(marker_path(stage, s))
+    dedup(again, semantic_threshold=threshold, semantic_cluster_size=60, **semantic)
+    assert outputs(again) == outputs(split_store)
