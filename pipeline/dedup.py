@@ -502,7 +502,13 @@ def fuzzy_edges(frame: pl.DataFrame, config: DedupConfig, design: dict) -> pl.Da
 
 
 def semantic_edges(
-    cluster: np.ndarray, gid: np.ndarray, x: np.ndarray, threshold: float, block: int = 1024, spill: int = 2_000_000
+    cluster: np.ndarray,
+    gid: np.ndarray,
+    x: np.ndarray,
+    threshold: float,
+    block: int = 1024,
+    spill: int = 2_000_000,
+    max_floats: int = 1 << 24,
 ) -> pl.DataFrame:
     """Edges between images of one k-means cluster whose embeddings' cosine is >= threshold.
 
@@ -518,8 +524,9 @@ def semantic_edges(
     a_out, b_out = [], []
     for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
         pairs_a, pairs_b, pending = [], [], 0
-        for i0 in range(start, stop - 1, block):
-            sim = x[i0 : i0 + block] @ x[i0:stop].T
+        rows = max(1, min(block, max_floats // (stop - start)))  # a block's similarities stay <= 64 MB
+        for i0 in range(start, stop - 1, rows):
+            sim = x[i0 : i0 + rows] @ x[i0:stop].T
             i, j = np.nonzero(sim >= threshold)
             later = j > i  # j counts from i0 too: each pair once, no self-pairs
             pairs_a.append(i[later] + i0)

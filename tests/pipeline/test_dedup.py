@@ -217,14 +217,16 @@ def planted_embeddings(seed: int = 0, dim: int = 32):
     return x, gid, chain
 
 
-@pytest.mark.parametrize(("block", "spill"), [(1024, 2_000_000), (16, 500)])
-def test_semantic_edges_are_the_components_of_the_cosine_graph(block, spill):
+@pytest.mark.parametrize(
+    ("block", "spill", "max_floats"), [(1024, 2_000_000, 1 << 24), (16, 500, 1 << 24), (16, 500, 2000)]
+)
+def test_semantic_edges_are_the_components_of_the_cosine_graph(block, spill, max_floats):
     from pipeline.dedup import semantic_edges
 
     x, gid, chain = planted_embeddings()
     threshold = 0.98
     assert float(chain[0] @ chain[-1]) < threshold < float(min(chain[i] @ chain[i + 1] for i in range(3)))
-    edges = semantic_edges(np.zeros(len(x), np.int64), gid, x, threshold, block=block, spill=spill)
+    edges = semantic_edges(np.zeros(len(x), np.int64), gid, x, threshold, block, spill, max_floats)
     got = components_of(gid, edges["a"].to_numpy(), edges["b"].to_numpy())
     expected = brute_force_components(x, gid, threshold)
     assert got == expected
@@ -233,7 +235,7 @@ def test_semantic_edges_are_the_components_of_the_cosine_graph(block, spill):
     assert set(edges["reason"].to_list()) == {4}  # REASONS.index("semantic")
     # Split into k-means clusters, pairs are only compared within a cluster.
     cluster = (np.arange(len(x)) % 2).astype(np.int64)
-    edges = semantic_edges(cluster, gid, x, threshold, block=block, spill=spill)
+    edges = semantic_edges(cluster, gid, x, threshold, block, spill, max_floats)
     inside = set().union(*(brute_force_components(x[cluster == c], gid[cluster == c], threshold) for c in (0, 1)))
     assert components_of(gid, edges["a"].to_numpy(), edges["b"].to_numpy()) == inside
     assert inside != expected  # the split did cut groups: recall is lost at cluster borders
@@ -418,7 +420,9 @@ def test_semantic_dedup_on_the_synthetic_web(crawled_web, checkpoint, tmp_path):
     got = clusters_of(split)
     assert all(any(g <= e for e in expected) for g in got)
     found = sum(len(g) - 1 for g in got) / sum(len(g) - 1 for g in expected)
-    print(f"semantic duplicates found with {marker['stats']['clusters']} k-means clusters: {found:.0%} of those with one")
+    print(
+        f"semantic duplicates found with {marker['stats']['clusters']} k-means clusters: {found:.0%} of those with one"
+    )
     assert exact_copies_together(split)
 
     # Deterministic: another run gives the same bytes, and a resumed one too.
