@@ -90,7 +90,7 @@ def side_clipline(work: Path) -> dict:
     import ray
 
     from pipeline.config import RunConfig
-    from pipeline.dedup import STAGES
+    from pipeline.dedup import COMPONENTS, STAGES
     from pipeline.runner import run_pipeline
     from pipeline.storage import open_storage
 
@@ -105,7 +105,7 @@ def side_clipline(work: Path) -> dict:
         "stage_seconds": {r.stage: round(r.seconds, 2) for r in reports},
         "near_index": plan["near_index"],
         "partitions": plan["partitions"],
-        "duplicates": reports[2].total("duplicates"),
+        "duplicates": next(r for r in reports if r.stage == COMPONENTS).total("duplicates"),
     }
 
 
@@ -116,7 +116,7 @@ def side_clipline_exact(work: Path) -> dict:
     import ray
 
     from pipeline.config import RunConfig
-    from pipeline.dedup import STAGES, DedupConfig
+    from pipeline.dedup import COMPONENTS, STAGES, DedupConfig
     from pipeline.runner import run_pipeline
     from pipeline.storage import open_storage
 
@@ -130,7 +130,7 @@ def side_clipline_exact(work: Path) -> dict:
     return {
         "seconds": seconds,
         "stage_seconds": {r.stage: round(r.seconds, 2) for r in reports},
-        "duplicates": reports[2].total("duplicates"),
+        "duplicates": next(r for r in reports if r.stage == COMPONENTS).total("duplicates"),
     }
 
 

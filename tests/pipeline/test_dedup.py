@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import schema
 from pipeline.config import RunConfig
-from pipeline.dedup import STAGES, DedupConfig, connected_components, index_design, table_keys
+from pipeline.dedup import EMBED_STAGE, STAGES, DedupConfig, connected_components, index_design, table_keys
 from pipeline.errors import ConfigError
 from pipeline.runner import run_pipeline
 from pipeline.stage import committed_shards, config_sha256, marker_path
@@ -365,7 +365,7 @@ def test_semantic_dedup_on_the_synthetic_web(crawled_web, checkpoint, tmp_path):
     semantic = dict(semantic=True, semantic_checkpoint=checkpoint, **only)
     # The stored embeddings are the checkpoint's, image for image (float16).
     store = copy_of(crawled_web[0], tmp_path, "probe")
-    run_pipeline(list(STAGES[:1]), store, RunConfig(out=store.uri, dedup=DedupConfig(**semantic)), executor="inline",
+    run_pipeline(list([EMBED_STAGE]), store, RunConfig(out=store.uri, dedup=DedupConfig(**semantic)), executor="inline",
                  progress=False)  # fmt: skip
     model, _ = load_model(resolve_checkpoint(checkpoint))
     uids, stored = [], []
