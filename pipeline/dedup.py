@@ -14,7 +14,8 @@ reduce compares the images of one centroid pairwise, SemDeDup-style):
 1. ``dedup/_map`` — per crawl shard: emit (kind, key, node) rows for the exact
    keys, and (kind, key, node, pHash, colour) rows for the caption key and every
    candidate table of the near index, hash-partitioned by key into one file of
-   each sort per shard (pipeline/shuffle.py); and a node table (uid, resolution).
+   each sort per shard (pipeline/shuffle.py). A node is its crawl shard and row
+   (shard << 32 | row), so no table of uids is written: later steps read them from the crawl.
 2. ``dedup/_reduce`` — per partition, with polars: rows sharing a key are
    candidates; pairs are confirmed (Hamming + colour for near) and become edges.
 3. ``dedup/_components`` — one task over the edges only (memory O(duplicates),
@@ -126,8 +127,29 @@ def table_keys(phash: np.ndarray, design: dict) -> list[np.ndarray]:
     return keys
 
 
+_HEX = np.full(256, 255, dtype=np.uint8)
+_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
+
+
 def hex_key(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """The first 60 bits of hex digests, as int64 keys (vectorised)."""
+    """The first 60 bits of hex digests, as int64 keys (vectorised).
+
+    Digests of one width (sha256: 64 digits) are decoded from the Arrow buffer as a
+    (rows, width) byte matrix with a lookup table; anything else goes through polars.
+    """
+    array = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    if array.type == pa.string() and array.null_count == 0 and len(array):
+        offsets = np.frombuffer(array.buffers()[1], np.int32, len(array) + 1, array.offset * 4)
+        width = int(offsets[1] - offsets[0])
+        if width >= 15 and offsets[-1] - offsets[0] == width * len(array) and (np.diff(offsets) == width).all():
+            data = np.frombuffer(array.buffers()[2], np.uint8, offsets[-1] - offsets[0], offsets[0])
+            digits = _HEX[data.reshape(len(array), width)[:, :15]]
+            if (digits != 255).all():
+                key = np.zeros(len(array), dtype=np.int64)
+                for i in range(15):
+                    key = (key << 4) | digits[:, i]
+                return key
     return pl.Series(values).str.slice(0, 15).str.to_integer(base=16).cast(pl.Int64).to_numpy()
 
 
@@ -348,14 +370,14 @@ def run_map(ctx: ShardContext) -> dict:
     config: DedupConfig = ctx.config
     plan = ctx.storage.read_json(PLAN)
     captions_needed = config.caption or config.keep_different_captions
-    columns = ["uid", "status", "sha256", "pixel_hash", "phash", "colour_sig", "original_width", "original_height"]
-    crawl = ctx.read_table(f"crawl/{ctx.name}.parquet", columns=columns + (["caption"] if captions_needed else []))
+    fuzzy = config.caption or config.near
+    columns = ["status", "phash"]  # only what the enabled checks need: at 100k rows a shard, reading is half the map
+    columns += [c for c, on in (("sha256", config.exact_bytes), ("pixel_hash", config.exact_pixels)) if on]
+    columns += (["colour_sig"] if fuzzy else []) + (["caption"] if captions_needed else [])
+    crawl = ctx.read_table(f"crawl/{ctx.name}.parquet", columns=columns)
     ok = _ok_rows(crawl)
     t = crawl.filter(pa.array(ok))
     gid = _gids(ctx.shard, np.flatnonzero(ok))
-    area = t["original_width"].to_numpy().astype(np.int64) * t["original_height"].to_numpy().astype(np.int64)
-    nodes = pa.table({"gid": gid, "uid": t["uid"], "area": area})
-    ctx.write_table(f"{MAP}/nodes/{ctx.name}.parquet", nodes, work=True)
     captions = caption_key(t["caption"]) if captions_needed else None
 
     def emit(kind: str, table_schema: pa.Schema, gid, kinds: list, keys: list, **carried) -> int:
@@ -448,12 +470,23 @@ EMPTY_EDGES = {"a": pl.Int64, "b": pl.Int64, "reason": pl.Int8}
 
 
 def exact_edges(frame: pl.DataFrame) -> pl.DataFrame:
-    """Rows sharing an exact key: a star to the smallest node of each group (enough for connectivity)."""
-    return (
-        frame.with_columns(b=pl.col("gid").min().over(["kind", "key"]))
-        .filter(pl.col("gid") != pl.col("b"))
-        .select(a=pl.col("gid"), b="b", reason=pl.col("kind").cast(pl.Int8))
-    )
+    """Rows sharing an exact key: a star to the smallest node of each group (enough for connectivity).
+
+    Most keys are unique, so they are dropped first (one hash pass over an int64 column per
+    kind); only the repeated ones are sorted.
+    """
+    parts = [pl.DataFrame(schema=EMPTY_EDGES)]
+    for (kind,), rows in frame.partition_by("kind", as_dict=True).items():
+        rows = rows.filter(rows["key"].is_duplicated())
+        key, gid = rows["key"].to_numpy(), rows["gid"].to_numpy()
+        order = np.lexsort((gid, key))
+        key, gid = key[order], gid[order]
+        first = np.r_[True, key[1:] != key[:-1]] if len(key) else np.zeros(0, bool)
+        head = gid[first][np.cumsum(first) - 1]  # each row's group's smallest node
+        parts.append(
+            pl.DataFrame({"a": gid[~first], "b": head[~first], "reason": np.full((~first).sum(), kind, np.int8)})
+        )
+    return pl.concat(parts)
 
 
 def first_table(a: np.ndarray, b: np.ndarray, design: dict) -> np.ndarray:
@@ -591,7 +624,10 @@ def run_reduce(ctx: ShardContext) -> dict:
 def union_find(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(nodes, index, root): the sorted nodes of the edge list, each edge end's index into
     them (a's then b's), and each node's root: the index of the smallest node of its component."""
-    nodes, index = np.unique(np.concatenate([a, b]), return_inverse=True)
+    ends = pl.Series(np.concatenate([a, b]))
+    index = (ends.rank("dense") - 1).cast(pl.Int64).to_numpy()  # = np.unique's inverse, 2-3x faster
+    nodes = np.empty(int(index.max()) + 1 if len(index) else 0, dtype=np.int64)
+    nodes[index] = ends.to_numpy()
     ea, eb = index[: len(a)], index[len(a) :]
     parent = np.arange(len(nodes))
     while True:
@@ -634,23 +670,26 @@ def run_components(ctx: ShardContext) -> dict:
     reasons = np.full(len(nodes), len(REASONS), dtype=np.int16)
     np.minimum.at(reasons, index, np.concatenate([edge_reason, edge_reason]).astype(np.int16))
     del a, b, edge_reason, index
-    # uid and resolution of the clustered nodes: nodes are sorted, and so is each shard's node
-    # table, so each shard's rows are found by binary search (no hash set of all nodes).
+    # uid and resolution of the clustered nodes, straight from the crawl: a node's low 32 bits
+    # are its crawl row, and nodes are sorted, so each shard's are one slice.
     node_shards = nodes >> 32
     shards = np.unique(node_shards).tolist()
     bounds = np.searchsorted(node_shards, [*shards, shards[-1] + 1])
     uids, areas = [], []
     for s, start, stop in zip(shards, bounds[:-1], bounds[1:], strict=True):
-        table = ctx.read_table(f"{MAP}/nodes/{shard_name(s)}.parquet", columns=["uid", "area", "gid"])
-        rows = pa.array(np.searchsorted(table["gid"].to_numpy(), nodes[start:stop]))
-        uids.append(table["uid"].take(rows).combine_chunks())
-        areas.append(table["area"].take(rows).to_numpy())
+        columns = ["uid", "original_width", "original_height"]
+        table = ctx.read_table(f"crawl/{shard_name(s)}.parquet", columns=columns)
+        table = table.take(pa.array(nodes[start:stop] & 0xFFFFFFFF))
+        uids.append(table["uid"].combine_chunks())
+        w, h = (table[c].to_numpy().astype(np.int64) for c in columns[1:])
+        areas.append(w * h)
     uid = pa.chunked_array(uids, pa.string())
     # The keeper of each cluster, by sorting numbers only: the uid (32 hex digits) as two
     # integers orders exactly like the string; the gid breaks any tie left.
     halves = [np.concatenate([uid_half(u, i) for u in uids]) for i in (0, 1)]
-    keys = [nodes, halves[1], halves[0]] + ([] if config.keep == "lowest_uid" else [-np.concatenate(areas)])
-    order = np.lexsort([*keys, root])
+    keys = {"root": root} | ({} if config.keep == "lowest_uid" else {"area": -np.concatenate(areas)})
+    keys |= {"uid0": halves[0], "uid1": halves[1], "gid": nodes}
+    order = pl.DataFrame(keys).select(pl.arg_sort_by(list(keys))).to_series().to_numpy()
     first = np.ones(len(order), dtype=bool)
     first[1:] = root[order][1:] != root[order][:-1]
     keeper = np.empty(len(nodes), dtype=np.int64)
@@ -665,7 +704,6 @@ def run_components(ctx: ShardContext) -> dict:
         here = slice(start, stop)
         part = {
             "gid": nodes[here],
-            "uid": uid.slice(start, stop - start),
             "dup_of": pc.if_else(is_keeper[here], pa.scalar(None, pa.string()), uid.take(keeper_of[here])),
             "dup_reason": names.gather(reasons[here].astype(np.int64)).to_arrow(),
             "cluster_size": sizes[here].astype(np.int32),
@@ -691,7 +729,9 @@ def plan_dedup(ctx: PlanContext) -> list[int]:
 
 
 def run_dedup(ctx: ShardContext) -> dict:
-    nodes = pl.from_arrow(ctx.read_table(f"{MAP}/nodes/{ctx.name}.parquet")).select(["gid", "uid"])
+    crawl = ctx.read_table(f"crawl/{ctx.name}.parquet", columns=["uid", "status", "phash"])
+    ok = _ok_rows(crawl)
+    nodes = pl.DataFrame({"gid": _gids(ctx.shard, np.flatnonzero(ok)), "uid": crawl["uid"].filter(pa.array(ok))})
     clusters_file = f"dedup/_clusters/{ctx.name}.parquet"
     if ctx.storage.exists(clusters_file):
         clusters = pl.from_arrow(ctx.read_table(clusters_file)).select(["gid", "dup_of", "dup_reason", "cluster_size"])
