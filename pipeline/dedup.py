@@ -127,16 +127,11 @@ def table_keys(phash: np.ndarray, design: dict) -> list[np.ndarray]:
     return keys
 
 
-_HEX = np.full(256, 255, dtype=np.uint8)
-_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
-_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
-
-
 def hex_key(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """The first 60 bits of hex digests, as int64 keys (vectorised).
 
     Digests of one width (sha256: 64 digits) are decoded from the Arrow buffer as a
-    (rows, width) byte matrix with a lookup table; anything else goes through polars.
+    (rows, width) byte matrix, with byte arithmetic; anything else goes through polars.
     """
     array = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
     if array.type == pa.string() and array.null_count == 0 and len(array):
@@ -144,12 +139,13 @@ def hex_key(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
         width = int(offsets[1] - offsets[0])
         if width >= 15 and offsets[-1] - offsets[0] == width * len(array) and (np.diff(offsets) == width).all():
             data = np.frombuffer(array.buffers()[2], np.uint8, offsets[-1] - offsets[0], offsets[0])
-            digits = _HEX[data.reshape(len(array), width)[:, :15]]
-            if (digits != 255).all():
-                key = np.zeros(len(array), dtype=np.int64)
-                for i in range(15):
-                    key = (key << 4) | digits[:, i]
-                return key
+            char = np.ascontiguousarray(data.reshape(len(array), width)[:, :15]) | 0x20  # A-F as a-f
+            if (((char >= 48) & (char <= 57)) | ((char >= 97) & (char <= 102))).all():
+                digits = char - 48
+                digits -= 39 * (digits > 9).astype(np.uint8)
+                packed = np.zeros((len(array), 8), dtype=np.uint8)  # digits 0-13 as 7 bytes, little-endian
+                packed[:, 6::-1] = (digits[:, 0:14:2] << 4) | digits[:, 1:14:2]
+                return (packed.view(np.int64)[:, 0] << 4) | digits[:, 14]
     return pl.Series(values).str.slice(0, 15).str.to_integer(base=16).cast(pl.Int64).to_numpy()
 
 

@@ -435,3 +435,21 @@ def test_semantic_dedup_on_the_synthetic_web(crawled_web, checkpoint, tmp_path):
             again.delete(marker_path(stage, s))
     dedup(again, semantic_threshold=threshold, semantic_cluster_size=60, **semantic)
     assert outputs(again) == outputs(split_store)
+
+
+def test_hex_keys_from_the_arrow_buffer_equal_the_parsed_ones():
+    from pipeline.dedup import hex_key
+
+    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(1000)]
+    parsed = lambda v: [int(x[:15], 16) for x in v]  # noqa: E731
+    for values in (
+        pa.array(digests),  # one width: the buffer path
+        pa.array(digests).slice(7, 300),  # an offset into the buffers
+        pa.chunked_array([pa.array(digests[:10]), pa.array(digests[10:])]),
+        pa.array([d.upper() for d in digests[:50]] + ["f" * 64, "0" * 64]),
+        pa.array(digests[:5] + ["abc" * 30]),  # mixed widths: the polars path
+    ):
+        rows = values.to_pylist()
+        assert hex_key(values).tolist() == parsed(rows)
+    with pytest.raises(Exception, match="parsing failed"):
+        hex_key(pa.array(["g" * 64]))  # not hex: an error, never a made-up key
