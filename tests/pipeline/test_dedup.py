@@ -437,17 +437,17 @@ def test_semantic_dedup_on_the_synthetic_web(crawled_web, checkpoint, tmp_path):
     assert outputs(again) == outputs(split_store)
 
 
-def test_hex_keys_from_the_arrow_buffer_equal_the_parsed_ones():
+def test_hex_keys_are_the_first_60_bits_of_the_digest():
     from pipeline.dedup import hex_key
 
     digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(1000)]
     parsed = lambda v: [int(x[:15], 16) for x in v]  # noqa: E731
     for values in (
-        pa.array(digests),  # one width: the buffer path
-        pa.array(digests).slice(7, 300),  # an offset into the buffers
+        pa.array(digests),
+        pa.array(digests).slice(7, 300),
         pa.chunked_array([pa.array(digests[:10]), pa.array(digests[10:])]),
         pa.array([d.upper() for d in digests[:50]] + ["f" * 64, "0" * 64]),
-        pa.array(digests[:5] + ["abc" * 30]),  # mixed widths: the polars path
+        pa.array(digests[:5] + ["abc" * 30]),  # mixed widths
     ):
         rows = values.to_pylist()
         assert hex_key(values).tolist() == parsed(rows)
