@@ -48,7 +48,7 @@ import pyarrow.compute as pc
 from pipeline import schema
 from pipeline.errors import ConfigError
 from pipeline.shuffle import map_files, read_partition, write_gathered
-from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards, shard_name
+from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards, release_memory, shard_name
 
 PLAN = "dedup/_plan.json"
 MAP, REDUCE, COMPONENTS = "dedup/_map", "dedup/_reduce", "dedup/_components"
@@ -603,16 +603,25 @@ def run_reduce(ctx: ShardContext) -> dict:
 def union_find(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(nodes, index, root): the sorted nodes of the edge list, each edge end's index into
     them (a's then b's), and each node's root: the index of the smallest node of its component."""
-    ends = pl.Series(np.concatenate([a, b]))
-    index = (ends.rank("dense") - 1).cast(pl.Int64).to_numpy()  # = np.unique's inverse, 2-3x faster
+    return union_find_ends(np.concatenate([a, b]))
+
+
+def union_find_ends(ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """union_find over one array of edge ends, the a's then the b's (so a caller need not hold
+    both a copy and the halves). Indices are int32: at 10M images the edge-sized temporaries
+    are the step's peak memory."""
+    index = pl.Series(ends).rank("dense").to_numpy().astype(np.int32)  # = np.unique's inverse + 1, 2-3x faster
+    index -= 1
     nodes = np.empty(int(index.max()) + 1 if len(index) else 0, dtype=np.int64)
-    nodes[index] = ends.to_numpy()
-    ea, eb = index[: len(a)], index[len(a) :]
-    parent = np.arange(len(nodes))
+    nodes[index] = ends
+    half = len(ends) // 2
+    ea, eb = index[:half], index[half:]
+    parent = np.arange(len(nodes), dtype=np.int32)
     while True:
         low = np.minimum(parent[ea], parent[eb])
         np.minimum.at(parent, parent[ea], low)  # hook roots onto the smaller root
         np.minimum.at(parent, parent[eb], low)
+        del low
         while not np.array_equal(parent, parent[parent]):  # pointer jumping to the roots
             parent = parent[parent]
         if np.array_equal(parent[ea], parent[eb]):
@@ -631,6 +640,21 @@ def uid_half(uid: pa.Array, half: int) -> np.ndarray:
     return digits.fill_null(0).to_numpy()
 
 
+def keepers_by_rule(root: np.ndarray, nodes: np.ndarray, uids: list[pa.Array], area: np.ndarray | None) -> np.ndarray:
+    """For each node, the index of its cluster's keeper: the largest area (when given), then the
+    lowest uid, then the lowest gid. Sorts numbers only: the uid (32 hex digits) as two integers
+    orders exactly like the string. (A function, so the sort's columns are freed on return.)"""
+    keys = {"root": root} | ({} if area is None else {"area": -area})
+    keys |= {f"uid{i}": np.concatenate([uid_half(u, i) for u in uids]) for i in (0, 1)} | {"gid": nodes}
+    order = pl.DataFrame(keys).select(pl.arg_sort_by(list(keys))).to_series().to_numpy()
+    del keys
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = root[order][1:] != root[order][:-1]
+    keeper = np.empty(len(nodes), dtype=np.int64)
+    keeper[root[order[first]]] = order[first]  # by root: the node index of its cluster's keeper
+    return keeper[root]
+
+
 def plan_components(ctx: PlanContext) -> list[int]:
     return [0]
 
@@ -642,13 +666,17 @@ def run_components(ctx: ShardContext) -> dict:
     edges = [ctx.read_table(f) for f in edge_files]
     if not sum(t.num_rows for t in edges):
         return stats
-    a, b, edge_reason = (np.concatenate([t[c].to_numpy() for t in edges]) for c in ("a", "b", "reason"))
+    ends = np.concatenate([t["a"].to_numpy() for t in edges] + [t["b"].to_numpy() for t in edges])
+    edge_reason = np.concatenate([t["reason"].to_numpy() for t in edges]).astype(np.int16)
     del edges
-    nodes, index, root = union_find(a, b)
+    release_memory()  # the decoded edge files (Arrow's pool keeps them): 190 MB at 10M images
+    nodes, index, root = union_find_ends(ends)
+    del ends
     # The strongest reason among each node's own edges.
     reasons = np.full(len(nodes), len(REASONS), dtype=np.int16)
-    np.minimum.at(reasons, index, np.concatenate([edge_reason, edge_reason]).astype(np.int16))
-    del a, b, edge_reason, index
+    np.minimum.at(reasons, index[: len(edge_reason)], edge_reason)
+    np.minimum.at(reasons, index[len(edge_reason) :], edge_reason)
+    del edge_reason, index
     # uid and resolution of the clustered nodes, straight from the crawl: a node's low 32 bits
     # are its crawl row, and nodes are sorted, so each shard's are one slice.
     node_shards = nodes >> 32
@@ -662,17 +690,8 @@ def run_components(ctx: ShardContext) -> dict:
         uids.append(table["uid"].combine_chunks())
         w, h = (table[c].to_numpy().astype(np.int64) for c in columns[1:])
         areas.append(w * h)
-    # The keeper of each cluster, by sorting numbers only: the uid (32 hex digits) as two
-    # integers orders exactly like the string; the gid breaks any tie left.
-    halves = [np.concatenate([uid_half(u, i) for u in uids]) for i in (0, 1)]
-    keys = {"root": root} | ({} if config.keep == "lowest_uid" else {"area": -np.concatenate(areas)})
-    keys |= {"uid0": halves[0], "uid1": halves[1], "gid": nodes}
-    order = pl.DataFrame(keys).select(pl.arg_sort_by(list(keys))).to_series().to_numpy()
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = root[order][1:] != root[order][:-1]
-    keeper = np.empty(len(nodes), dtype=np.int64)
-    keeper[root[order[first]]] = order[first]  # by root: the node index of its cluster's keeper
-    keeper_of = keeper[root]
+    keeper_of = keepers_by_rule(root, nodes, uids, None if config.keep == "lowest_uid" else np.concatenate(areas))
+    del areas
     is_keeper = keeper_of == np.arange(len(nodes))
     per_root = np.bincount(root, minlength=len(nodes))
     sizes = per_root[root]

@@ -18,6 +18,7 @@ and since stages are deterministic the redone outputs are byte-identical.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -227,3 +228,20 @@ def execute_shard(stage: Stage, shard: int, storage: Storage, run: Any) -> Shard
         raise StorageError(f"{stage.name}/{shard_name(shard)}: {e}") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        release_memory()
+
+
+def release_memory() -> None:
+    """Give the allocators' freed pages back to the OS after a task: a Ray worker idles holding its
+    last task's peak otherwise (Arrow's pool and glibc both keep freed memory for reuse), and
+    with tasks of different sizes on one machine those idle peaks add up."""
+    pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.malloc_trim  # noqa: B018 - glibc only
+except (OSError, AttributeError):
+    _LIBC = None
