@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -252,6 +253,8 @@ def main() -> None:
         f"vs clipline {clip['seconds']:.0f}s = {summary['speedup_vs_brute_force']}x"
     )
     print(f"near index: {clip['near_index']}; recall by distance: {recall}; vs brute force sample: {sample_recall:.4f}")
+    shutil.rmtree(work, ignore_errors=True)  # 8 GB at 10M rows
+    shutil.rmtree(work.parent / (work.name + "-exact"), ignore_errors=True)
     out_path = REPO / "bench" / "results" / f"dedup-{n}.json"
     out_path.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {out_path}")

@@ -397,7 +397,8 @@ def run_map(ctx: ShardContext) -> dict:
         carried.update(zip(("c0", "c1", "c2"), pack_colour(t["colour_sig"]), strict=True))
         if config.keep_different_captions:
             carried["caption_key"] = captions
-    emitted += emit("fuzzy", fuzzy_schema(config), gid, kinds, keys, **carried)
+    if kinds:  # no fuzzy checks on: no fuzzy file (the reducers find none)
+        emitted += emit("fuzzy", fuzzy_schema(config), gid, kinds, keys, **carried)
     if config.semantic:
         emitted += emit_semantic(ctx, emit)
     return {"rows": len(gid), "emitted": emitted}
@@ -739,20 +740,22 @@ def plan_dedup(ctx: PlanContext) -> list[int]:
 def run_dedup(ctx: ShardContext) -> dict:
     crawl = ctx.read_table(f"crawl/{ctx.name}.parquet", columns=["uid", "status", "phash"])
     ok = _ok_rows(crawl)
-    nodes = pl.DataFrame({"gid": _gids(ctx.shard, np.flatnonzero(ok)), "uid": crawl["uid"].filter(pa.array(ok))})
+    gid = _gids(ctx.shard, np.flatnonzero(ok))
+    # Each clustered node's row among the shard's images (both sorted by gid): a positional
+    # take, nulls for the images in no cluster, instead of a join and a sort.
+    row = np.full(len(gid), -1, dtype=np.int64)
     clusters_file = f"dedup/_clusters/{ctx.name}.parquet"
-    if ctx.storage.exists(clusters_file):
-        clusters = pl.from_arrow(ctx.read_table(clusters_file)).select(["gid", "dup_of", "dup_reason", "cluster_size"])
-        out = nodes.join(clusters, on="gid", how="left")
-    else:
-        out = nodes.with_columns(
-            dup_of=pl.lit(None, pl.Utf8), dup_reason=pl.lit(None, pl.Utf8), cluster_size=pl.lit(None, pl.Int32)
-        )
-    out = out.sort("gid").with_columns(pl.col("cluster_size").fill_null(1)).drop("gid")
-    table = schema.conform(out.to_arrow(), schema.DEDUP, f"dedup/{ctx.name}")
+    columns = ["dup_of", "dup_reason", "cluster_size"]
+    clusters = ctx.read_table(clusters_file) if ctx.storage.exists(clusters_file) else schema.empty(schema.DEDUP)
+    if clusters.num_rows:
+        row[np.searchsorted(gid, clusters["gid"].to_numpy())] = np.arange(clusters.num_rows)
+    take = pa.array(row, mask=row < 0)
+    out = {"uid": crawl["uid"].filter(pa.array(ok))} | {c: clusters[c].take(take) for c in columns}
+    out["cluster_size"] = pc.fill_null(out["cluster_size"], 1)
+    table = schema.conform(pa.table(out), schema.DEDUP, f"dedup/{ctx.name}")
     ctx.write_table(f"dedup/{ctx.name}.parquet", table)
-    removed = int(table["dup_of"].null_count)
-    return {"rows": table.num_rows, "kept": removed, "duplicates": table.num_rows - removed}
+    kept = int(table["dup_of"].null_count)
+    return {"rows": table.num_rows, "kept": kept, "duplicates": table.num_rows - kept}
 
 
 MAP_STAGE = Stage(name=MAP, plan=plan_map, run_shard=run_map, config_key="dedup")
