@@ -152,6 +152,13 @@ def _ok_rows(crawl: pa.Table) -> np.ndarray:
     return ok.to_numpy(zero_copy_only=False)
 
 
+def run_starts(values: np.ndarray) -> np.ndarray:
+    """For sorted values, True where a run of equal values starts (empty in, empty out)."""
+    starts = np.ones(len(values), dtype=bool)
+    np.not_equal(values[1:], values[:-1], out=starts[1:])
+    return starts
+
+
 def _gids(shard: int, rows: np.ndarray) -> np.ndarray:
     """Node ids: the crawl shard in the high 32 bits, the crawl row in the low."""
     return (np.int64(shard) << np.int64(32)) | rows.astype(np.int64)
@@ -305,6 +312,7 @@ def plan_map(ctx: PlanContext) -> list[int]:
     )
     design = index_design(images, config.near_threshold, config.pair_budget_per_image, config.max_tables)
     emitted = images * (2 + (design["tables"] if config.near else 0) + 1)
+    dim = None  # the embedding width, for the reducers' shuffle schema (no embeddings: no semantic rows)
     if config.semantic and ctx.storage.exists(CENTROIDS + ".parquet"):
         dim = ctx.storage.read_parquet(CENTROIDS + ".parquet")["centroid"].type.list_size
         emitted += images * (1 + dim // 16)  # a semantic row carries its float16 embedding: ~dim/16 key rows
@@ -312,10 +320,12 @@ def plan_map(ctx: PlanContext) -> list[int]:
         "images": images,
         "near_index": design,
         "partitions": max(1, math.ceil(emitted / config.rows_per_partition)),
+        "embedding_dim": dim,
     }
-    if ctx.storage.exists(PLAN) and ctx.storage.read_json(PLAN)["images"] == images:
-        plan = ctx.storage.read_json(PLAN)  # keep the first run's partitioning (resume)
-    else:
+    old = ctx.storage.read_json(PLAN) if ctx.storage.exists(PLAN) else None
+    if old is not None and old["images"] == images:
+        plan = {**old, "embedding_dim": dim}  # keep the first run's partitioning (resume)
+    if plan != old:
         ctx.storage.write_json(PLAN, plan)
     return shards
 
@@ -391,13 +401,11 @@ def run_map(ctx: ShardContext) -> dict:
         for i, k in enumerate(table_keys(t["phash"].to_numpy().astype(np.int64), plan["near_index"])):
             kinds.append(np.full(len(gid), KIND_NEAR + i))
             keys.append(k)
-    carried = {}
-    if kinds:
+    if kinds:  # no fuzzy checks on: no fuzzy file (the reducers find none)
         carried = {"phash": t["phash"].to_numpy().astype(np.int64)}
         carried.update(zip(("c0", "c1", "c2"), pack_colour(t["colour_sig"]), strict=True))
         if config.keep_different_captions:
             carried["caption_key"] = captions
-    if kinds:  # no fuzzy checks on: no fuzzy file (the reducers find none)
         emitted += emit("fuzzy", fuzzy_schema(config), gid, kinds, keys, **carried)
     if config.semantic:
         emitted += emit_semantic(ctx, emit)
@@ -412,9 +420,9 @@ def emit_semantic(ctx: ShardContext, emit) -> int:
     """Each embedded image keyed by its nearest k-means centroid (SemDeDup compares within a cluster)."""
     from pipeline.clip_score import pick_device
 
-    embedded = ctx.read_table(f"{EMBED}/{ctx.name}.parquet")
     if not ctx.storage.exists(CENTROIDS + ".parquet"):  # no image anywhere embedded
         return 0
+    embedded = ctx.read_table(f"{EMBED}/{ctx.name}.parquet")
     centroids = vectors_of(ctx.read_table(CENTROIDS + ".parquet")["centroid"])
     x = vectors_of(embedded["embedding"])
     cluster = nearest(x, centroids, pick_device(ctx.config.semantic_device))
@@ -461,7 +469,7 @@ def exact_edges(frame: pl.DataFrame) -> pl.DataFrame:
         key, gid = rows["key"].to_numpy(), rows["gid"].to_numpy()
         order = np.lexsort((gid, key))
         key, gid = key[order], gid[order]
-        first = np.r_[True, key[1:] != key[:-1]] if len(key) else np.zeros(0, bool)
+        first = run_starts(key)
         head = gid[first][np.cumsum(first) - 1]  # each row's group's smallest node
         parts.append(
             pl.DataFrame({"a": gid[~first], "b": head[~first], "reason": np.full((~first).sum(), kind, np.int8)})
@@ -532,7 +540,7 @@ def semantic_edges(
     """
     order = np.lexsort((gid, cluster))
     cluster, gid, x = cluster[order], gid[order], x[order]
-    starts = np.flatnonzero(np.r_[True, cluster[1:] != cluster[:-1]]) if len(cluster) else np.zeros(0, np.int64)
+    starts = np.flatnonzero(run_starts(cluster))
     stops = np.r_[starts[1:], len(cluster)]
     a_out, b_out = [], []
     for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
@@ -581,15 +589,14 @@ def run_reduce(ctx: ShardContext) -> dict:
         .filter(pl.col("len") > config.max_caption_group)
         .height
     )
-    design = ctx.storage.read_json(PLAN)["near_index"]
+    plan = ctx.storage.read_json(PLAN)
     # Rows of different kinds never pair: one kind at a time keeps the working set a table's worth.
-    fuzzy_parts = [fuzzy_edges(part, config, design) for part in fuzzy.partition_by("kind")]
+    fuzzy_parts = [fuzzy_edges(part, config, plan["near_index"]) for part in fuzzy.partition_by("kind")]
     semantic = []
     if config.semantic:
         files = map_files(ctx.storage, f"{MAP}/semantic")
         if files:
-            dim = ctx.read_table(CENTROIDS + ".parquet")["centroid"].type.list_size
-            rows = read_partition(ctx.storage, files, ctx.shard, semantic_schema(dim))
+            rows = read_partition(ctx.storage, files, ctx.shard, semantic_schema(plan["embedding_dim"]))
             x = vectors_of(rows["embedding"])
             semantic = [semantic_edges(rows["key"].to_numpy(), rows["gid"].to_numpy(), x, config.semantic_threshold)]
     edges = pl.concat([pl.DataFrame(schema=EMPTY_EDGES), exact_edges(exact), *fuzzy_parts, *semantic])
@@ -649,8 +656,7 @@ def keepers_by_rule(root: np.ndarray, nodes: np.ndarray, uids: list[pa.Array], a
     keys |= {f"uid{i}": np.concatenate([uid_half(u, i) for u in uids]) for i in (0, 1)} | {"gid": nodes}
     order = pl.DataFrame(keys).select(pl.arg_sort_by(list(keys))).to_series().to_numpy()
     del keys
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = root[order][1:] != root[order][:-1]
+    first = run_starts(root[order])
     keeper = np.empty(len(nodes), dtype=np.int64)
     keeper[root[order[first]]] = order[first]  # by root: the node index of its cluster's keeper
     return keeper[root]
