@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -648,18 +650,28 @@ def uid_half(uid: pa.Array, half: int) -> np.ndarray:
     return digits.fill_null(0).to_numpy()
 
 
-def keepers_by_rule(root: np.ndarray, nodes: np.ndarray, uids: list[pa.Array], area: np.ndarray | None) -> np.ndarray:
+def keepers_by_rule(root: np.ndarray, nodes: np.ndarray, uid_halves: list[np.ndarray], area: np.ndarray | None):
     """For each node, the index of its cluster's keeper: the largest area (when given), then the
     lowest uid, then the lowest gid. Sorts numbers only: the uid (32 hex digits) as two integers
-    orders exactly like the string. (A function, so the sort's columns are freed on return.)"""
+    (`uid_halves`, see uid_half) orders exactly like the string. (A function, so the sort's
+    columns are freed on return.)"""
     keys = {"root": root} | ({} if area is None else {"area": -area})
-    keys |= {f"uid{i}": np.concatenate([uid_half(u, i) for u in uids]) for i in (0, 1)} | {"gid": nodes}
+    keys |= {f"uid{i}": half for i, half in enumerate(uid_halves)} | {"gid": nodes}
     order = pl.DataFrame(keys).select(pl.arg_sort_by(list(keys))).to_series().to_numpy()
     del keys
     first = run_starts(root[order])
     keeper = np.empty(len(nodes), dtype=np.int64)
     keeper[root[order[first]]] = order[first]  # by root: the node index of its cluster's keeper
     return keeper[root]
+
+
+def node_attributes(ctx: ShardContext, shard: int, rows: np.ndarray) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """uid, area (width x height) and uid halves of crawl rows `rows` (sorted) of one shard."""
+    columns = ["uid", "original_width", "original_height"]
+    table = ctx.read_table(f"crawl/{shard_name(shard)}.parquet", columns=columns).take(pa.array(rows))
+    uid = table["uid"].combine_chunks()
+    w, h = (table[c].to_numpy().astype(np.int64) for c in columns[1:])
+    return uid, w * h, np.stack([uid_half(uid, 0), uid_half(uid, 1)])
 
 
 def plan_components(ctx: PlanContext) -> list[int]:
@@ -689,16 +701,23 @@ def run_components(ctx: ShardContext) -> dict:
     node_shards = nodes >> 32
     shards = np.unique(node_shards).tolist()
     bounds = np.searchsorted(node_shards, [*shards, shards[-1] + 1])
-    uids, areas = [], []
-    for s, start, stop in zip(shards, bounds[:-1], bounds[1:], strict=True):
-        columns = ["uid", "original_width", "original_height"]
-        table = ctx.read_table(f"crawl/{shard_name(s)}.parquet", columns=columns)
-        table = table.take(pa.array(nodes[start:stop] & 0xFFFFFFFF))
-        uids.append(table["uid"].combine_chunks())
-        w, h = (table[c].to_numpy().astype(np.int64) for c in columns[1:])
-        areas.append(w * h)
-    keeper_of = keepers_by_rule(root, nodes, uids, None if config.keep == "lowest_uid" else np.concatenate(areas))
-    del areas
+    # One shard's read and parse at a time would leave the machine's other cores idle while this
+    # one task runs (arrow and polars work outside the GIL).
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        parts = list(
+            pool.map(
+                lambda s, start, stop: node_attributes(ctx, s, nodes[start:stop] & 0xFFFFFFFF),
+                shards,
+                bounds[:-1],
+                bounds[1:],
+            )
+        )
+    uids = [u for u, _, _ in parts]
+    area = None if config.keep == "lowest_uid" else np.concatenate([a for _, a, _ in parts])
+    halves = np.concatenate([h for _, _, h in parts], axis=1)
+    del parts
+    keeper_of = keepers_by_rule(root, nodes, list(halves), area)
+    del area, halves
     is_keeper = keeper_of == np.arange(len(nodes))
     per_root = np.bincount(root, minlength=len(nodes))
     sizes = per_root[root]
@@ -713,17 +732,19 @@ def run_components(ctx: ShardContext) -> dict:
     del uids
     keeper_rank = np.zeros(len(nodes), dtype=np.int64)
     keeper_rank[keepers] = np.arange(len(keepers))
-    names = pl.Series([*REASONS, None], dtype=pl.Utf8)
+    names = pa.array([*REASONS, None], pa.string())
     for s, start, stop in zip(shards, bounds[:-1], bounds[1:], strict=True):  # gid order = nodes order
         here = slice(start, stop)
         dup_of = keeper_uid.take(pa.array(keeper_rank[keeper_of[here]]))
         part = {
             "gid": nodes[here],
             "dup_of": pc.if_else(is_keeper[here], pa.scalar(None, pa.string()), dup_of),
-            "dup_reason": names.gather(reasons[here].astype(np.int64)).to_arrow(),
+            "dup_reason": names.take(pa.array(reasons[here])),
             "cluster_size": sizes[here].astype(np.int32),
         }
-        ctx.write_table(f"dedup/_clusters/{shard_name(s)}.parquet", pa.table(part), work=True)
+        ctx.write_table(
+            f"dedup/_clusters/{shard_name(s)}.parquet", pa.table(part), work=True, distinct=("gid", "dup_of")
+        )
     counts = np.bincount(reasons[~is_keeper], minlength=len(REASONS))
     size_values, size_counts = np.unique(per_root[per_root > 0], return_counts=True)
     stats.update(
@@ -759,7 +780,7 @@ def run_dedup(ctx: ShardContext) -> dict:
     out = {"uid": crawl["uid"].filter(pa.array(ok))} | {c: clusters[c].take(take) for c in columns}
     out["cluster_size"] = pc.fill_null(out["cluster_size"], 1)
     table = schema.conform(pa.table(out), schema.DEDUP, f"dedup/{ctx.name}")
-    ctx.write_table(f"dedup/{ctx.name}.parquet", table)
+    ctx.write_table(f"dedup/{ctx.name}.parquet", table, distinct=("uid", "dup_of"))
     kept = int(table["dup_of"].null_count)
     return {"rows": table.num_rows, "kept": kept, "duplicates": table.num_rows - kept}
 

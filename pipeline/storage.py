@@ -109,6 +109,10 @@ class Storage:
         """Copy a local file to `rel`, atomically."""
         raise NotImplementedError
 
+    def move_file(self, local_path: str | os.PathLike, rel: str) -> None:
+        """Like put_file for a local file the caller no longer needs (it may be gone afterwards)."""
+        self.put_file(local_path, rel)
+
     def delete(self, rel: str) -> None:
         raise NotImplementedError
 
@@ -164,7 +168,12 @@ class Storage:
         with self.open_read(rel) as f:
             data = f.read()
         try:
-            return pq.read_table(pa.BufferReader(data), columns=columns)
+            # ParquetFile, not read_table: no dataset layer, ~1 ms less a file (the dedup steps read thousands)
+            file = pq.ParquetFile(pa.BufferReader(data))
+            missing = [c for c in columns or [] if c not in file.schema_arrow.names]
+            if missing:  # ParquetFile.read would leave them out without a word
+                raise StorageError(f"{self.url(rel)}: no column {', '.join(missing)}")
+            return file.read(columns=columns)
         except pa.ArrowInvalid as e:
             raise StorageError(f"{self.url(rel)}: not a readable parquet file ({e})") from e
 
@@ -251,6 +260,21 @@ class LocalStorage(Storage):
     def put_file(self, local_path: str | os.PathLike, rel: str) -> None:
         with self.writer(rel) as dst, open(local_path, "rb") as src:
             shutil.copyfileobj(src, dst, 1 << 20)
+
+    def move_file(self, local_path: str | os.PathLike, rel: str) -> None:
+        """A rename when `local_path` is on the same filesystem (no copy: a map task's 3 MB
+        shuffle file was 5 ms of copying), else a copy."""
+        dest = self._path(rel)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(local_path, "rb") as f:
+                os.fsync(f.fileno())  # durable before it is visible, as writer() makes its files
+            os.chmod(local_path, 0o644)
+            os.replace(local_path, dest)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise _os_error(e, self.url(rel)) from e
+            self.put_file(local_path, rel)
 
     def delete(self, rel: str) -> None:
         try:

@@ -69,6 +69,18 @@ def test_large_objects_stream_and_upload_whole(store, tmp_path):
     assert (tmp_path / "back.bin").read_bytes() == data
 
 
+def test_moving_a_file_in_replaces_the_old_object_whole(store, tmp_path):
+    store.write_bytes("out/part.bin", b"old")
+    local = tmp_path / "part.bin"
+    local.write_bytes(b"new bytes")
+    store.move_file(local, "out/part.bin")
+    assert store.read_bytes("out/part.bin") == b"new bytes"
+    assert store.list("out") == ["out/part.bin"]  # no spool file left beside it
+    with pytest.raises(StorageError, match="absent|other"):
+        store.move_file(tmp_path / "absent.bin", "out/other.bin")
+    assert not store.exists("out/other.bin")
+
+
 def test_seekable_reader_reads_parquet_row_groups(store, tmp_path):
     import pyarrow.parquet as pq
 
@@ -89,6 +101,10 @@ def test_missing_objects_and_bad_parquet_are_one_line_errors(store):
     store.write_bytes("bad.parquet", b"not parquet at all")
     with pytest.raises(StorageError, match=r"bad\.parquet: not a readable parquet file"):
         store.read_parquet("bad.parquet")
+    store.write_parquet("t.parquet", pa.table({"a": [1], "b": [2]}))
+    assert store.read_parquet("t.parquet", columns=["b"]).to_pydict() == {"b": [2]}
+    with pytest.raises(StorageError, match=r"t\.parquet: no column c, d$"):
+        store.read_parquet("t.parquet", columns=["a", "c", "d"])
 
 
 def test_paths_that_escape_the_root_are_refused(store):
