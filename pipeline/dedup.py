@@ -462,21 +462,20 @@ EMPTY_EDGES = {"a": pl.Int64, "b": pl.Int64, "reason": pl.Int8}
 def exact_edges(frame: pl.DataFrame) -> pl.DataFrame:
     """Rows sharing an exact key: a star to the smallest node of each group (enough for connectivity).
 
-    Most keys are unique, so they are dropped first (one hash pass over an int64 column per
-    kind); only the repeated ones are sorted.
+    Exact keys are 60 bits (hex_key), so a row's kind goes in the top bits and one int64 column
+    tells the groups of every kind apart. Most keys are unique, so they are dropped first (one
+    hash pass); only the repeated ones are sorted.
     """
-    parts = [pl.DataFrame(schema=EMPTY_EDGES)]
-    for (kind,), rows in frame.partition_by("kind", as_dict=True).items():
-        rows = rows.filter(rows["key"].is_duplicated())
-        key, gid = rows["key"].to_numpy(), rows["gid"].to_numpy()
-        order = np.lexsort((gid, key))
-        key, gid = key[order], gid[order]
-        first = run_starts(key)
-        head = gid[first][np.cumsum(first) - 1]  # each row's group's smallest node
-        parts.append(
-            pl.DataFrame({"a": gid[~first], "b": head[~first], "reason": np.full((~first).sum(), kind, np.int8)})
-        )
-    return pl.concat(parts)
+    key = frame["key"].to_numpy() | (frame["kind"].to_numpy().astype(np.int64) << 60)
+    repeated = pl.Series(key).is_duplicated().to_numpy()
+    key, gid = key[repeated], frame["gid"].to_numpy()[repeated]
+    order = np.lexsort((gid, key))
+    key, gid = key[order], gid[order]
+    first = run_starts(key)
+    head = gid[first][np.cumsum(first) - 1]  # each row's group's smallest node
+    return pl.DataFrame(
+        {"a": gid[~first], "b": head[~first], "reason": (key[~first] >> 60).astype(np.int8)}, schema=EMPTY_EDGES
+    )
 
 
 def first_table(a: np.ndarray, b: np.ndarray, design: dict) -> np.ndarray:
@@ -603,7 +602,7 @@ def run_reduce(ctx: ShardContext) -> dict:
             semantic = [semantic_edges(rows["key"].to_numpy(), rows["gid"].to_numpy(), x, config.semantic_threshold)]
     edges = pl.concat([pl.DataFrame(schema=EMPTY_EDGES), exact_edges(exact), *fuzzy_parts, *semantic])
     edges = edges.unique().sort(["a", "b", "reason"])
-    ctx.write_table(f"{REDUCE}/{ctx.name}.parquet", edges.to_arrow(), work=True)
+    ctx.write_table(f"{REDUCE}/{ctx.name}.parquet", edges.to_arrow(), work=True, distinct=("a", "b"))
     return {"rows": exact.height + fuzzy.height, "edges": edges.height, "caption_groups_skipped": skipped}
 
 

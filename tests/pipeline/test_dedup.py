@@ -453,3 +453,20 @@ def test_hex_keys_are_the_first_60_bits_of_the_digest():
         assert hex_key(values).tolist() == parsed(rows)
     with pytest.raises(Exception, match="parsing failed"):
         hex_key(pa.array(["g" * 64]))  # not hex: an error, never a made-up key
+
+
+def test_exact_edges_star_each_group_to_its_smallest_node_per_kind():
+    from pipeline.dedup import KIND_BYTES, KIND_PIXELS, exact_edges
+
+    top = (1 << 60) - 1  # the largest 60-bit key
+    frame = pl.DataFrame(
+        {
+            "kind": [KIND_BYTES] * 5 + [KIND_PIXELS] * 4,
+            "key": [7, 9, 7, 7, top, 7, 9, 9, top],  # the same key of two kinds: two groups
+            "gid": [30, 31, 12, 44, 50, 31, 12, 50, 60],
+        },
+        schema={"kind": pl.Int8, "key": pl.Int64, "gid": pl.Int64},
+    )
+    edges = exact_edges(frame).sort(["reason", "a"])
+    assert edges.rows() == [(30, 12, KIND_BYTES), (44, 12, KIND_BYTES), (50, 12, KIND_PIXELS)]
+    assert exact_edges(frame.clear()).height == 0
