@@ -40,6 +40,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -664,13 +665,18 @@ def keepers_by_rule(root: np.ndarray, nodes: np.ndarray, uid_halves: list[np.nda
     return keeper[root]
 
 
-def node_attributes(ctx: ShardContext, shard: int, rows: np.ndarray) -> tuple[pa.Array, np.ndarray, np.ndarray]:
-    """uid, area (width x height) and uid halves of crawl rows `rows` (sorted) of one shard."""
+def read_node_attributes(ctx: ShardContext, shard: int, gids: np.ndarray, area: np.ndarray, halves: np.ndarray):
+    """uid of nodes `gids` (sorted) of one crawl shard; their area (width x height) and uid halves
+    (see uid_half) written into `area` and the two rows of `halves`, which are theirs alone."""
     columns = ["uid", "original_width", "original_height"]
-    table = ctx.read_table(f"crawl/{shard_name(shard)}.parquet", columns=columns).take(pa.array(rows))
+    rows = pa.array(gids & 0xFFFFFFFF)  # a node's low 32 bits are its crawl row
+    table = ctx.read_table(f"crawl/{shard_name(shard)}.parquet", columns=columns).take(rows)
     uid = table["uid"].combine_chunks()
     w, h = (table[c].to_numpy().astype(np.int64) for c in columns[1:])
-    return uid, w * h, np.stack([uid_half(uid, 0), uid_half(uid, 1)])
+    np.multiply(w, h, out=area)
+    for i in (0, 1):
+        halves[i] = uid_half(uid, i)
+    return uid
 
 
 def plan_components(ctx: PlanContext) -> list[int]:
@@ -701,21 +707,22 @@ def run_components(ctx: ShardContext) -> dict:
     shards = np.unique(node_shards).tolist()
     bounds = np.searchsorted(node_shards, [*shards, shards[-1] + 1])
     # One shard's read and parse at a time would leave the machine's other cores idle while this
-    # one task runs (arrow and polars work outside the GIL).
+    # one task runs (arrow and polars work outside the GIL). Each shard fills its own slice of
+    # the node arrays: no per-shard pieces held alongside their concatenation.
+    area = np.empty(len(nodes), dtype=np.int64)
+    halves = np.empty((2, len(nodes)), dtype=np.uint64)
+    spans = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        parts = list(
+        uids = list(
             pool.map(
-                lambda s, start, stop: node_attributes(ctx, s, nodes[start:stop] & 0xFFFFFFFF),
+                partial(read_node_attributes, ctx),
                 shards,
-                bounds[:-1],
-                bounds[1:],
+                [nodes[span] for span in spans],
+                [area[span] for span in spans],
+                [halves[:, span] for span in spans],
             )
         )
-    uids = [u for u, _, _ in parts]
-    area = None if config.keep == "lowest_uid" else np.concatenate([a for _, a, _ in parts])
-    halves = np.concatenate([h for _, _, h in parts], axis=1)
-    del parts
-    keeper_of = keepers_by_rule(root, nodes, list(halves), area)
+    keeper_of = keepers_by_rule(root, nodes, list(halves), None if config.keep == "lowest_uid" else area)
     del area, halves
     is_keeper = keeper_of == np.arange(len(nodes))
     per_root = np.bincount(root, minlength=len(nodes))
