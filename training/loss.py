@@ -1,8 +1,8 @@
 """Contrastive losses: CLIP's symmetric InfoNCE and SigLIP's sigmoid loss, local-rows style under DDP.
 
-Under DDP each rank gathers every rank's features *with gradients*
-(its backward sums the gradients back to the rank that owns each feature) and computes the loss of its
-own rows against all columns. Memory is then linear in the global batch
+Under DDP each rank gathers every rank's features *with gradients* (the
+gather's backward sums the gradients back to the rank that owns each feature)
+and computes the loss of its own rows against all columns. Memory is then linear in the global batch
 (local × global logits, not global × global), and since DDP averages gradients
 over ranks, the update equals that of the single-process loss on the whole
 global batch — tests/training/test_loss.py checks this with two gloo processes.
@@ -18,9 +18,9 @@ import torch.nn.functional as F
 class _GatherRows(torch.autograd.Function):
     """All ranks' rows in rank order; backward hands each rank the summed gradient of its own rows.
 
-    Written on the two collectives every backend has (all_gather, all_reduce) rather than on
-    torch.distributed.nn.functional.all_gather, which torch deprecates and which, with gloo, left
-    worker processes aborting at interpreter exit now and then (~4% of runs here).
+    Written on two collectives every backend has (all_gather, all_reduce) rather than on
+    torch.distributed.nn.functional.all_gather, which torch 2.13 deprecates (a FutureWarning
+    every step). All ranks must pass the same number of rows.
     """
 
     @staticmethod
