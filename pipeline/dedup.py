@@ -146,13 +146,12 @@ def caption_key(captions: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.where(folded.to_numpy() == "", 0, np.maximum(key, 1))
 
 
-# --- step 0 (semantic only): embeddings and k-means centroids ------------------------------
-
-
-def _ok_rows(crawl: pa.Table) -> np.ndarray:
-    """The crawl rows dedup looks at: fetched and hashed images."""
+def image_rows(shard: int, crawl: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """The crawl rows dedup looks at (fetched and hashed images): their mask over the shard, and
+    their node ids, the crawl shard in the high 32 bits and the crawl row in the low."""
     ok = pc.fill_null(pc.and_(pc.equal(crawl["status"], schema.SUCCESS), pc.is_valid(crawl["phash"])), False)
-    return ok.to_numpy(zero_copy_only=False)
+    ok = ok.to_numpy(zero_copy_only=False)
+    return ok, (np.int64(shard) << np.int64(32)) | np.flatnonzero(ok).astype(np.int64)
 
 
 def run_starts(values: np.ndarray) -> np.ndarray:
@@ -162,9 +161,7 @@ def run_starts(values: np.ndarray) -> np.ndarray:
     return starts
 
 
-def _gids(shard: int, rows: np.ndarray) -> np.ndarray:
-    """Node ids: the crawl shard in the high 32 bits, the crawl row in the low."""
-    return (np.int64(shard) << np.int64(32)) | rows.astype(np.int64)
+# --- step 0 (semantic only): embeddings and k-means centroids ------------------------------
 
 
 def plan_embed(ctx: PlanContext) -> list[int]:
@@ -188,7 +185,7 @@ def run_embed(ctx: ShardContext) -> dict:
 
     config: DedupConfig = ctx.config
     crawl = ctx.read_table(f"crawl/{ctx.name}.parquet", columns=["key", "status", "phash"])
-    ok = _ok_rows(crawl)
+    ok, gid = image_rows(ctx.shard, crawl)
     keys = crawl["key"].filter(pa.array(ok)).to_pylist()
     images = read_images(ctx.storage, f"crawl/{ctx.name}.tar") if keys else {}
     vectors = clip_score.embed(
@@ -200,7 +197,7 @@ def run_embed(ctx: ShardContext) -> dict:
     decoded = ~np.isnan(vectors).any(axis=1)
     table = pa.table(
         {
-            "gid": _gids(ctx.shard, np.flatnonzero(ok)[decoded]),
+            "gid": gid[decoded],
             "embedding": vector_array(vectors[decoded].astype(np.float16)),
         }
     )
@@ -367,9 +364,8 @@ def run_map(ctx: ShardContext) -> dict:
     columns += [c for c, on in (("sha256", config.exact_bytes), ("pixel_hash", config.exact_pixels)) if on]
     columns += (["colour_sig"] if fuzzy else []) + (["caption"] if captions_needed else [])
     crawl = ctx.read_table(f"crawl/{ctx.name}.parquet", columns=columns)
-    ok = _ok_rows(crawl)
+    ok, gid = image_rows(ctx.shard, crawl)
     t = crawl.filter(pa.array(ok))
-    gid = _gids(ctx.shard, np.flatnonzero(ok))
     captions = caption_key(t["caption"]) if captions_needed else None
 
     def emit(kind: str, table_schema: pa.Schema, gid, kinds: list, keys: list, **carried) -> int:
@@ -772,8 +768,7 @@ def plan_dedup(ctx: PlanContext) -> list[int]:
 
 def run_dedup(ctx: ShardContext) -> dict:
     crawl = ctx.read_table(f"crawl/{ctx.name}.parquet", columns=["uid", "status", "phash"])
-    ok = _ok_rows(crawl)
-    gid = _gids(ctx.shard, np.flatnonzero(ok))
+    ok, gid = image_rows(ctx.shard, crawl)
     # Each clustered node's row among the shard's images (both sorted by gid): a positional
     # take, nulls for the images in no cluster, instead of a join and a sort.
     row = np.full(len(gid), -1, dtype=np.int64)
