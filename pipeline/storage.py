@@ -264,13 +264,11 @@ class LocalStorage(Storage):
     def move_file(self, local_path: str | os.PathLike, rel: str) -> None:
         """A rename when `local_path` is on the same filesystem (no copy: a map task's 3 MB
         shuffle file was 5 ms of copying), else a copy."""
-        dest = self._path(rel)
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            self._path(rel).parent.mkdir(parents=True, exist_ok=True)
             with open(local_path, "rb") as f:
                 os.fsync(f.fileno())  # durable before it is visible, as writer() makes its files
-            os.chmod(local_path, 0o644)
-            os.replace(local_path, dest)
+            self._commit_spooled(os.fspath(local_path), rel)
         except OSError as e:
             if e.errno != errno.EXDEV:
                 raise _os_error(e, self.url(rel)) from e
