@@ -208,3 +208,24 @@ def test_gpu_stages_ask_for_a_gpu_only_when_the_cluster_has_one(ray_local):
     assert stage_resources(FILTER, RunConfig(filter=FilterConfig(clip_checkpoint="run/"))) == (1.0, 0.0)  # no GPU here
     assert stage_resources(FILTER, RunConfig()) == (1.0, 0.0)
     assert FILTER.gpu_when(FilterConfig(clip_checkpoint="run/")) and not FILTER.gpu_when(FilterConfig())
+
+
+def test_a_task_gives_its_freed_memory_back_only_when_the_process_holds_much(monkeypatch, tmp_path):
+    import numpy as np
+
+    from pipeline import stage
+
+    before = stage.resident_bytes()
+    touched = np.ones(64 << 17)  # 64 MiB of float64, every page written
+    assert stage.resident_bytes() - before >= 0.9 * touched.nbytes
+    del touched
+    released = []
+    monkeypatch.setattr(stage, "release_memory", lambda: released.append(True))
+    store = open_storage(tmp_path / "out")
+    run = toy_run(store.uri, shards=2)
+    monkeypatch.setattr(stage, "RELEASE_ABOVE", stage.resident_bytes() + (1 << 30))
+    stage.execute_shard(STAGE, 0, store, run)
+    assert released == []
+    monkeypatch.setattr(stage, "RELEASE_ABOVE", 0)
+    stage.execute_shard(STAGE, 1, store, run)
+    assert released == [True]
