@@ -130,12 +130,12 @@ def table_keys(phash: np.ndarray, design: dict) -> list[np.ndarray]:
     return keys
 
 
-def hex_key(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
+def hex_key(values: pl.Series | pa.ChunkedArray | pa.Array) -> np.ndarray:
     """The first 60 bits of hex digests, as int64 keys (vectorised: ~4 ms per 100k sha256s)."""
     return pl.Series(values).str.slice(0, 15).str.to_integer(base=16).cast(pl.Int64).to_numpy()
 
 
-def caption_key(captions: pa.ChunkedArray | pa.Array) -> np.ndarray:
+def caption_key(captions: pl.Series | pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A 63-bit key of the caption, case- and whitespace-folded (0 for an empty caption).
 
     polars' hash with fixed seeds: stable for one polars version, which is all a run needs
@@ -146,11 +146,10 @@ def caption_key(captions: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.where(folded.to_numpy() == "", 0, np.maximum(key, 1))
 
 
-def image_rows(shard: int, crawl: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+def image_rows(shard: int, crawl: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """The crawl rows dedup looks at (fetched and hashed images): their mask over the shard, and
     their node ids, the crawl shard in the high 32 bits and the crawl row in the low."""
-    ok = pc.fill_null(pc.and_(pc.equal(crawl["status"], schema.SUCCESS), pc.is_valid(crawl["phash"])), False)
-    ok = ok.to_numpy(zero_copy_only=False)
+    ok = ((crawl["status"] == schema.SUCCESS) & crawl["phash"].is_not_null()).fill_null(False).to_numpy()
     return ok, (np.int64(shard) << np.int64(32)) | np.flatnonzero(ok).astype(np.int64)
 
 
@@ -184,9 +183,9 @@ def run_embed(ctx: ShardContext) -> dict:
     from pipeline.formats import read_images
 
     config: DedupConfig = ctx.config
-    crawl = ctx.read_table(f"crawl/{ctx.name}.parquet", columns=["key", "status", "phash"])
+    crawl = ctx.read_frame(f"crawl/{ctx.name}.parquet", columns=["key", "status", "phash"])
     ok, gid = image_rows(ctx.shard, crawl)
-    keys = crawl["key"].filter(pa.array(ok)).to_pylist()
+    keys = crawl["key"].filter(ok).to_list()
     images = read_images(ctx.storage, f"crawl/{ctx.name}.tar") if keys else {}
     vectors = clip_score.embed(
         [images.get(k, b"") for k in keys],
@@ -363,9 +362,9 @@ def run_map(ctx: ShardContext) -> dict:
     columns = ["status", "phash"]  # only what the enabled checks need: at 100k rows a shard, reading is half the map
     columns += [c for c, on in (("sha256", config.exact_bytes), ("pixel_hash", config.exact_pixels)) if on]
     columns += (["colour_sig"] if fuzzy else []) + (["caption"] if captions_needed else [])
-    crawl = ctx.read_table(f"crawl/{ctx.name}.parquet", columns=columns)
+    crawl = ctx.read_frame(f"crawl/{ctx.name}.parquet", columns=columns)
     ok, gid = image_rows(ctx.shard, crawl)
-    t = crawl.filter(pa.array(ok))
+    t = crawl.filter(ok)
     captions = caption_key(t["caption"]) if captions_needed else None
 
     def emit(kind: str, table_schema: pa.Schema, gid, kinds: list, keys: list, **carried) -> int:
@@ -433,7 +432,7 @@ def emit_semantic(ctx: ShardContext, emit) -> int:
 # --- step 2: reduce -------------------------------------------------------------------------
 
 
-def pack_colour(signatures: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
+def pack_colour(signatures: pl.Series | pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
     """48-hex-digit colour grids as three int64 columns of 16 digits each (24 bytes, not 48 + offsets)."""
     text = pl.Series(signatures)
     return [
@@ -460,18 +459,25 @@ def exact_edges(frame: pl.DataFrame) -> pl.DataFrame:
     """Rows sharing an exact key: a star to the smallest node of each group (enough for connectivity).
 
     Exact keys are 60 bits (hex_key), so a row's kind goes in the top bits and one int64 column
-    tells the groups of every kind apart. Most keys are unique, so they are dropped first (one
-    hash pass); only the repeated ones are sorted.
+    tells the groups of every kind apart. Most keys are unique, so the repeated ones are found
+    first (a radix sort of the keys alone and a hash lookup: 2x faster than is_duplicated) and
+    only their rows are ordered.
     """
     key = frame["key"].to_numpy() | (frame["kind"].to_numpy().astype(np.int64) << 60)
-    repeated = pl.Series(key).is_duplicated().to_numpy()
+    keys = pl.Series(key)
+    ordered = keys.sort().to_numpy()
+    repeated_values = ordered[1:][ordered[1:] == ordered[:-1]]
+    if not len(repeated_values):
+        return pl.DataFrame(schema=EMPTY_EDGES)
+    repeated = keys.is_in(pl.Series(repeated_values).implode()).to_numpy()
     key, gid = key[repeated], frame["gid"].to_numpy()[repeated]
-    order = np.lexsort((gid, key))
+    order = pl.Series(key).arg_sort().to_numpy()
     key, gid = key[order], gid[order]
     first = run_starts(key)
-    head = gid[first][np.cumsum(first) - 1]  # each row's group's smallest node
+    head = np.minimum.reduceat(gid, np.flatnonzero(first))[np.cumsum(first) - 1]  # each group's smallest node
+    leaf = gid != head
     return pl.DataFrame(
-        {"a": gid[~first], "b": head[~first], "reason": (key[~first] >> 60).astype(np.int8)}, schema=EMPTY_EDGES
+        {"a": gid[leaf], "b": head[leaf], "reason": (key[leaf] >> 60).astype(np.int8)}, schema=EMPTY_EDGES
     )
 
 
@@ -767,7 +773,7 @@ def plan_dedup(ctx: PlanContext) -> list[int]:
 
 
 def run_dedup(ctx: ShardContext) -> dict:
-    crawl = ctx.read_table(f"crawl/{ctx.name}.parquet", columns=["uid", "status", "phash"])
+    crawl = ctx.read_frame(f"crawl/{ctx.name}.parquet", columns=["uid", "status", "phash"])
     ok, gid = image_rows(ctx.shard, crawl)
     # Each clustered node's row among the shard's images (both sorted by gid): a positional
     # take, nulls for the images in no cluster, instead of a join and a sort.
@@ -778,7 +784,7 @@ def run_dedup(ctx: ShardContext) -> dict:
     if clusters.num_rows:
         row[np.searchsorted(gid, clusters["gid"].to_numpy())] = np.arange(clusters.num_rows)
     take = pa.array(row, mask=row < 0)
-    out = {"uid": crawl["uid"].filter(pa.array(ok))} | {c: clusters[c].take(take) for c in columns}
+    out = {"uid": crawl["uid"].filter(ok).to_arrow().cast(pa.string())} | {c: clusters[c].take(take) for c in columns}
     out["cluster_size"] = pc.fill_null(out["cluster_size"], 1)
     table = schema.conform(pa.table(out), schema.DEDUP, f"dedup/{ctx.name}")
     ctx.write_table(f"dedup/{ctx.name}.parquet", table, distinct=("uid", "dup_of"))

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -125,6 +126,9 @@ class ShardContext:
 
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         return self.storage.read_parquet(rel, columns=columns)
+
+    def read_frame(self, rel: str, columns: list[str] | None = None) -> pl.DataFrame:
+        return self.storage.read_frame(rel, columns=columns)
 
     def output_path(self, rel: str) -> Path:
         """A local file to write output `rel` into; committed after run_shard returns."""

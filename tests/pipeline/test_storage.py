@@ -5,6 +5,7 @@ import os
 import subprocess
 import uuid
 
+import polars as pl
 import pyarrow as pa
 import pytest
 
@@ -99,12 +100,13 @@ def test_missing_objects_and_bad_parquet_are_one_line_errors(store):
     with pytest.raises(StorageError, match=r"missing\.bin: not found$"):
         store.read_bytes("missing.bin")
     store.write_bytes("bad.parquet", b"not parquet at all")
-    with pytest.raises(StorageError, match=r"bad\.parquet: not a readable parquet file"):
-        store.read_parquet("bad.parquet")
     store.write_parquet("t.parquet", pa.table({"a": [1], "b": [2]}))
-    assert store.read_parquet("t.parquet", columns=["b"]).to_pydict() == {"b": [2]}
-    with pytest.raises(StorageError, match=r"t\.parquet: no column c, d$"):
-        store.read_parquet("t.parquet", columns=["a", "c", "d"])
+    for read in (store.read_parquet, store.read_frame):  # arrow, and polars
+        with pytest.raises(StorageError, match=r"bad\.parquet: not a readable parquet file"):
+            read("bad.parquet")
+        assert pl.DataFrame(read("t.parquet", columns=["b"])).to_dict(as_series=False) == {"b": [2]}
+        with pytest.raises(StorageError, match=r"t\.parquet: no column c, d$"):
+            read("t.parquet", columns=["a", "c", "d"])
 
 
 def test_paths_that_escape_the_root_are_refused(store):
