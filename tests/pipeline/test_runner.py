@@ -229,3 +229,15 @@ def test_a_task_gives_its_freed_memory_back_only_when_the_process_holds_much(mon
     monkeypatch.setattr(stage, "RELEASE_ABOVE", 0)
     stage.execute_shard(STAGE, 1, store, run)
     assert released == [True]
+
+
+def test_polars_in_a_ray_worker_gets_as_many_threads_as_the_task_has_cpus(ray_local):
+    def pool_size() -> tuple[str, int]:
+        __import__("pipeline")  # before polars, as when a worker loads a stage
+        import polars as pl
+
+        return os.environ["OMP_NUM_THREADS"], pl.thread_pool_size()
+
+    fresh = {"env_vars": {"CLIPLINE_TEST_WORKER": str(time.time())}}  # a new worker, nothing imported yet
+    task = ray_local.remote(num_cpus=1, runtime_env=fresh)(pool_size)
+    assert ray_local.get(task.remote()) == ("1", 1)
