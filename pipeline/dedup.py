@@ -51,7 +51,15 @@ import pyarrow.compute as pc
 from pipeline import schema
 from pipeline.errors import ConfigError
 from pipeline.shuffle import map_files, read_partition, write_gathered
-from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards, release_memory, shard_name
+from pipeline.stage import (
+    IDENTITY,
+    PlanContext,
+    ShardContext,
+    Stage,
+    committed_shards,
+    release_memory,
+    shard_name,
+)
 
 PLAN = "dedup/_plan.json"
 MAP, REDUCE, COMPONENTS = "dedup/_map", "dedup/_reduce", "dedup/_components"
@@ -620,15 +628,27 @@ def union_find(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
 
 def union_find_ends(ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """union_find over one array of edge ends, the a's then the b's (so a caller need not hold
-    both a copy and the halves). Indices are int32: at 10M images the edge-sized temporaries
-    are the step's peak memory."""
+    both a copy and the halves)."""
+    nodes, index = dense_index(ends)
+    return nodes, index, roots(index, len(nodes))
+
+
+def dense_index(ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(nodes, index): the sorted distinct values of `ends`, and each end's index into them.
+    Indices are int32: at 10M images the edge-sized temporaries are the step's peak memory."""
     index = pl.Series(ends).rank("dense").to_numpy().astype(np.int32)  # = np.unique's inverse + 1, 2-3x faster
     index -= 1
     nodes = np.empty(int(index.max()) + 1 if len(index) else 0, dtype=np.int64)
     nodes[index] = ends
-    half = len(ends) // 2
+    return nodes, index
+
+
+def roots(index: np.ndarray, n: int) -> np.ndarray:
+    """Each of `n` nodes' root, the smallest node index of its component, for the edges
+    index[:half] -- index[half:]."""
+    half = len(index) // 2
     ea, eb = index[:half], index[half:]
-    parent = np.arange(len(nodes), dtype=np.int32)
+    parent = np.arange(n, dtype=np.int32)
     while True:
         low = np.minimum(parent[ea], parent[eb])
         np.minimum.at(parent, parent[ea], low)  # hook roots onto the smaller root
@@ -637,7 +657,7 @@ def union_find_ends(ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
         while not np.array_equal(parent, parent[parent]):  # pointer jumping to the roots
             parent = parent[parent]
         if np.array_equal(parent[ea], parent[eb]):
-            return nodes, index, parent
+            return parent
 
 
 def connected_components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -654,16 +674,22 @@ def uid_half(uid: pa.Array, half: int) -> np.ndarray:
 
 def keepers_by_rule(root: np.ndarray, nodes: np.ndarray, uid_halves: list[np.ndarray], area: np.ndarray | None):
     """For each node, the index of its cluster's keeper: the largest area (when given), then the
-    lowest uid, then the lowest gid. Sorts numbers only: the uid (32 hex digits) as two integers
-    (`uid_halves`, see uid_half) orders exactly like the string. (A function, so the sort's
-    columns are freed on return.)"""
-    keys = {"root": root} | ({} if area is None else {"area": -area})
-    keys |= {f"uid{i}": half for i, half in enumerate(uid_halves)} | {"gid": nodes}
-    order = pl.DataFrame(keys).select(pl.arg_sort_by(list(keys))).to_series().to_numpy()
-    del keys
-    first = run_starts(root[order])
+    lowest uid, then the lowest gid. The uid (32 hex digits) comes as two integers (`uid_halves`,
+    see uid_half) that order exactly like the string. No sort: each criterion in turn keeps, of
+    the candidates left in a cluster, those at the cluster's minimum (one scatter-min a criterion);
+    gids are distinct, so one candidate a cluster is left."""
+    candidate = np.arange(len(nodes))
+    clusters = int((root == candidate).sum())
+    for values in [*([] if area is None else [-area]), *uid_halves, nodes]:
+        if len(candidate) == clusters:  # one left in every cluster (uids rarely tie): done
+            break
+        values = values[candidate]
+        at = root[candidate]
+        best = np.full(len(nodes), np.iinfo(values.dtype).max, dtype=values.dtype)
+        np.minimum.at(best, at, values)
+        candidate = candidate[values == best[at]]
     keeper = np.empty(len(nodes), dtype=np.int64)
-    keeper[root[order[first]]] = order[first]  # by root: the node index of its cluster's keeper
+    keeper[root[candidate]] = candidate  # by root: the node index of its cluster's keeper
     return keeper[root]
 
 
@@ -686,6 +712,16 @@ def plan_components(ctx: PlanContext) -> list[int]:
 
 
 def run_components(ctx: ShardContext) -> dict:
+    # One task, so the machine's other cores would idle: the crawl reads and the cluster
+    # files' builds and writes run on a thread pool (arrow works outside the GIL).
+    pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
+    try:
+        return _components(ctx, pool)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _components(ctx: ShardContext, pool: ThreadPoolExecutor) -> dict:
     config: DedupConfig = ctx.config
     edge_files = ctx.storage.list(REDUCE, suffix=".parquet")
     stats: dict = {"rows": 0, "clusters": 0, "duplicates": 0, "by_reason": {}, "cluster_sizes": {}}
@@ -696,34 +732,32 @@ def run_components(ctx: ShardContext) -> dict:
     edge_reason = np.concatenate([t["reason"].to_numpy() for t in edges]).astype(np.int16)
     del edges
     release_memory()  # the decoded edge files (Arrow's pool keeps them): 190 MB at 10M images
-    nodes, index, root = union_find_ends(ends)
+    nodes, index = dense_index(ends)
     del ends
+    # uid and resolution of the clustered nodes, straight from the crawl: a node's low 32 bits
+    # are its crawl row, and nodes are sorted, so each shard's are one slice. They are read
+    # while this thread finds the components; each shard fills its own slice of the node
+    # arrays (no per-shard pieces held alongside their concatenation).
+    node_shards = nodes >> 32
+    shards = np.unique(node_shards).tolist()
+    bounds = np.searchsorted(node_shards, [*shards, shards[-1] + 1])
+    spans = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    area = np.empty(len(nodes), dtype=np.int64)
+    halves = np.empty((2, len(nodes)), dtype=np.uint64)
+    reading = pool.map(
+        partial(read_node_attributes, ctx),
+        shards,
+        [nodes[span] for span in spans],
+        [area[span] for span in spans],
+        [halves[:, span] for span in spans],
+    )
+    root = roots(index, len(nodes))
     # The strongest reason among each node's own edges.
     reasons = np.full(len(nodes), len(REASONS), dtype=np.int16)
     np.minimum.at(reasons, index[: len(edge_reason)], edge_reason)
     np.minimum.at(reasons, index[len(edge_reason) :], edge_reason)
     del edge_reason, index
-    # uid and resolution of the clustered nodes, straight from the crawl: a node's low 32 bits
-    # are its crawl row, and nodes are sorted, so each shard's are one slice.
-    node_shards = nodes >> 32
-    shards = np.unique(node_shards).tolist()
-    bounds = np.searchsorted(node_shards, [*shards, shards[-1] + 1])
-    # One shard's read and parse at a time would leave the machine's other cores idle while this
-    # one task runs (arrow and polars work outside the GIL). Each shard fills its own slice of
-    # the node arrays: no per-shard pieces held alongside their concatenation.
-    area = np.empty(len(nodes), dtype=np.int64)
-    halves = np.empty((2, len(nodes)), dtype=np.uint64)
-    spans = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        uids = list(
-            pool.map(
-                partial(read_node_attributes, ctx),
-                shards,
-                [nodes[span] for span in spans],
-                [area[span] for span in spans],
-                [halves[:, span] for span in spans],
-            )
-        )
+    uids = list(reading)
     keeper_of = keepers_by_rule(root, nodes, list(halves), None if config.keep == "lowest_uid" else area)
     del area, halves
     is_keeper = keeper_of == np.arange(len(nodes))
@@ -741,8 +775,8 @@ def run_components(ctx: ShardContext) -> dict:
     keeper_rank = np.zeros(len(nodes), dtype=np.int64)
     keeper_rank[keepers] = np.arange(len(keepers))
     names = pa.array([*REASONS, None], pa.string())
-    for s, start, stop in zip(shards, bounds[:-1], bounds[1:], strict=True):  # gid order = nodes order
-        here = slice(start, stop)
+
+    def write_clusters(s: int, here: slice) -> None:  # gid order = nodes order
         dup_of = keeper_uid.take(pa.array(keeper_rank[keeper_of[here]]))
         part = {
             "gid": nodes[here],
@@ -753,6 +787,8 @@ def run_components(ctx: ShardContext) -> dict:
         ctx.write_table(
             f"dedup/_clusters/{shard_name(s)}.parquet", pa.table(part), work=True, distinct=("gid", "dup_of")
         )
+
+    list(pool.map(write_clusters, shards, spans))
     counts = np.bincount(reasons[~is_keeper], minlength=len(REASONS))
     size_values, size_counts = np.unique(per_root[per_root > 0], return_counts=True)
     stats.update(

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,7 @@ class ShardContext:
     run: Any
     staging_dir: Path
     staged: dict[str, Path] = field(default_factory=dict)
+    _staging: threading.Lock = field(default_factory=threading.Lock, repr=False)  # outputs staged from threads
 
     @property
     def name(self) -> str:
@@ -132,10 +134,11 @@ class ShardContext:
 
     def output_path(self, rel: str) -> Path:
         """A local file to write output `rel` into; committed after run_shard returns."""
-        if rel in self.staged:
-            raise AssertionError(f"output {rel} staged twice")
-        local = self.staging_dir / f"out{len(self.staged)}-{Path(rel).name}"
-        self.staged[rel] = local
+        with self._staging:
+            if rel in self.staged:
+                raise AssertionError(f"output {rel} staged twice")
+            local = self.staging_dir / f"out{len(self.staged)}-{Path(rel).name}"
+            self.staged[rel] = local
         return local
 
     def write_table(self, rel: str, table: pa.Table, work: bool = False, distinct: tuple[str, ...] = ()) -> None:
@@ -240,8 +243,7 @@ def execute_shard(stage: Stage, shard: int, storage: Storage, run: Any) -> Shard
         raise StorageError(f"{stage.name}/{shard_name(shard)}: {e}") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if resident_bytes() > RELEASE_ABOVE:
-            release_memory()
+        release_memory(above=RELEASE_ABOVE)
 
 
 # A process holding more than this after a task gives its freed memory back (release_memory).
@@ -263,10 +265,13 @@ def resident_bytes() -> int:
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def release_memory() -> None:
-    """Give the allocators' freed pages back to the OS: a Ray worker idles holding its last
-    task's peak otherwise (Arrow's pool and glibc both keep freed memory for reuse), and with
-    tasks of different sizes on one machine those idle peaks add up."""
+def release_memory(above: int = 0) -> None:
+    """Give the allocators' freed pages back to the OS when the process holds more than `above`
+    bytes: a Ray worker idles holding its last task's peak otherwise (Arrow's pool and glibc
+    both keep freed memory for reuse), and with tasks of different sizes on one machine those
+    idle peaks add up."""
+    if above and resident_bytes() <= above:
+        return
     pa.default_memory_pool().release_unused()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)

@@ -55,6 +55,26 @@ def test_union_find_joins_chains_and_keeps_components_apart():
     assert set(label.tolist()) == {0}
 
 
+@pytest.mark.parametrize("with_area", [True, False])
+def test_keepers_are_the_largest_then_lowest_uid_then_lowest_gid_of_each_cluster(with_area):
+    from pipeline.dedup import keepers_by_rule
+
+    rng = np.random.default_rng(3)
+    n = 5000
+    root = np.sort(rng.integers(0, 800, n))
+    root = np.searchsorted(np.unique(root), root)  # dense cluster numbers ...
+    root = np.flatnonzero(np.r_[True, root[1:] != root[:-1]])[root]  # ... as the index of each cluster's first node
+    nodes = np.sort(rng.choice(1 << 40, n, replace=False)).astype(np.int64)
+    area = rng.integers(1, 4, n) * 100  # many ties
+    halves = [rng.integers(0, 3, n).astype(np.uint64), rng.integers(0, 3, n).astype(np.uint64)]  # ties too
+    keeper_of = keepers_by_rule(root, nodes, halves, area if with_area else None)
+    for r in np.unique(root):
+        members = np.flatnonzero(root == r)
+        rule = (lambda i: (-area[i], halves[0][i], halves[1][i], nodes[i])) if with_area else None
+        rule = rule or (lambda i: (halves[0][i], halves[1][i], nodes[i]))
+        assert (keeper_of[members] == min(members, key=rule)).all()
+
+
 # --- stage on hand-made crawl shards ----------------------------------------------------------------
 
 

@@ -102,6 +102,8 @@ def test_missing_objects_and_bad_parquet_are_one_line_errors(store):
     store.write_bytes("bad.parquet", b"not parquet at all")
     store.write_parquet("t.parquet", pa.table({"a": [1], "b": [2]}))
     for read in (store.read_parquet, store.read_frame):  # arrow, and polars
+        with pytest.raises(StorageError, match=r"missing\.parquet: not found$"):
+            read("missing.parquet")
         with pytest.raises(StorageError, match=r"bad\.parquet: not a readable parquet file"):
             read("bad.parquet")
         assert pl.DataFrame(read("t.parquet", columns=["b"])).to_dict(as_series=False) == {"b": [2]}
