@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import machine, run_subprocess  # noqa: E402
+from bench.common import machine, run_subprocess, start_ray_warm  # noqa: E402
 
 SHARD_ROWS = 100_000
 EXACT, NEAR = 0.10, 0.10
@@ -88,14 +88,13 @@ def make_rows(n: int, work: Path, seed: int = 0) -> dict:
 
 
 def side_clipline(work: Path) -> dict:
-    import ray
 
     from pipeline.config import RunConfig
     from pipeline.dedup import COMPONENTS, STAGES
     from pipeline.runner import run_pipeline
     from pipeline.storage import open_storage
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray_warm(2)
     store = open_storage(work)
     started = time.perf_counter()
     reports = run_pipeline(list(STAGES), store, RunConfig(out=str(work)), progress=False)
@@ -114,8 +113,6 @@ def side_clipline_exact(work: Path) -> dict:
     """clipline dedup with only the exact checks on (bytes and pixels), in a fresh location."""
     import shutil
 
-    import ray
-
     from pipeline.config import RunConfig
     from pipeline.dedup import COMPONENTS, STAGES, DedupConfig
     from pipeline.runner import run_pipeline
@@ -123,7 +120,7 @@ def side_clipline_exact(work: Path) -> dict:
 
     exact_work = work.parent / (work.name + "-exact")
     shutil.copytree(work / "crawl", exact_work / "crawl")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray_warm(2)
     run = RunConfig(out=str(exact_work), dedup=DedupConfig(near=False, caption=False))
     started = time.perf_counter()
     reports = run_pipeline(list(STAGES), open_storage(exact_work), run, progress=False)
