@@ -86,6 +86,8 @@ def start_ray_warm(num_cpus: int = 2) -> None:
 
     @ray.remote(num_cpus=1)
     def warm() -> int:
+        import pandas  # noqa: F401 - pyarrow imports it on first building arrays from numpy (0.2 s)
+
         import pipeline.dedup  # noqa: F401
         import pipeline.runner  # noqa: F401
 

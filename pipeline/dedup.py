@@ -318,7 +318,8 @@ def plan_map(ctx: PlanContext) -> list[int]:
         int(ctx.storage.read_json(f"crawl/_committed/{s:05d}.json")["stats"].get("success", 0)) for s in shards
     )
     design = index_design(images, config.near_threshold, config.pair_budget_per_image, config.max_tables)
-    emitted = images * (2 + (design["tables"] if config.near else 0) + 1)
+    kinds = config.exact_bytes + config.exact_pixels + config.caption + (design["tables"] if config.near else 0)
+    emitted = images * max(1, kinds)  # rows the map emits: one per image and kind turned on
     dim = None  # the embedding width, for the reducers' shuffle schema (no embeddings: no semantic rows)
     if config.semantic and ctx.storage.exists(CENTROIDS + ".parquet"):
         dim = ctx.storage.read_parquet(CENTROIDS + ".parquet")["centroid"].type.list_size
