@@ -1,18 +1,22 @@
 """Shard: write the kept samples as the final dataset, fixed-size tar + parquet shards and a manifest.
 
-Three committed steps:
+Four committed steps:
 
 1. ``shard/_index`` — per crawl shard: the kept rows (filter keep = true) with
    the byte offset and size of each image inside the crawl tar (read from the
    tar headers, never the image bytes), in crawl order.
-2. ``shard`` — per *output* shard k: samples at global positions
-   [k·N, (k+1)·N) of the kept sequence, so every shard but the last has exactly
-   N samples whatever the drop rates upstream. With ``shuffle`` the position of
-   a sample is a seeded bijection of its kept index (a Feistel permutation with
-   cycle walking), so output shard k computes which inputs it needs from
-   its own positions: nothing global is materialised, each image is read once
-   with a ranged read, and the cost stays linear in the dataset.
-3. ``shard/_manifest`` — one task after all shards: ``dataset/manifest.json``
+2. ``shard/_route`` — per crawl shard: each kept row's position in the output,
+   [0, kept) laid end to end in crawl-shard order, or with ``shuffle`` a seeded
+   bijection of it (a Feistel permutation with cycle walking, nothing global
+   materialised), and the rows sent to their output shard through one
+   partitioned file a task (pipeline/shuffle.py).
+3. ``shard`` — per *output* shard k: the samples at positions [k·N, (k+1)·N),
+   its piece of every route file, so every shard but the last has exactly N
+   samples whatever the drop rates upstream. Each image is read once with a
+   ranged read. Every step reads its input once: the cost stays linear in the
+   dataset (an output shard reading whole indexes of every crawl shard would
+   be crawl shards × output shards).
+4. ``shard/_manifest`` — one task after all shards: ``dataset/manifest.json``
    with each shard's count, bytes and sha256, written last. A reader trusts only
    shards a manifest lists.
 
@@ -36,6 +40,7 @@ import pyarrow as pa
 from pipeline import schema
 from pipeline.errors import SchemaError
 from pipeline.formats import IMAGE_EXTS, TarWriter
+from pipeline.shuffle import map_files, read_partition, write_partitioned
 from pipeline.stage import (
     IDENTITY,
     PlanContext,
@@ -47,7 +52,7 @@ from pipeline.stage import (
     shard_name,
 )
 
-INDEX, MANIFEST_STAGE = "shard/_index", "shard/_manifest"  # bookkeeping lives under shard/, not dataset/
+INDEX, ROUTE, MANIFEST_STAGE = "shard/_index", "shard/_route", "shard/_manifest"  # bookkeeping under shard/
 PLAN = "shard/_plan.json"
 MANIFEST = "dataset/manifest.json"
 MANIFEST_FORMAT = "clipline-manifest/1"
@@ -163,7 +168,9 @@ def run_index(ctx: ShardContext) -> dict:
     return {"rows": rows.height, "kept": rows.height}
 
 
-# --- step 2: the output shards -------------------------------------------------------------------
+# --- step 2: route each kept sample to its output shard ----------------------------------------
+
+ROUTE_SCHEMA = pa.schema([*INDEX_SCHEMA, ("source", pa.int64()), ("position", pa.int64())])
 
 
 def _inputs(ctx: PlanContext | ShardContext) -> list[tuple[int, int]]:
@@ -171,12 +178,12 @@ def _inputs(ctx: PlanContext | ShardContext) -> list[tuple[int, int]]:
     return [(s, int(read_marker(ctx.storage, INDEX, s)["stats"]["kept"])) for s in committed_shards(ctx.storage, INDEX)]
 
 
-def plan_shards(ctx: PlanContext) -> list[int]:
+def write_plan(ctx: PlanContext) -> dict:
+    """The cut of the kept samples into output shards (``shard/_plan.json``), from the index markers."""
     config: ShardConfig = ctx.config
     inputs = _inputs(ctx)
-    total = sum(n for _, n in inputs)
     plan = {
-        "total": total,
+        "total": sum(n for _, n in inputs),
         "samples_per_shard": config.samples_per_shard,
         "shuffle": config.shuffle,
         "seed": config.seed,
@@ -184,7 +191,39 @@ def plan_shards(ctx: PlanContext) -> list[int]:
     }
     if not ctx.storage.exists(PLAN) or ctx.storage.read_json(PLAN) != plan:
         ctx.storage.write_json(PLAN, plan)
-    return list(range(math.ceil(total / config.samples_per_shard)))
+    return plan
+
+
+def plan_route(ctx: PlanContext) -> list[int]:
+    return [s for s, _ in write_plan(ctx)["inputs"]]
+
+
+def output_shards(plan: dict) -> int:
+    return math.ceil(plan["total"] / plan["samples_per_shard"])
+
+
+def run_route(ctx: ShardContext) -> dict:
+    config: ShardConfig = ctx.config
+    plan = ctx.storage.read_json(PLAN)
+    counts = dict(plan["inputs"])
+    start = sum(n for s, n in plan["inputs"] if s < ctx.shard)  # kept samples of the crawl shards before this one
+    index = ctx.read_table(f"{INDEX}/{ctx.name}.parquet")
+    if index.num_rows != counts[ctx.shard]:
+        raise SchemaError(f"{INDEX}/{ctx.name}.parquet has {index.num_rows} rows, the plan {counts[ctx.shard]}")
+    kept_index = np.arange(start, start + index.num_rows, dtype=np.int64)
+    position = Permutation(plan["total"], config.seed).forward(kept_index) if config.shuffle else kept_index
+    table = index.append_column("source", pa.array(np.full(index.num_rows, ctx.shard, dtype=np.int64)))
+    table = table.append_column("position", pa.array(position))
+    parts = position // config.samples_per_shard
+    write_partitioned(ctx, f"{ROUTE}/{ctx.name}.arrow", table, parts, output_shards(plan))
+    return {"rows": index.num_rows}
+
+
+# --- step 3: the output shards -------------------------------------------------------------------
+
+
+def plan_shards(ctx: PlanContext) -> list[int]:
+    return list(range(output_shards(write_plan(ctx))))
 
 
 def sample_json(row: dict) -> bytes:
@@ -196,25 +235,22 @@ def run_shard(ctx: ShardContext) -> dict:
     plan = ctx.storage.read_json(PLAN)
     n = config.samples_per_shard
     positions = np.arange(ctx.shard * n, min(plan["total"], (ctx.shard + 1) * n), dtype=np.int64)
-    kept_index = Permutation(plan["total"], config.seed).inverse(positions) if config.shuffle else positions
-    shards = np.array([s for s, _ in plan["inputs"]], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum([c for _, c in plan["inputs"]])])
-    source = np.searchsorted(starts, kept_index, side="right") - 1
-    wanted = pl.DataFrame({"position": positions, "source": source, "row": kept_index - starts[source]})
-    parts, images = [], {}
-    for src in np.unique(source):
-        need = wanted.filter(pl.col("source") == src)
-        index = pl.from_arrow(ctx.read_table(f"{INDEX}/{shard_name(int(shards[src]))}.parquet"))
-        rows = index.with_columns(row=pl.int_range(pl.len(), dtype=pl.Int64)).join(need, on="row").sort("image_offset")
-        with ctx.storage.open_seekable(f"crawl/{shard_name(int(shards[src]))}.tar") as f:
+    routed = read_partition(ctx.storage, map_files(ctx.storage, ROUTE), ctx.shard, ROUTE_SCHEMA)
+    table = pl.from_arrow(routed).sort("position")
+    if not np.array_equal(table["position"].to_numpy(), positions):
+        raise SchemaError(
+            f"{ROUTE} gives {table.height} samples for dataset shard {ctx.shard}, not positions "
+            f"{positions[0] if len(positions) else 0}..{positions[-1] if len(positions) else -1}: rerun {ROUTE}"
+        )
+    images = {}
+    for (source,), rows in table.sort(["source", "image_offset"]).group_by("source", maintain_order=True):
+        with ctx.storage.open_seekable(f"crawl/{shard_name(int(source))}.tar") as f:
             for uid, offset, size in rows.select(["uid", "image_offset", "image_size"]).iter_rows():
                 f.seek(offset)
                 images[uid] = f.read(size)
-        parts.append(rows)
-    table = pl.concat(parts).sort("position") if parts else pl.from_arrow(INDEX_SCHEMA.empty_table())
     dataset = schema.conform(table.select(schema.DATASET.names).to_arrow(), schema.DATASET, f"dataset/{ctx.name}")
     with TarWriter(ctx.output_path(f"dataset/shards/{ctx.name}.tar")) as tar:
-        for row, ext in zip(dataset.to_pylist(), table["image_ext"] if len(table) else [], strict=True):
+        for row, ext in zip(dataset.to_pylist(), table["image_ext"], strict=True):
             tar.add(
                 row["key"], {ext: images[row["uid"]], "txt": (row["caption"] or "").encode(), "json": sample_json(row)}
             )
@@ -226,7 +262,7 @@ def run_shard(ctx: ShardContext) -> dict:
 
 
 def plan_manifest(ctx: PlanContext) -> list[int]:
-    planned = math.ceil(ctx.storage.read_json(PLAN)["total"] / ctx.config.samples_per_shard)
+    planned = output_shards(ctx.storage.read_json(PLAN))
     done = committed_shards(ctx.storage, "shard")
     return [0] if done == list(range(planned)) else []
 
@@ -272,6 +308,7 @@ def run_manifest(ctx: ShardContext) -> dict:
 
 
 INDEX_STAGE = Stage(name=INDEX, plan=plan_index, run_shard=run_index, config_key="shard")
+ROUTE_STAGE = Stage(name=ROUTE, plan=plan_route, run_shard=run_route, config_key="shard")
 SHARD_STAGE = Stage(name="shard", plan=plan_shards, run_shard=run_shard, config_key="shard")
 MANIFEST_STAGE_ = Stage(name=MANIFEST_STAGE, plan=plan_manifest, run_shard=run_manifest, config_key="shard")
-STAGES = (INDEX_STAGE, SHARD_STAGE, MANIFEST_STAGE_)
+STAGES = (INDEX_STAGE, ROUTE_STAGE, SHARD_STAGE, MANIFEST_STAGE_)

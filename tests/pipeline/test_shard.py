@@ -113,6 +113,29 @@ def test_shuffle_is_global_seeded_and_loses_nothing(filtered, tmp_path):
     assert order(shard(c, seed=1)) != first
 
 
+def test_each_step_reads_its_inputs_once_so_the_cost_stays_linear(filtered, tmp_path, monkeypatch):
+    """An output shard takes its piece of each crawl shard's route file: no step reads a crawl
+    shard's index once per output shard (crawl shards x output shards reads)."""
+    from pipeline.storage import LocalStorage
+
+    reads: list[str] = []
+    for method in ("read_parquet", "read_frame", "read_range"):
+        original = getattr(LocalStorage, method)
+        monkeypatch.setattr(
+            LocalStorage, method, lambda self, rel, *a, _o=original, **k: reads.append(rel) or _o(self, rel, *a, **k)
+        )
+    store = copy(filtered, tmp_path)
+    manifest = shard(store, samples_per_shard=10)  # 4 crawl shards, many output shards
+    outputs = len(manifest.shards)
+    assert outputs > 10
+    index_reads = [r for r in reads if r.startswith("shard/_index/")]
+    assert sorted(index_reads) == [f"shard/_index/{s:05d}.parquet" for s in range(4)]  # once each, by the route step
+    route_reads = [r for r in reads if r.startswith("shard/_route/")]
+    # an output shard reads, of each route file, 16 bytes of its index and then its range, if any
+    assert sum(r.endswith(".idx") for r in route_reads) == 4 * outputs
+    assert outputs <= sum(r.endswith(".arrow") for r in route_reads) <= 4 * outputs
+
+
 def test_killed_run_reruns_to_the_same_manifest(filtered, tmp_path):
     store = copy(filtered, tmp_path)
     first = shard(store, executor="ray").data
