@@ -31,6 +31,7 @@ import json
 import math
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,7 +66,7 @@ class ShardConfig:
     samples_per_shard: int = 10_000
     shuffle: bool = True  # a seeded global shuffle of sample order across shards
     seed: int = 0
-    read_buffer: int = field(default=1 << 20, metadata={IDENTITY: False})  # bytes per ranged read of a crawl tar
+    read_buffer: int = field(default=1 << 20, metadata={IDENTITY: False})  # images closer than this share a ranged read
 
 
 # --- a seeded permutation of [0, n), computable one element at a time -----------------------
@@ -226,6 +227,24 @@ def plan_shards(ctx: PlanContext) -> list[int]:
     return list(range(output_shards(write_plan(ctx))))
 
 
+def read_spans(storage, rel: str, offsets: list[int], sizes: list[int], gap: int) -> list[bytes]:
+    """The byte spans (offset, size) of `rel`, sorted by offset, in few ranged reads: spans less
+    than `gap` bytes apart share one read (up to 16 x `gap` bytes of it)."""
+    out, i = [], 0
+    while i < len(offsets):
+        j, stop = i, offsets[i] + sizes[i]
+        while j + 1 < len(offsets):
+            near = offsets[j + 1] - stop < gap
+            if not near or offsets[j + 1] + sizes[j + 1] - offsets[i] > 16 * gap:
+                break
+            j += 1
+            stop = max(stop, offsets[j] + sizes[j])
+        data = storage.read_range(rel, offsets[i], stop)
+        out.extend(data[offsets[k] - offsets[i] : offsets[k] - offsets[i] + sizes[k]] for k in range(i, j + 1))
+        i = j + 1
+    return out
+
+
 def sample_json(row: dict) -> bytes:
     return json.dumps(row, ensure_ascii=False, sort_keys=True).encode()
 
@@ -242,12 +261,17 @@ def run_shard(ctx: ShardContext) -> dict:
             f"{ROUTE} gives {table.height} samples for dataset shard {ctx.shard}, not positions "
             f"{positions[0] if len(positions) else 0}..{positions[-1] if len(positions) else -1}: rerun {ROUTE}"
         )
-    images = {}
-    for (source,), rows in table.sort(["source", "image_offset"]).group_by("source", maintain_order=True):
-        with ctx.storage.open_seekable(f"crawl/{shard_name(int(source))}.tar") as f:
-            for uid, offset, size in rows.select(["uid", "image_offset", "image_size"]).iter_rows():
-                f.seek(offset)
-                images[uid] = f.read(size)
+
+    def fetch(rows: pl.DataFrame) -> dict[str, bytes]:
+        tar = f"crawl/{shard_name(int(rows['source'][0]))}.tar"
+        spans = rows["image_offset"].to_list(), rows["image_size"].to_list()
+        found = read_spans(ctx.storage, tar, *spans, config.read_buffer)
+        return dict(zip(rows["uid"].to_list(), found, strict=True))
+
+    # One crawl tar's images at a time, several tars at once where each read is a round trip (S3).
+    sources = table.sort(["source", "image_offset"]).partition_by("source", maintain_order=True)
+    with ThreadPoolExecutor(max(1, min(ctx.storage.read_concurrency, len(sources)))) as pool:
+        images = {uid: data for found in pool.map(fetch, sources) for uid, data in found.items()}
     dataset = schema.conform(table.select(schema.DATASET.names).to_arrow(), schema.DATASET, f"dataset/{ctx.name}")
     with TarWriter(ctx.output_path(f"dataset/shards/{ctx.name}.tar")) as tar:
         for row, ext in zip(dataset.to_pylist(), table["image_ext"], strict=True):

@@ -13,6 +13,7 @@ about 9x faster than zstd parquet and reads without decoding.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -56,14 +57,21 @@ def write_gathered(
 
 
 def read_pieces(storage: Storage, rels: list[str], partition: int) -> list[pa.Table]:
-    """Partition `partition`'s rows from each map file in `rels` that has any."""
-    pieces = []
-    for rel in rels:
+    """Partition `partition`'s rows from each map file in `rels` that has any, in `rels` order.
+    Two small reads a file: on S3, round trips, so `storage.read_concurrency` of them at a time."""
+
+    def piece(rel: str) -> pa.Table | None:
         start, stop = np.frombuffer(storage.read_range(rel + INDEX_SUFFIX, 8 * partition, 8 * partition + 16), "<i8")
-        if stop > start:
-            data = storage.read_range(rel, int(start), int(stop))
-            pieces.append(pa.ipc.open_stream(pa.py_buffer(data)).read_all())
-    return pieces
+        if stop <= start:
+            return None
+        return pa.ipc.open_stream(pa.py_buffer(storage.read_range(rel, int(start), int(stop)))).read_all()
+
+    if storage.read_concurrency > 1 and len(rels) > 1:
+        with ThreadPoolExecutor(min(storage.read_concurrency, len(rels))) as pool:
+            pieces = list(pool.map(piece, rels))
+    else:
+        pieces = [piece(rel) for rel in rels]
+    return [p for p in pieces if p is not None]
 
 
 def read_partition(storage: Storage, rels: list[str], partition: int, schema: pa.Schema) -> pa.Table:

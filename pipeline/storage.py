@@ -83,6 +83,9 @@ class Storage:
     """Base class: the helpers every backend shares, built on a few primitives."""
 
     uri: str
+    # How many small reads (ranged reads of many files) are worth having in flight at once:
+    # one for a local disk, more where each read is a network round trip.
+    read_concurrency: int = 1
 
     # primitives, per backend
     def url(self, rel: str = "") -> str:
@@ -383,6 +386,8 @@ def _s3_error(e: Exception, where: str) -> StorageError:
 
 class S3Storage(Storage):
     """s3://bucket/prefix on any S3-compatible endpoint; commits by whole-object upload."""
+
+    read_concurrency = 16  # of the client's 32 pooled connections
 
     def __init__(self, uri: str):
         rest = uri.removeprefix("s3://")

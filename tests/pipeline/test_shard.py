@@ -136,6 +136,28 @@ def test_each_step_reads_its_inputs_once_so_the_cost_stays_linear(filtered, tmp_
     assert outputs <= sum(r.endswith(".arrow") for r in route_reads) <= 4 * outputs
 
 
+def test_images_close_together_share_a_ranged_read(tmp_path):
+    from pipeline.shard import read_spans
+
+    class Counting(type(open_storage(tmp_path))):
+        reads: list = []
+
+        def read_range(self, rel, start, stop):
+            self.reads.append((start, stop))
+            return super().read_range(rel, start, stop)
+
+    store = Counting(tmp_path)
+    data = bytes(range(256)) * 40  # 10,240 bytes
+    store.write_bytes("t.tar", data)
+    spans = [(0, 10), (15, 5), (60, 30), (5000, 10), (9000, 100)]
+    got = read_spans(store, "t.tar", [o for o, _ in spans], [n for _, n in spans], gap=100)
+    assert got == [data[o : o + n] for o, n in spans]
+    assert store.reads == [(0, 90), (5000, 5010), (9000, 9100)]
+    store.reads.clear()  # adjacent, but a shared read stops at 16 x gap bytes
+    got = read_spans(store, "t.tar", list(range(0, 4000, 100)), [100] * 40, gap=100)
+    assert b"".join(got) == data[:4000] and store.reads == [(0, 1600), (1600, 3200), (3200, 4000)]
+
+
 def test_killed_run_reruns_to_the_same_manifest(filtered, tmp_path):
     store = copy(filtered, tmp_path)
     first = shard(store, executor="ray").data
