@@ -196,7 +196,15 @@ def write_plan(ctx: PlanContext) -> dict:
 
 
 def plan_route(ctx: PlanContext) -> list[int]:
-    return [s for s, _ in write_plan(ctx)["inputs"]]
+    plan = write_plan(ctx)
+    for s in committed_shards(ctx.storage, ROUTE):  # positions routed for another cut would scramble the shards
+        routed = read_marker(ctx.storage, ROUTE, s)["stats"].get("total")
+        if routed != plan["total"]:
+            raise SchemaError(
+                f"{ROUTE}/{shard_name(s)} was routed for {routed} kept samples, the index now has {plan['total']}: "
+                f"delete {ROUTE}/ and the dataset shards to cut again"
+            )
+    return [s for s, _ in plan["inputs"]]
 
 
 def output_shards(plan: dict) -> int:
@@ -217,7 +225,7 @@ def run_route(ctx: ShardContext) -> dict:
     table = table.append_column("position", pa.array(position))
     parts = position // config.samples_per_shard
     write_partitioned(ctx, f"{ROUTE}/{ctx.name}.arrow", table, parts, output_shards(plan))
-    return {"rows": index.num_rows}
+    return {"rows": index.num_rows, "total": plan["total"]}
 
 
 # --- step 3: the output shards -------------------------------------------------------------------
@@ -257,9 +265,10 @@ def run_shard(ctx: ShardContext) -> dict:
     routed = read_partition(ctx.storage, map_files(ctx.storage, ROUTE), ctx.shard, ROUTE_SCHEMA)
     table = pl.from_arrow(routed).sort("position")
     if not np.array_equal(table["position"].to_numpy(), positions):
+        first, last = (int(positions[0]), int(positions[-1])) if len(positions) else (0, -1)
         raise SchemaError(
-            f"{ROUTE} gives {table.height} samples for dataset shard {ctx.shard}, not positions "
-            f"{positions[0] if len(positions) else 0}..{positions[-1] if len(positions) else -1}: rerun {ROUTE}"
+            f"{ROUTE} gives {table.height} samples for dataset shard {ctx.shard}, not positions {first}..{last}: "
+            "a route file is missing"
         )
 
     def fetch(rows: pl.DataFrame) -> dict[str, bytes]:

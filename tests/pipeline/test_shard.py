@@ -158,6 +158,23 @@ def test_images_close_together_share_a_ranged_read(tmp_path):
     assert b"".join(got) == data[:4000] and store.reads == [(0, 1600), (1600, 3200), (3200, 4000)]
 
 
+def test_a_changed_kept_set_is_refused_not_cut_with_stale_routes(filtered, tmp_path):
+    from pipeline.errors import SchemaError
+
+    store = copy(filtered, tmp_path)
+    shard(store)
+    # filter keeps one sample fewer in crawl shard 3, whose index is then redone
+    path = Path(store.uri) / "filter/00003.parquet"
+    frame = pl.read_parquet(path)
+    fewer = frame.with_columns(keep=(pl.int_range(pl.len()) != frame["keep"].arg_true()[0]) & pl.col("keep"))
+    assert fewer["keep"].sum() == frame["keep"].sum() - 1
+    pq.write_table(fewer.to_arrow(), path)
+    for rel in (marker_path("shard/_index", 3), "shard/_index/00003.parquet"):
+        store.delete(rel)
+    with pytest.raises(SchemaError, match=r"shard/_route/00000 was routed for \d+ kept samples, the index now has"):
+        shard(store)
+
+
 def test_killed_run_reruns_to_the_same_manifest(filtered, tmp_path):
     store = copy(filtered, tmp_path)
     first = shard(store, executor="ray").data
