@@ -9,4 +9,5 @@ __version__ = "0.1.0"
 # thread per core and N workers' N x N threads fight over N cores (exact dedup at 10M rows on 2
 # cores: 20% slower). Must happen before polars is imported; a user's own setting wins.
 if "RAY_RAYLET_PID" in os.environ and "POLARS_MAX_THREADS" not in os.environ:
-    os.environ["POLARS_MAX_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
+    _threads = os.environ.get("OMP_NUM_THREADS", "")
+    os.environ["POLARS_MAX_THREADS"] = _threads if _threads.isdigit() and int(_threads) > 0 else "1"
