@@ -51,15 +51,7 @@ import pyarrow.compute as pc
 from pipeline import schema
 from pipeline.errors import ConfigError
 from pipeline.shuffle import map_files, read_partition, write_gathered
-from pipeline.stage import (
-    IDENTITY,
-    PlanContext,
-    ShardContext,
-    Stage,
-    committed_shards,
-    release_memory,
-    shard_name,
-)
+from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards, release_memory, shard_name
 
 PLAN = "dedup/_plan.json"
 MAP, REDUCE, COMPONENTS = "dedup/_map", "dedup/_reduce", "dedup/_components"

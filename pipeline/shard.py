@@ -31,7 +31,6 @@ import json
 import math
 import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -232,7 +231,7 @@ def run_route(ctx: ShardContext) -> dict:
 
 
 def plan_shards(ctx: PlanContext) -> list[int]:
-    return list(range(output_shards(write_plan(ctx))))
+    return list(range(output_shards(ctx.storage.read_json(PLAN))))  # written by plan_route, just before
 
 
 def read_spans(storage, rel: str, offsets: list[int], sizes: list[int], gap: int) -> list[bytes]:
@@ -279,8 +278,7 @@ def run_shard(ctx: ShardContext) -> dict:
 
     # One crawl tar's images at a time, several tars at once where each read is a round trip (S3).
     sources = table.sort(["source", "image_offset"]).partition_by("source", maintain_order=True)
-    with ThreadPoolExecutor(max(1, min(ctx.storage.read_concurrency, len(sources)))) as pool:
-        images = {uid: data for found in pool.map(fetch, sources) for uid, data in found.items()}
+    images = {uid: data for found in ctx.storage.map_reads(fetch, sources) for uid, data in found.items()}
     dataset = schema.conform(table.select(schema.DATASET.names).to_arrow(), schema.DATASET, f"dataset/{ctx.name}")
     with TarWriter(ctx.output_path(f"dataset/shards/{ctx.name}.tar")) as tar:
         for row, ext in zip(dataset.to_pylist(), table["image_ext"], strict=True):

@@ -13,7 +13,6 @@ about 9x faster than zstd parquet and reads without decoding.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -66,12 +65,7 @@ def read_pieces(storage: Storage, rels: list[str], partition: int) -> list[pa.Ta
             return None
         return pa.ipc.open_stream(pa.py_buffer(storage.read_range(rel, int(start), int(stop)))).read_all()
 
-    if storage.read_concurrency > 1 and len(rels) > 1:
-        with ThreadPoolExecutor(min(storage.read_concurrency, len(rels))) as pool:
-            pieces = list(pool.map(piece, rels))
-    else:
-        pieces = [piece(rel) for rel in rels]
-    return [p for p in pieces if p is not None]
+    return [p for p in storage.map_reads(piece, rels) if p is not None]
 
 
 def read_partition(storage: Storage, rels: list[str], partition: int, schema: pa.Schema) -> pa.Table:

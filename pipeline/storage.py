@@ -25,9 +25,11 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, TypeVar
 
 import polars as pl
 import pyarrow as pa
@@ -35,6 +37,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import StorageError
 
+T, R = TypeVar("T"), TypeVar("R")
 TMP_PREFIX = ".tmp-"  # local temporaries; never listed, never a final name
 
 # Parquet written by clipline: zstd, and statistics on, so DuckDB/polars can prune.
@@ -86,6 +89,13 @@ class Storage:
     # How many small reads (ranged reads of many files) are worth having in flight at once:
     # one for a local disk, more where each read is a network round trip.
     read_concurrency: int = 1
+
+    def map_reads(self, read: Callable[[T], R], items: list[T]) -> list[R]:
+        """`read` over `items`, results in order; `read_concurrency` at a time."""
+        if self.read_concurrency <= 1 or len(items) <= 1:
+            return [read(item) for item in items]
+        with ThreadPoolExecutor(min(self.read_concurrency, len(items))) as pool:
+            return list(pool.map(read, items))
 
     # primitives, per backend
     def url(self, rel: str = "") -> str:
