@@ -88,7 +88,6 @@ def make_rows(n: int, work: Path, seed: int = 0) -> dict:
 
 
 def side_clipline(work: Path) -> dict:
-
     from pipeline.config import RunConfig
     from pipeline.dedup import COMPONENTS, STAGES
     from pipeline.runner import run_pipeline
