@@ -460,18 +460,30 @@ def exact_edges(frame: pl.DataFrame) -> pl.DataFrame:
     """Rows sharing an exact key: a star to the smallest node of each group (enough for connectivity).
 
     Exact keys are 60 bits (hex_key), so a row's kind goes in the top bits and one int64 column
-    tells the groups of every kind apart. Most keys are unique, so the repeated ones are found
-    first (a radix sort of the keys alone and a hash lookup: 2x faster than is_duplicated) and
-    only their rows are ordered.
+    tells the groups of every kind apart. Most keys are unique, so one radix sort finds the
+    repeated ones and their rows at once: each key's high bits with its row number in the low
+    bits (the row number makes every value distinct and comes back out of the sorted values,
+    an argsort for the price of a sort). Rows whose high bits repeat are the candidates; only
+    they are ordered by their whole key (a shared prefix of different keys is a group of one).
     """
     key = frame["key"].to_numpy() | (frame["kind"].to_numpy().astype(np.int64) << 60)
-    keys = pl.Series(key)
-    ordered = keys.sort().to_numpy()
-    repeated_values = ordered[1:][ordered[1:] == ordered[:-1]]
-    if not len(repeated_values):
+    if len(key) < 2:
         return pl.DataFrame(schema=EMPTY_EDGES)
-    repeated = keys.is_in(pl.Series(repeated_values).implode()).to_numpy()
-    key, gid = key[repeated], frame["gid"].to_numpy()[repeated]
+    bits = (len(key) - 1).bit_length()
+    packed = key >> bits
+    packed <<= bits
+    packed |= np.arange(len(key), dtype=np.int64)
+    ordered = pl.Series(packed).sort().to_numpy()
+    del packed
+    prefix = ordered >> bits
+    same = prefix[1:] == prefix[:-1]
+    if not same.any():
+        return pl.DataFrame(schema=EMPTY_EDGES)
+    repeated = np.zeros(len(key), dtype=bool)
+    repeated[1:] = same
+    repeated[:-1] |= same
+    rows = ordered[repeated] & ((1 << bits) - 1)
+    key, gid = key[rows], frame["gid"].to_numpy()[rows]
     order = pl.Series(key).arg_sort().to_numpy()
     key, gid = key[order], gid[order]
     first = run_starts(key)
@@ -604,8 +616,10 @@ def run_reduce(ctx: ShardContext) -> dict:
             rows = read_partition(ctx.storage, files, ctx.shard, semantic_schema(plan["embedding_dim"]))
             x = vectors_of(rows["embedding"])
             semantic = [semantic_edges(rows["key"].to_numpy(), rows["gid"].to_numpy(), x, config.semantic_threshold)]
-    edges = pl.concat([pl.DataFrame(schema=EMPTY_EDGES), exact_edges(exact), *fuzzy_parts, *semantic])
-    edges = edges.unique().sort(["a", "b", "reason"])
+    parts = [exact_edges(exact), *fuzzy_parts, *semantic]
+    edges = parts[0]  # exact edges alone are distinct (one per image and kind) and in a deterministic order
+    if len(parts) > 1:
+        edges = pl.concat(parts).unique().sort(["a", "b", "reason"])
     ctx.write_table(f"{REDUCE}/{ctx.name}.parquet", edges.to_arrow(), work=True, distinct=("a", "b"))
     return {"rows": exact.height + fuzzy.height, "edges": edges.height, "caption_groups_skipped": skipped}
 

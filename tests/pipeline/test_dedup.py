@@ -490,3 +490,33 @@ def test_exact_edges_star_each_group_to_its_smallest_node_per_kind():
     edges = exact_edges(frame).sort(["reason", "a"])
     assert edges.rows() == [(30, 12, KIND_BYTES), (44, 12, KIND_BYTES), (50, 12, KIND_PIXELS)]
     assert exact_edges(frame.clear()).height == 0
+
+
+@pytest.mark.parametrize("key_range", [2, 50, 1 << 60])
+def test_exact_edges_agree_with_a_group_by(key_range):
+    """Random keys, few distinct values or many whose high bits collide: the stars are those of
+    a plain group-by (each group's non-smallest nodes to its smallest)."""
+    from pipeline.dedup import KIND_BYTES, KIND_PIXELS, exact_edges
+
+    rng = np.random.default_rng(key_range)
+    n = 5000
+    base = rng.integers(0, key_range, size=n // 2, dtype=np.int64)
+    copies = base[rng.integers(0, len(base), size=n - len(base))] ^ rng.integers(0, 4, n - len(base))
+    key = np.concatenate([base, copies])
+    key &= (1 << 60) - 1
+    frame = pl.DataFrame(
+        {
+            "kind": rng.choice([KIND_BYTES, KIND_PIXELS], size=n).astype(np.int8),
+            "key": key,
+            "gid": rng.permutation(np.arange(n, dtype=np.int64) * 7 + 3),
+        }
+    )
+    groups = frame.group_by(["kind", "key"]).agg(pl.col("gid").min().alias("head"))
+    expected = (
+        frame.join(groups, on=["kind", "key"])
+        .filter(pl.col("gid") != pl.col("head"))
+        .select(a="gid", b="head", reason=pl.col("kind"))
+    )
+    got = exact_edges(frame)
+    assert got.height == expected.height > 0
+    assert got.sort(["a", "reason"]).rows() == expected.sort(["a", "reason"]).rows()
