@@ -196,13 +196,14 @@ class Outcome:
     original_width: int | None = None
     original_height: int | None = None
     sha256: str | None = None
+    sha256_key: int | None = None
     md5: str | None = None
     bytes: int | None = None
     format: str | None = None
     fetch_ms: float | None = None
     phash: int | None = None
     colour_sig: str | None = None
-    pixel_hash: str | None = None
+    pixel_hash: int | None = None
 
     def image_columns(self) -> dict:
         """The crawl parquet columns this outcome fills (all but uid/url/caption/key/attempts)."""
@@ -214,6 +215,7 @@ class Outcome:
             "original_width": self.original_width,
             "original_height": self.original_height,
             "sha256": self.sha256,
+            "sha256_key": self.sha256_key,
             "md5": self.md5,
             "http_status": self.http_status,
             "bytes": self.bytes,
@@ -235,7 +237,14 @@ def download(url: str, fetcher: Fetcher, policy: ImagePolicy, blocked: frozenset
     elapsed = (time.monotonic() - started) * 1000
     digest = hashlib.sha256(result.body).hexdigest()
     md5 = hashlib.md5(result.body, usedforsecurity=False).hexdigest()  # blocklists are published in md5 too
-    base = dict(http_status=result.http_status, sha256=digest, md5=md5, bytes=len(result.body), fetch_ms=elapsed)
+    base = dict(
+        http_status=result.http_status,
+        sha256=digest,
+        sha256_key=schema.sha256_key(digest),
+        md5=md5,
+        bytes=len(result.body),
+        fetch_ms=elapsed,
+    )
     if digest in blocked:
         return Outcome("blocked", "image hash is on a blocklist", **base)
     try:

@@ -1,8 +1,8 @@
 """Dedup: exact, near-duplicate and caption duplicates, global across all crawl shards.
 
-Signatures come from the crawl (pipeline/images.py): sha256 of the bytes, a
-pixel hash (equal for lossless re-encodes), a 64-bit pHash and a colour
-signature. Two images are near-duplicates when their pHashes differ in at most
+Signatures come from the crawl (pipeline/images.py): the bytes' sha256 (as the
+integer sha256_key), a 64-bit pixel hash (equal for lossless re-encodes), a 64-bit
+pHash and a colour signature. Two images are near-duplicates when their pHashes differ in at most
 `near_threshold` bits and their colour grids in at most `colour_tolerance`.
 
 Four committed steps, none of which holds all hashes in one place (six with
@@ -130,9 +130,14 @@ def table_keys(phash: np.ndarray, design: dict) -> list[np.ndarray]:
     return keys
 
 
-def hex_key(values: pl.Series | pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """The first 60 bits of hex digests, as int64 keys (vectorised: ~4 ms per 100k sha256s)."""
-    return pl.Series(values).str.slice(0, 15).str.to_integer(base=16).cast(pl.Int64).to_numpy()
+KEY_BITS = 60  # exact keys: exact_edges keeps a row's kind above them
+
+
+def exact_key(values: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """The low 60 bits of an integer hash column (the crawl's sha256_key or pixel_hash) as
+    int64 keys, and which rows have a hash at all (a row without one is in no group)."""
+    present = values.is_not_null().to_numpy()
+    return values.fill_null(0).cast(pl.Int64).to_numpy() & ((1 << KEY_BITS) - 1), present
 
 
 def caption_key(captions: pl.Series | pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -361,7 +366,7 @@ def run_map(ctx: ShardContext) -> dict:
     captions_needed = config.caption or config.keep_different_captions
     fuzzy = config.caption or config.near
     columns = ["status", "phash"]  # only what the enabled checks need: at 100k rows a shard, reading is half the map
-    columns += [c for c, on in (("sha256", config.exact_bytes), ("pixel_hash", config.exact_pixels)) if on]
+    columns += [c for c, on in (("sha256_key", config.exact_bytes), ("pixel_hash", config.exact_pixels)) if on]
     columns += (["colour_sig"] if fuzzy else []) + (["caption"] if captions_needed else [])
     crawl = ctx.read_frame(f"crawl/{ctx.name}.parquet", columns=columns)
     ok, gid = image_rows(ctx.shard, crawl)
@@ -385,12 +390,14 @@ def run_map(ctx: ShardContext) -> dict:
         return int((kind_all >= 0).sum())
 
     kinds, keys = [], []
-    if config.exact_bytes:
-        kinds.append(np.full(len(gid), KIND_BYTES))
-        keys.append(hex_key(t["sha256"]))
-    if config.exact_pixels:
-        kinds.append(np.full(len(gid), KIND_PIXELS))
-        keys.append(hex_key(t["pixel_hash"]))
+    for on, kind, column in (
+        (config.exact_bytes, KIND_BYTES, "sha256_key"),
+        (config.exact_pixels, KIND_PIXELS, "pixel_hash"),
+    ):
+        if on:
+            key, present = exact_key(t[column])
+            kinds.append(np.where(present, kind, -1))
+            keys.append(key)
     emitted = emit("exact", EXACT_SCHEMA, gid, kinds, keys)
     kinds, keys = [], []
     if config.caption:
@@ -459,7 +466,7 @@ EMPTY_EDGES = {"a": pl.Int64, "b": pl.Int64, "reason": pl.Int8}
 def exact_edges(frame: pl.DataFrame) -> pl.DataFrame:
     """Rows sharing an exact key: a star to the smallest node of each group (enough for connectivity).
 
-    Exact keys are 60 bits (hex_key), so a row's kind goes in the top bits and one int64 column
+    Exact keys are 60 bits (exact_key), so a row's kind goes in the top bits and one int64 column
     tells the groups of every kind apart. Most keys are unique, so one radix sort finds the
     repeated ones and their rows at once: each key's high bits with its row number in the low
     bits (the row number makes every value distinct and comes back out of the sorted values,

@@ -84,7 +84,7 @@ class ProcessedImage:
     format: str  # the source format
     phash: int  # 64-bit DCT perceptual hash of the whole upright image (as a signed int64)
     colour_sig: str  # 4x4 grid of mean colours, 4 bits a channel, as 48 hex digits: pHash is grey-only
-    pixel_hash: str  # hash of the pixels at a canonical small size: equal for lossless re-encodes
+    pixel_hash: int  # 64-bit hash of the pixels at a canonical small size: equal for lossless re-encodes
 
 
 # DCT-II basis for 32 samples, rows = frequencies (orthonormal scaling does not matter for signs).
@@ -92,14 +92,15 @@ _N = 32
 _DCT = np.cos(np.pi / _N * (np.arange(_N)[:, None]) * (np.arange(_N)[None, :] + 0.5))
 
 
-def signatures(rgb: Image.Image) -> tuple[int, str, str]:
+def signatures(rgb: Image.Image) -> tuple[int, str, int]:
     """(pHash, colour signature, pixel hash) of an RGB image, from one 32x32 box downscale.
 
     - pHash: grey 32x32, 2-D DCT, the 8x8 lowest frequencies against their median (DC left out);
       robust to re-encoding, resizing and small crops; a signed int64 (compare with XOR + popcount).
     - colour signature: mean colour of a 4x4 grid, 4 bits a channel, as 48 hex digits; pHash is
       grey-only, this confirms that two pHash matches also agree in colour.
-    - pixel hash: sha256 of the 32x32 pixels at 5 bits a channel: equal for lossless re-encodes.
+    - pixel hash: the first 64 bits of the sha256 of the 32x32 pixels at 5 bits a channel, a
+      signed int64: equal for lossless re-encodes.
     """
     small = np.asarray(rgb.resize((_N, _N), Image.Resampling.BOX), dtype=np.uint8)  # (32, 32, 3)
     grey = small @ np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as Pillow's "L"
@@ -109,7 +110,7 @@ def signatures(rgb: Image.Image) -> tuple[int, str, str]:
     phash = value - (1 << 64) if value >= 1 << 63 else value
     cells = small.reshape(4, 8, 4, 8, 3).mean(axis=(1, 3)).astype(np.uint8) >> 4  # (4, 4, 3)
     colour = "".join("0123456789abcdef"[v] for v in cells.ravel())
-    pixels = hashlib.sha256((small >> 3).tobytes()).hexdigest()[:32]
+    pixels = int.from_bytes(hashlib.sha256((small >> 3).tobytes()).digest()[:8], "big", signed=True)
     return phash, colour, pixels
 
 

@@ -29,6 +29,15 @@ def compute_uids(urls: Iterable[str], captions: Iterable[str]) -> pa.Array:
     return pa.array([compute_uid(u, c) for u, c in zip(urls, captions, strict=True)], type=pa.string())
 
 
+def sha256_key(digest: str) -> int:
+    """The crawl's ``sha256_key``: the first 60 bits (15 hex digits) of a sha256 hex digest.
+
+    Dedup groups images by it: reading and parsing 64-digit hex strings was over a third of
+    dedup's map step, and an integer column reads ~10x faster. 60 bits, not 64, leave a
+    group key's top bits for the kind of key (pipeline/dedup.py exact_edges)."""
+    return int(digest[:15], 16)
+
+
 # --- crawl status vocabulary ----------------------------------------------------
 # Every input URL ends with exactly one status. "permanent" failures are never
 # re-fetched (by `crawl --retry-failed` either); "transient" ones may be.
@@ -100,6 +109,7 @@ CRAWL = pa.schema(
         pa.field("original_height", pa.int32()),
         pa.field("sha256", pa.string()),
         # clipline's additions
+        pa.field("sha256_key", pa.int64()),  # sha256's first 60 bits: dedup's exact-bytes key (see sha256_key)
         pa.field("md5", pa.string()),  # of the downloaded bytes, like sha256 (some blocklists use it)
         pa.field("http_status", pa.int16()),
         pa.field("bytes", pa.int64()),
@@ -109,7 +119,7 @@ CRAWL = pa.schema(
         # dedup signatures of the whole decoded image (pipeline/images.py)
         pa.field("phash", pa.int64()),  # 64-bit DCT perceptual hash (compare with XOR + popcount)
         pa.field("colour_sig", pa.string()),  # 4x4 mean colours, 4 bits a channel: 48 hex digits
-        pa.field("pixel_hash", pa.string()),  # pixels at 32x32, 5 bits a channel: lossless re-encodes
+        pa.field("pixel_hash", pa.int64()),  # pixels at 32x32, 5 bits a channel: lossless re-encodes
     ]
 )
 

@@ -179,8 +179,14 @@ def test_tars_hold_exactly_the_successes_and_read_with_webdataset(ray_local, fre
         failures = [r for r in rows if r["status"] != "success"]
         assert all(r["error_message"] and r["width"] is None and r["phash"] is None for r in failures)
         assert all(
-            r["phash"] is not None and r["colour_sig"] is not None and len(r["pixel_hash"]) == 32 for r in successes
+            r["phash"] is not None and r["colour_sig"] is not None and isinstance(r["pixel_hash"], int)
+            for r in successes
         )
+        # sha256_key is the digest's first 60 bits wherever there is a digest (failures after a fetch too).
+        hashed = [r for r in rows if r["sha256"] is not None]
+        assert len(hashed) >= len(successes) > 0
+        assert all(r["sha256_key"] == int(r["sha256"][:15], 16) for r in hashed)
+        assert all(r["sha256_key"] is None for r in rows if r["sha256"] is None)
     # Planted exact duplicates (same bytes, other URL) carry the same signatures.
     table = read_crawl(store)
     by_sha: dict[str, set] = {}

@@ -82,11 +82,21 @@ def colour(v: int) -> str:
     return f"{v:x}" * 48
 
 
+def key_of(digest: str) -> int:
+    """The crawl's sha256_key of a digest; the made-up digests of some tests ("s" * 64) are not
+    hex, and are keyed by a digest of their own."""
+    try:
+        return schema.sha256_key(digest)
+    except ValueError:
+        return schema.sha256_key(hashlib.sha256(digest.encode()).hexdigest())
+
+
 def crawl_rows(rows: list[dict]) -> pa.Table:
     """Crawl-shaped rows; fields not given are those of a successful 100x100 image."""
     full = []
     for r in rows:
         uid = r.get("uid") or hashlib.sha256(repr(r).encode()).hexdigest()[:32]
+        sha = r.get("sha", hashlib.sha256(uid.encode()).hexdigest())
         full.append(
             {
                 "uid": uid,
@@ -99,7 +109,8 @@ def crawl_rows(rows: list[dict]) -> pa.Table:
                 "height": 64,
                 "original_width": r.get("w", 100),
                 "original_height": r.get("h", 100),
-                "sha256": r.get("sha", hashlib.sha256(uid.encode()).hexdigest()),
+                "sha256": sha,
+                "sha256_key": key_of(sha),
                 "md5": r.get("md5"),
                 "http_status": 200,
                 "bytes": r.get("bytes", 1000),
@@ -108,7 +119,7 @@ def crawl_rows(rows: list[dict]) -> pa.Table:
                 "fetch_ms": 1.0,
                 "phash": r.get("phash", random.Random(uid).getrandbits(64) - (1 << 63)),
                 "colour_sig": r.get("colour", colour(random.Random(uid + "c").randrange(16))),
-                "pixel_hash": r.get("pixels", hashlib.sha256((uid + "p").encode()).hexdigest()[:32]),
+                "pixel_hash": r.get("pixels", random.Random(uid + "p").getrandbits(64) - (1 << 63)),
             }
         )
     return schema.conform(pa.Table.from_pylist(full), schema.CRAWL, "test")
@@ -152,8 +163,8 @@ def test_reasons_rules_and_keep_policy(tmp_path):
         {"uid": "a1", "phash": base, "colour": colour(5), "w": 300},
         {"uid": "a2", "phash": flip(base, [1, 9, 20]), "colour": colour(6)},  # near: 3 bits, colour 1
         {"uid": "a3", "phash": flip(base, [1, 9, 20, 33]), "colour": colour(9)},  # 4 bits but another colour
-        {"uid": "b1", "pixels": "c" * 32, "w": 50},  # same pixels, other bytes
-        {"uid": "b2", "pixels": "c" * 32, "w": 50},
+        {"uid": "b1", "pixels": -12, "w": 50},  # same pixels, other bytes
+        {"uid": "b2", "pixels": -12, "w": 50},
         {"uid": "c1", "phash": 77, "caption": "A Red  Star", "colour": colour(3)},
         {"uid": "c2", "phash": flip(77, list(range(10))), "caption": "a red star", "colour": colour(3)},  # caption
         {"uid": "d1", "status": "not_found", "phash": None, "colour": None, "pixels": None},
@@ -174,7 +185,7 @@ def test_reasons_rules_and_keep_policy(tmp_path):
 
 
 def test_different_captions_can_be_kept(tmp_path):
-    same = {"sha": "ee" * 32, "pixels": "f" * 32, "phash": 42, "colour": colour(1)}  # one image, three captions
+    same = {"sha": "ee" * 32, "pixels": 1 << 62, "phash": 42, "colour": colour(1)}  # one image, three captions
     rows = [
         {"uid": "x1", "caption": "a cat", **same},
         {"uid": "x2", "caption": "a dog", **same},
@@ -457,22 +468,25 @@ def test_semantic_dedup_on_the_synthetic_web(crawled_web, checkpoint, tmp_path):
     assert outputs(again) == outputs(split_store)
 
 
-def test_hex_keys_are_the_first_60_bits_of_the_digest():
-    from pipeline.dedup import hex_key
+def test_exact_keys_are_the_low_60_bits_and_a_missing_hash_is_no_key(tmp_path):
+    from pipeline.dedup import exact_key
 
     digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(1000)]
-    parsed = lambda v: [int(x[:15], 16) for x in v]  # noqa: E731
-    for values in (
-        pa.array(digests),
-        pa.array(digests).slice(7, 300),
-        pa.chunked_array([pa.array(digests[:10]), pa.array(digests[10:])]),
-        pa.array([d.upper() for d in digests[:50]] + ["f" * 64, "0" * 64]),
-        pa.array(digests[:5] + ["abc" * 30]),  # mixed widths
-    ):
-        rows = values.to_pylist()
-        assert hex_key(values).tolist() == parsed(rows)
-    with pytest.raises(Exception, match="parsing failed"):
-        hex_key(pa.array(["g" * 64]))  # not hex: an error, never a made-up key
+    keys = pl.Series([schema.sha256_key(d) for d in digests])
+    assert keys.to_list() == [int(d[:15], 16) for d in digests]
+    key, present = exact_key(keys)
+    assert key.tolist() == keys.to_list() and present.all()
+    pixels = pl.Series([-1, (1 << 62) + 5, None, 5], dtype=pl.Int64)
+    key, present = exact_key(pixels)
+    assert key.tolist()[:2] + key.tolist()[3:] == [(1 << 60) - 1, 5, 5]  # top 4 bits dropped
+    assert present.tolist() == [True, True, False, True]
+    # Two images without a pixel hash (or a sha256_key) are not duplicates of each other.
+    rows = [{"uid": u, "pixels": None} for u in ("p1", "p2")]
+    out = dedup(store_with_shards(tmp_path, [rows]), near=False, caption=False)
+    assert out["dup_of"].to_list() == [None, None]
+    with_sha = [{"uid": u, "pixels": None, "sha": "ab" * 32} for u in ("q1", "q2")]
+    out = dedup(store_with_shards(tmp_path, [with_sha], "sha"), near=False, caption=False)
+    assert out["dup_reason"].to_list() == [None, "exact_bytes"]
 
 
 def test_exact_edges_star_each_group_to_its_smallest_node_per_kind():
