@@ -55,6 +55,7 @@ from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed
 
 PLAN = "dedup/_plan.json"
 MAP, REDUCE, COMPONENTS = "dedup/_map", "dedup/_reduce", "dedup/_components"
+CLUSTERS = "dedup/_clusters.arrow"  # every clustered image's dup_of etc., partitioned by crawl shard
 # Edge reasons, strongest first: a removed image gets the strongest reason among its own edges.
 REASONS = ("exact_bytes", "exact_pixels", "near", "caption", "semantic")
 KIND_BYTES, KIND_PIXELS, KIND_CAPTION, KIND_SEMANTIC, KIND_NEAR = 0, 1, 2, 4, 10  # near table t: kind 10 + t
@@ -461,6 +462,9 @@ def colour_distance_packed(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarr
 
 
 EMPTY_EDGES = {"a": pl.Int64, "b": pl.Int64, "reason": pl.Int8}
+CLUSTERS_SCHEMA = pa.schema(
+    [("gid", pa.int64()), ("dup_of", pa.string()), ("dup_reason", pa.string()), ("cluster_size", pa.int32())]
+)
 
 
 def exact_edges(frame: pl.DataFrame) -> pl.DataFrame:
@@ -648,13 +652,19 @@ def union_find_ends(ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def dense_index(ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(nodes, index): the sorted distinct values of `ends`, and each end's index into them.
-    Indices are int32: at 10M images the edge-sized temporaries are the step's peak memory."""
-    index = pl.Series(ends).rank("dense").to_numpy().astype(np.int32)  # = np.unique's inverse + 1, 2-3x faster
-    index -= 1
+    """(nodes, index): the sorted distinct values of `ends`, and each end's index into them."""
+    index = dense_ranks(ends)
     nodes = np.empty(int(index.max()) + 1 if len(index) else 0, dtype=np.int64)
     nodes[index] = ends
     return nodes, index
+
+
+def dense_ranks(ends: np.ndarray) -> np.ndarray:
+    """Each end's index into the sorted distinct values of `ends` (np.unique's inverse, 2-3x
+    faster). int32: at 10M images the edge-sized temporaries are the components step's peak memory."""
+    index = pl.Series(ends).rank("dense").to_numpy().astype(np.int32)
+    index -= 1
+    return index
 
 
 def roots(index: np.ndarray, n: int) -> np.ndarray:
@@ -726,8 +736,8 @@ def plan_components(ctx: PlanContext) -> list[int]:
 
 
 def run_components(ctx: ShardContext) -> dict:
-    # One task, so the machine's other cores would idle: the crawl reads and the cluster
-    # files' builds and writes run on a thread pool (arrow works outside the GIL).
+    # One task, so the machine's other cores would idle: the crawl reads run on a thread
+    # pool (arrow works outside the GIL) while this thread finds the components.
     pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
     try:
         return _components(ctx, pool)
@@ -746,14 +756,14 @@ def _components(ctx: ShardContext, pool: ThreadPoolExecutor) -> dict:
     edge_reason = np.concatenate([t["reason"].to_numpy() for t in edges]).astype(np.int16)
     del edges
     release_memory()  # the decoded edge files (Arrow's pool keeps them): 190 MB at 10M images
-    nodes, index = dense_index(ends)
-    del ends
+    nodes = pl.Series(ends).unique().sort().to_numpy()  # a hash pass: 4x faster than the ranks below
     # uid and resolution of the clustered nodes, straight from the crawl: a node's low 32 bits
     # are its crawl row, and nodes are sorted, so each shard's are one slice. They are read
-    # while this thread finds the components; each shard fills its own slice of the node
-    # arrays (no per-shard pieces held alongside their concatenation).
+    # while this thread finds the components (the reads are most of this step); each shard
+    # fills its own slice of the node arrays (no per-shard pieces held alongside their
+    # concatenation).
     node_shards = nodes >> 32
-    shards = np.unique(node_shards).tolist()
+    shards = node_shards[run_starts(node_shards)].tolist()
     bounds = np.searchsorted(node_shards, [*shards, shards[-1] + 1])
     spans = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
     area = np.empty(len(nodes), dtype=np.int64)
@@ -765,6 +775,8 @@ def _components(ctx: ShardContext, pool: ThreadPoolExecutor) -> dict:
         [area[span] for span in spans],
         [halves[:, span] for span in spans],
     )
+    index = dense_ranks(ends)
+    del ends
     root = roots(index, len(nodes))
     # The strongest reason among each node's own edges.
     reasons = np.full(len(nodes), len(REASONS), dtype=np.int16)
@@ -790,19 +802,19 @@ def _components(ctx: ShardContext, pool: ThreadPoolExecutor) -> dict:
     keeper_rank[keepers] = np.arange(len(keepers))
     names = pa.array([*REASONS, None], pa.string())
 
-    def write_clusters(s: int, here: slice) -> None:  # gid order = nodes order
-        dup_of = keeper_uid.take(pa.array(keeper_rank[keeper_of[here]]))
-        part = {
-            "gid": nodes[here],
-            "dup_of": pc.if_else(is_keeper[here], pa.scalar(None, pa.string()), dup_of),
-            "dup_reason": names.take(pa.array(reasons[here])),
-            "cluster_size": sizes[here].astype(np.int32),
-        }
-        ctx.write_table(
-            f"dedup/_clusters/{shard_name(s)}.parquet", pa.table(part), work=True, distinct=("gid", "dup_of")
-        )
+    def gather(rows: np.ndarray) -> pa.RecordBatch:  # one crawl shard's nodes, in gid order
+        dup_of = keeper_uid.take(pa.array(keeper_rank[keeper_of[rows]]))
+        columns = [
+            nodes[rows],
+            pc.if_else(is_keeper[rows], pa.scalar(None, pa.string()), dup_of),
+            names.take(pa.array(reasons[rows])),
+            sizes[rows].astype(np.int32),
+        ]
+        return pa.record_batch(columns, schema=CLUSTERS_SCHEMA)
 
-    list(pool.map(write_clusters, shards, spans))
+    # One file, partitioned by crawl shard (pipeline/shuffle.py): each final task reads its piece.
+    partitions = max(committed_shards(ctx.storage, "crawl")) + 1
+    write_gathered(ctx, CLUSTERS, CLUSTERS_SCHEMA, node_shards, partitions, gather)
     counts = np.bincount(reasons[~is_keeper], minlength=len(REASONS))
     size_values, size_counts = np.unique(per_root[per_root > 0], return_counts=True)
     stats.update(
@@ -828,9 +840,10 @@ def run_dedup(ctx: ShardContext) -> dict:
     # Each clustered node's row among the shard's images (both sorted by gid): a positional
     # take, nulls for the images in no cluster, instead of a join and a sort.
     row = np.full(len(gid), -1, dtype=np.int64)
-    clusters_file = f"dedup/_clusters/{ctx.name}.parquet"
     columns = ["dup_of", "dup_reason", "cluster_size"]
-    clusters = ctx.read_table(clusters_file) if ctx.storage.exists(clusters_file) else schema.empty(schema.DEDUP)
+    clusters = CLUSTERS_SCHEMA.empty_table()
+    if ctx.storage.exists(CLUSTERS):  # none when no image has a duplicate
+        clusters = read_partition(ctx.storage, [CLUSTERS], ctx.shard, CLUSTERS_SCHEMA)
     if clusters.num_rows:
         row[np.searchsorted(gid, clusters["gid"].to_numpy())] = np.arange(clusters.num_rows)
     take = pa.array(row, mask=row < 0)
