@@ -41,6 +41,7 @@ def make_rows(n: int, work: Path, seed: int = 0) -> dict:
     import numpy as np
     import pyarrow as pa
 
+    from pipeline.schema import CRAWL_DISTINCT
     from pipeline.stage import marker_path
     from pipeline.storage import open_storage
 
@@ -81,7 +82,7 @@ def make_rows(n: int, work: Path, seed: int = 0) -> dict:
             }
         )
         shard = s // SHARD_ROWS
-        store.write_parquet(f"crawl/{shard:05d}.parquet", table)
+        store.write_parquet(f"crawl/{shard:05d}.parquet", table, distinct=CRAWL_DISTINCT)  # as the crawl writes it
         store.write_json(marker_path("crawl", shard), {"stats": {"success": e - s}, "config_sha256": "bench"})
     near_rows = np.nonzero(near)[0]
     return {

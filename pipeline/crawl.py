@@ -384,7 +384,7 @@ def run_crawl(ctx: ShardContext) -> dict:
     outcomes = dict(zip(todo, results, strict=True))
     with TarWriter(ctx.output_path(f"crawl/{ctx.name}.tar")) as tar:
         out, stats = crawl_table(table, outcomes, tar)
-    ctx.write_table(f"crawl/{ctx.name}.parquet", out)
+    ctx.write_table(f"crawl/{ctx.name}.parquet", out, distinct=schema.CRAWL_DISTINCT)
     stats["seconds"] = round(time.time() - started, 3)
     return stats
 
@@ -430,6 +430,7 @@ def run_retry(ctx: ShardContext) -> dict:
     ctx.write_table(
         f"crawl/{ctx.name}.parquet",
         schema.conform(pa.Table.from_pylist(rows, schema=old.schema), schema.CRAWL, "crawl", keep_extra=True),
+        distinct=schema.CRAWL_DISTINCT,
     )
     return {
         "rows": len(rows),

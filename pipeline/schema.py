@@ -123,6 +123,10 @@ CRAWL = pa.schema(
     ]
 )
 
+# Crawl columns of (nearly) all-different values: written plain, without statistics
+# (storage.parquet_options).
+CRAWL_DISTINCT = ("uid", "url", "key", "sha256", "sha256_key", "md5", "phash", "colour_sig", "pixel_hash")
+
 DEDUP = pa.schema(
     [
         pa.field("uid", pa.string(), nullable=False),
