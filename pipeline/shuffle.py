@@ -43,7 +43,7 @@ def write_gathered(
     order = np.argsort(parts.astype(np.int16) if partitions < 2**15 else parts, kind="stable")
     bounds = np.searchsorted(parts[order], np.arange(partitions + 1))
     offsets = np.zeros(partitions + 1, dtype="<i8")
-    with pa.OSFile(str(ctx.output_path(rel)), "wb") as sink:
+    with pa.OSFile(str(ctx.output_path(rel, work=True)), "wb") as sink:
         for p in range(partitions):
             start, stop = int(bounds[p]), int(bounds[p + 1])
             if stop > start:
@@ -51,7 +51,7 @@ def write_gathered(
                 with pa.ipc.new_stream(sink, schema) as writer:
                     writer.write(rows)
             offsets[p + 1] = sink.tell()
-    with open(ctx.output_path(rel + INDEX_SUFFIX), "wb") as f:
+    with open(ctx.output_path(rel + INDEX_SUFFIX, work=True), "wb") as f:
         f.write(offsets.tobytes())
 
 

@@ -120,6 +120,7 @@ class ShardContext:
     run: Any
     staging_dir: Path
     staged: dict[str, Path] = field(default_factory=dict)
+    work: set[str] = field(default_factory=set)  # staged outputs only a later step reads (not hashed)
     _staging: threading.Lock = field(default_factory=threading.Lock, repr=False)  # outputs staged from threads
 
     @property
@@ -132,20 +133,26 @@ class ShardContext:
     def read_frame(self, rel: str, columns: list[str] | None = None) -> pl.DataFrame:
         return self.storage.read_frame(rel, columns=columns)
 
-    def output_path(self, rel: str) -> Path:
-        """A local file to write output `rel` into; committed after run_shard returns."""
+    def output_path(self, rel: str, work: bool = False) -> Path:
+        """A local file to write output `rel` into; committed after run_shard returns.
+
+        The marker records each output's bytes and sha256, except a `work` file's hash: work
+        files (shuffle pieces, edges) are read back by a later step only, and hashing them was
+        a tenth of a dedup map task."""
         with self._staging:
             if rel in self.staged:
                 raise AssertionError(f"output {rel} staged twice")
             local = self.staging_dir / f"out{len(self.staged)}-{Path(rel).name}"
             self.staged[rel] = local
+            if work:
+                self.work.add(rel)
         return local
 
     def write_table(self, rel: str, table: pa.Table, work: bool = False, distinct: tuple[str, ...] = ()) -> None:
         """Stage a parquet output, written with storage.parquet_options (which see for `work`
         and `distinct`)."""
         options = parquet_options(table.column_names, work=work, distinct=distinct)
-        pq.write_table(table, self.output_path(rel), **options)
+        pq.write_table(table, self.output_path(rel, work=work), **options)
 
 
 @dataclass(frozen=True)
@@ -215,7 +222,9 @@ def execute_shard(stage: Stage, shard: int, storage: Storage, run: Any) -> Shard
         for rel, local in ctx.staged.items():
             if not local.exists():
                 raise AssertionError(f"stage {stage.name} staged {rel} but wrote nothing")
-            outputs[rel] = {"bytes": local.stat().st_size, "sha256": file_sha256(local)}
+            outputs[rel] = {"bytes": local.stat().st_size}
+            if rel not in ctx.work:
+                outputs[rel]["sha256"] = file_sha256(local)
             storage.move_file(local, rel)
         storage.write_json(
             marker_path(stage.name, shard),

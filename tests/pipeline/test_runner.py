@@ -242,3 +242,30 @@ def test_polars_in_a_ray_worker_gets_as_many_threads_as_the_task_has_cpus(ray_lo
     fresh = {"env_vars": {"CLIPLINE_TEST_WORKER": str(time.time())}}  # a new worker, nothing imported yet
     task = ray_local.remote(num_cpus=1, runtime_env=fresh)(pool_size)
     assert ray_local.get(task.remote()) == ("1", 1)
+
+
+def test_markers_hash_what_users_read_and_not_work_files(local_store):
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.shuffle import write_partitioned
+    from pipeline.stage import Stage, execute_shard
+
+    def run_shard(ctx):
+        table = pa.table({"x": np.arange(10)})
+        ctx.write_table("t/out.parquet", table)
+        ctx.write_table("t/_work.parquet", table, work=True)
+        write_partitioned(ctx, "t/_map.arrow", table, np.arange(10) % 3, 3)
+        return {}
+
+    stage = Stage(name="t", plan=lambda ctx: [0], run_shard=run_shard)
+    execute_shard(stage, 0, local_store, toy_run(local_store.uri))
+    outputs = local_store.read_json(marker_path("t", 0))["outputs"]
+    data = {rel: local_store.read_bytes(rel) for rel in outputs}
+    assert outputs["t/out.parquet"]["sha256"] == hashlib.sha256(data["t/out.parquet"]).hexdigest()
+    assert {rel for rel, meta in outputs.items() if "sha256" not in meta} == {
+        "t/_work.parquet",
+        "t/_map.arrow",
+        "t/_map.arrow.idx",
+    }
+    assert all(meta["bytes"] == len(data[rel]) for rel, meta in outputs.items())
