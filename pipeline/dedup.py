@@ -58,6 +58,7 @@ MAP, REDUCE, COMPONENTS = "dedup/_map", "dedup/_reduce", "dedup/_components"
 CLUSTERS = "dedup/_clusters.arrow"  # every clustered image's dup_of etc., partitioned by crawl shard
 # Edge reasons, strongest first: a removed image gets the strongest reason among its own edges.
 REASONS = ("exact_bytes", "exact_pixels", "near", "caption", "semantic")
+REASON_NAMES = pa.array([*REASONS, None], pa.string())  # by index; the last (null) for a kept image
 KIND_BYTES, KIND_PIXELS, KIND_CAPTION, KIND_SEMANTIC, KIND_NEAR = 0, 1, 2, 4, 10  # near table t: kind 10 + t
 EMBED, CENTROIDS = "dedup/_embed", "dedup/_centroids"
 
@@ -462,8 +463,9 @@ def colour_distance_packed(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarr
 
 
 EMPTY_EDGES = {"a": pl.Int64, "b": pl.Int64, "reason": pl.Int8}
+# dup_reason as its index in REASONS (len(REASONS) for a keeper)
 CLUSTERS_SCHEMA = pa.schema(
-    [("gid", pa.int64()), ("dup_of", pa.string()), ("dup_reason", pa.string()), ("cluster_size", pa.int32())]
+    [("gid", pa.int64()), ("dup_of", pa.string()), ("reason", pa.int8()), ("cluster_size", pa.int32())]
 )
 
 
@@ -800,14 +802,13 @@ def _components(ctx: ShardContext, pool: ThreadPoolExecutor) -> dict:
     del uids
     keeper_rank = np.zeros(len(nodes), dtype=np.int64)
     keeper_rank[keepers] = np.arange(len(keepers))
-    names = pa.array([*REASONS, None], pa.string())
 
     def gather(rows: np.ndarray) -> pa.RecordBatch:  # one crawl shard's nodes, in gid order
         dup_of = keeper_uid.take(pa.array(keeper_rank[keeper_of[rows]]))
         columns = [
             nodes[rows],
             pc.if_else(is_keeper[rows], pa.scalar(None, pa.string()), dup_of),
-            names.take(pa.array(reasons[rows])),
+            reasons[rows].astype(np.int8),
             sizes[rows].astype(np.int32),
         ]
         return pa.record_batch(columns, schema=CLUSTERS_SCHEMA)
@@ -840,15 +841,22 @@ def run_dedup(ctx: ShardContext) -> dict:
     # Each clustered node's row among the shard's images (both sorted by gid): a positional
     # take, nulls for the images in no cluster, instead of a join and a sort.
     row = np.full(len(gid), -1, dtype=np.int64)
-    columns = ["dup_of", "dup_reason", "cluster_size"]
+    reason = np.full(len(gid), len(REASONS), dtype=np.int8)  # a row of no cluster: kept, alone
+    size = np.ones(len(gid), dtype=np.int32)
     clusters = CLUSTERS_SCHEMA.empty_table()
     if ctx.storage.exists(CLUSTERS):  # none when no image has a duplicate
         clusters = read_partition(ctx.storage, [CLUSTERS], ctx.shard, CLUSTERS_SCHEMA)
     if clusters.num_rows:
-        row[np.searchsorted(gid, clusters["gid"].to_numpy())] = np.arange(clusters.num_rows)
-    take = pa.array(row, mask=row < 0)
-    out = {"uid": crawl["uid"].filter(ok).to_arrow().cast(pa.string())} | {c: clusters[c].take(take) for c in columns}
-    out["cluster_size"] = pc.fill_null(out["cluster_size"], 1)
+        at = np.searchsorted(gid, clusters["gid"].to_numpy())
+        row[at] = np.arange(clusters.num_rows)
+        reason[at] = clusters["reason"].to_numpy()
+        size[at] = clusters["cluster_size"].to_numpy()
+    out = {
+        "uid": crawl["uid"].filter(ok).to_arrow().cast(pa.string()),
+        "dup_of": clusters["dup_of"].take(pa.array(row, mask=row < 0)),
+        "dup_reason": REASON_NAMES.take(pa.array(reason)),
+        "cluster_size": size,
+    }
     table = schema.conform(pa.table(out), schema.DEDUP, f"dedup/{ctx.name}")
     ctx.write_table(f"dedup/{ctx.name}.parquet", table, distinct=("uid", "dup_of"))
     kept = int(table["dup_of"].null_count)
