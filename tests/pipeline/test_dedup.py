@@ -55,6 +55,44 @@ def test_union_find_joins_chains_and_keeps_components_apart():
     assert set(label.tolist()) == {0}
 
 
+def test_gid_index_matches_a_sorted_dense_rank():
+    from pipeline.dedup import dense_index, gid_index
+
+    rng = np.random.default_rng(5)
+    for trial in range(300):
+        n = int(rng.integers(1, 400))
+        shards = rng.integers(0, int(rng.integers(1, 7)), n)  # shards with no node between others
+        rows = rng.integers(0, int(rng.choice([1, 3, 64, 65, 1000, 5000])), n)  # repeats; word edges
+        ends = (shards << 32) | rows
+        nodes, index = gid_index(ends)
+        expected_nodes, expected_index = dense_index(ends)
+        assert nodes.tolist() == expected_nodes.tolist(), trial
+        assert index.tolist() == expected_index.tolist(), trial
+        assert index.dtype == np.int32
+    nodes, index = gid_index(np.zeros(0, np.int64))
+    assert len(nodes) == len(index) == 0
+
+
+def test_uid_halves_order_like_the_text_and_fall_back_for_odd_uids():
+    import pyarrow as pa
+
+    from pipeline.dedup import uid_halves
+
+    hex_uids = ["0123456789abcdef" * 2, "fedcba9876543210" + "0" * 16, "FFFFFFFFFFFFFFFF" + "00000000000000A1"]
+    halves = uid_halves(pa.array(hex_uids))
+    assert halves.dtype == np.uint64
+    assert [[int(h) for h in row] for row in halves] == [
+        [int(u[:16], 16) for u in hex_uids],
+        [int(u[16:], 16) for u in hex_uids],
+    ]
+    sliced = pa.array(["x", *hex_uids]).slice(1)  # an offset into the buffers
+    assert (uid_halves(sliced) == halves).all()
+    # Not DESIGN.md's uid: the slow path, a half that is not hex is 0.
+    odd = pa.array(["0123456789abcdef" * 2, "zz" * 16, "abc", None])
+    assert uid_halves(odd).tolist() == [[0x0123456789ABCDEF, 0, 0xABC, 0], [0x0123456789ABCDEF, 0, 0, 0]]
+    assert uid_halves(pa.array(["g" + "0" * 31])).tolist() == [[0], [0]]
+
+
 @pytest.mark.parametrize("with_area", [True, False])
 def test_keepers_are_the_largest_then_lowest_uid_then_lowest_gid_of_each_cluster(with_area):
     from pipeline.dedup import keepers_by_rule
