@@ -768,16 +768,19 @@ def keepers_by_rule(root: np.ndarray, nodes: np.ndarray, uid_halves: list[np.nda
     see uid_halves) that order exactly like the string. No sort: each criterion in turn keeps, of
     the candidates left in a cluster, those at the cluster's minimum (one scatter-min a criterion);
     gids are distinct, so one candidate a cluster is left."""
-    candidate = np.arange(len(nodes))
-    clusters = int((root == candidate).sum())
+    clusters = int((root == np.arange(len(root))).sum())
+    candidate, at = None, root  # None: every node (no gathers for the first criterion)
+    best_buffer = np.empty(len(nodes), dtype=np.uint64)  # one buffer for every criterion's minima
     for values in [*([] if area is None else [-area]), *uid_halves, nodes]:
-        if len(candidate) == clusters:  # one left in every cluster (uids rarely tie): done
-            break
-        values = values[candidate]
-        at = root[candidate]
-        best = np.full(len(nodes), np.iinfo(values.dtype).max, dtype=values.dtype)
+        if candidate is not None:
+            if len(candidate) == clusters:  # one left in every cluster (uids rarely tie): done
+                break
+            values, at = values[candidate], root[candidate]
+        best = best_buffer.view(values.dtype)
+        best.fill(np.iinfo(values.dtype).max)
         np.minimum.at(best, at, values)
-        candidate = candidate[values == best[at]]
+        kept = values == best[at]
+        candidate = np.flatnonzero(kept) if candidate is None else candidate[kept]
     keeper = np.empty(len(nodes), dtype=np.int64)
     keeper[root[candidate]] = candidate  # by root: the node index of its cluster's keeper
     return keeper[root]
