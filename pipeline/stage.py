@@ -168,6 +168,9 @@ class Stage:
     rate_key: str = "rows"  # the stats count shown per second in the progress bar
     redo: bool = False  # run planned shards even when committed, replacing outputs and marker (retry passes)
     gpu_when: Callable[[Any], bool] | None = None  # config -> True when a GPU helps (used if the cluster has one)
+    # Up to this many shards in one Ray task when there are many more shards than task slots:
+    # for stages whose shards take tens of milliseconds, where Ray's cost per task is a large share.
+    shards_per_task: int = 1
 
     def config_of(self, run: Any) -> Any:
         return getattr(run, self.config_key or self.name, None)

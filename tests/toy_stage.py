@@ -50,6 +50,22 @@ def attempts(config: ToyConfig, shard: int) -> int:
     return len(list(Path(config.attempts_dir).glob(f"{shard:05d}-*"))) if config.attempts_dir else 0
 
 
+def task_id() -> str:
+    """The Ray task running this attempt ("inline" outside Ray)."""
+    import ray
+
+    return (ray.get_runtime_context().get_task_id() if ray.is_initialized() else None) or "inline"
+
+
+def attempt_tasks(config: ToyConfig) -> dict[str, list[int]]:
+    """The shards each task ran (an attempt file is named shard-task-nonce)."""
+    tasks: dict[str, list[int]] = {}
+    for path in sorted(Path(config.attempts_dir).iterdir()):
+        shard, task, _ = path.name.split("-")
+        tasks.setdefault(task, []).append(int(shard))
+    return tasks
+
+
 def plan(ctx: PlanContext) -> list[int]:
     return list(range(ctx.config.shards))
 
@@ -58,7 +74,7 @@ def run_shard(ctx: ShardContext) -> dict:
     cfg: ToyConfig = ctx.config
     before = attempts(cfg, ctx.shard)
     if cfg.attempts_dir:
-        (Path(cfg.attempts_dir) / f"{ctx.shard:05d}-{uuid.uuid4().hex}").touch()
+        (Path(cfg.attempts_dir) / f"{ctx.shard:05d}-{task_id()}-{uuid.uuid4().hex}").touch()
     if cfg.sleep:
         time.sleep(cfg.sleep)
     if ctx.shard in cfg.bad_input_shards:

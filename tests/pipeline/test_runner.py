@@ -17,10 +17,10 @@ import pytest
 
 from pipeline.errors import ClipError, StageFailed
 from pipeline.runner import run_stage
-from pipeline.stage import marker_path
+from pipeline.stage import committed_shards, marker_path
 from pipeline.storage import open_storage
 from tests.conftest import REPO
-from tests.toy_stage import STAGE, ToyConfig, ToyRun, attempts
+from tests.toy_stage import STAGE, ToyConfig, ToyRun, attempt_tasks, attempts
 
 
 def toy_run(out, **toy) -> ToyRun:
@@ -95,6 +95,48 @@ def test_a_worker_that_always_dies_surfaces_as_a_failed_shard(ray_local, local_s
     run = toy_run(local_store.uri, shards=2, crash_shards=(0,), attempts_dir=str(tmp_path))
     with pytest.raises(StageFailed, match=r"^toy: 1 of 2 shards failed: toy/00000: the worker running it died"):
         run_stage(STAGE, local_store, run, max_retries=0, progress=False)
+
+
+def test_quick_stages_run_several_shards_a_task_and_report_each_shard(ray_local, tmp_path, monkeypatch):
+    import pipeline.runner
+
+    monkeypatch.setattr(pipeline.runner, "TASKS_PER_SLOT", 1)  # 10 shards, 2 slots: up to 5 a task
+    batched = replace(STAGE, shards_per_task=3)
+    one_each, several = (open_storage(tmp_path / name) for name in ("one", "several"))
+    (tmp_path / "a").mkdir()
+    run_stage(STAGE, one_each, toy_run(one_each.uri, shards=10), progress=False)
+    run = toy_run(several.uri, shards=10, flaky_shards=(1,), attempts_dir=str(tmp_path / "a"))
+    report = run_stage(batched, several, run, max_retries=1, progress=False)
+    assert report.ran == list(range(10)) and report.total("rows") == 500
+    assert sorted(sorted(set(s)) for s in attempt_tasks(run.toy).values()) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert attempts(run.toy, 1) == 2  # retried within its task
+    assert outputs(several) == outputs(one_each)
+
+    # Faults inside a task: a shard that raises fails alone; a worker that dies loses the shards
+    # its task had not committed yet, and keeps those it had.
+    faulty = open_storage(tmp_path / "faulty")
+    (tmp_path / "b").mkdir()
+    run = toy_run(faulty.uri, shards=10, crash_shards=(4,), fail_shards=(7,), attempts_dir=str(tmp_path / "b"))
+    with pytest.raises(StageFailed) as e:
+        run_stage(batched, faulty, run, max_retries=0, progress=False)
+    assert str(e.value) == (
+        "toy: 3 of 10 shards failed: toy/00004: the worker running it died (retries exhausted); "
+        "toy/00005: the worker running it died (retries exhausted); toy/00007: ValueError: toy failure in shard 7"
+    )
+    assert committed_shards(faulty, "toy") == [0, 1, 2, 3, 6, 8, 9]
+    report = run_stage(batched, faulty, replace(run, toy=replace(run.toy, fail_shards=())), progress=False)
+    assert report.ran == [4, 5, 7] and outputs(faulty) == outputs(one_each)
+
+
+def test_shards_a_task_leave_enough_tasks_to_balance():
+    from pipeline.runner import TASKS_PER_SLOT, shards_per_task
+
+    quick = replace(STAGE, shards_per_task=8)
+    assert shards_per_task(STAGE, 10_000, 2) == 1  # a stage that did not ask for it
+    assert shards_per_task(quick, 100, 2) == 100 // (2 * TASKS_PER_SLOT)
+    assert shards_per_task(quick, 10_000, 2) == 8
+    assert shards_per_task(quick, 10, 2) == 1
+    assert shards_per_task(quick, 0, 0) == 1
 
 
 def test_error_after_staging_leaves_no_final_output(ray_local, local_store):
