@@ -1,10 +1,12 @@
 """Partitioned work files for map → reduce steps: M map tasks write M files, not M × R.
 
-A map task writes its rows for all R partitions into one file, partition after
-partition, each as a self-contained Arrow IPC stream, and a sidecar index of
-R + 1 little-endian int64 byte offsets. A reducer reads, from each map file,
-16 bytes of the index and then one byte range: two ranged reads per map file,
-whatever R is (a footer listing R pieces would cost R times more to read).
+A map task writes its rows for all R partitions into one file: a header of R + 1
+little-endian int64 byte offsets, then partition after partition, each as a
+self-contained Arrow IPC stream (partition p is bytes offsets[p] .. offsets[p + 1]).
+A reducer reads, from each map file, 16 bytes of the header and then one byte
+range: two ranged reads per map file, whatever R is (a footer listing R pieces
+would cost R times more to read, and an index in a file of its own is a second
+object to write, sync and rename for every map task).
 
 The rows are hashes and ids, which do not compress; uncompressed IPC writes
 about 9x faster than zstd parquet and reads without decoding.
@@ -20,11 +22,9 @@ import pyarrow as pa
 from pipeline.stage import ShardContext
 from pipeline.storage import Storage
 
-INDEX_SUFFIX = ".idx"
-
 
 def write_partitioned(ctx: ShardContext, rel: str, table: pa.Table, parts: np.ndarray, partitions: int) -> None:
-    """Stage `rel` (+ its index) holding `table`'s rows grouped by `parts` (values in [0, partitions))."""
+    """Stage `rel` holding `table`'s rows grouped by `parts` (values in [0, partitions))."""
     write_gathered(ctx, rel, table.schema, parts, partitions, lambda rows: table.take(pa.array(rows)))
 
 
@@ -43,7 +43,10 @@ def write_gathered(
     order = np.argsort(parts.astype(np.int16) if partitions < 2**15 else parts, kind="stable")
     bounds = np.searchsorted(parts[order], np.arange(partitions + 1))
     offsets = np.zeros(partitions + 1, dtype="<i8")
-    with pa.OSFile(str(ctx.output_path(rel, work=True)), "wb") as sink:
+    offsets[0] = offsets.nbytes
+    path = ctx.output_path(rel, work=True)
+    with pa.OSFile(str(path), "wb") as sink:
+        sink.write(offsets.tobytes())  # the header's place: filled in below
         for p in range(partitions):
             start, stop = int(bounds[p]), int(bounds[p + 1])
             if stop > start:
@@ -51,16 +54,17 @@ def write_gathered(
                 with pa.ipc.new_stream(sink, schema) as writer:
                     writer.write(rows)
             offsets[p + 1] = sink.tell()
-    with open(ctx.output_path(rel + INDEX_SUFFIX, work=True), "wb") as f:
+    with open(path, "r+b") as f:
         f.write(offsets.tobytes())
 
 
 def read_pieces(storage: Storage, rels: list[str], partition: int) -> list[pa.Table]:
-    """Partition `partition`'s rows from each map file in `rels` that has any, in `rels` order.
-    Two small reads a file: on S3, round trips, so `storage.read_concurrency` of them at a time."""
+    """Partition `partition`'s rows from each map file in `rels` that has any, in `rels` order
+    (the caller knows the files hold more partitions than that). Two small reads a file: on
+    S3, round trips, so `storage.read_concurrency` of them at a time."""
 
     def piece(rel: str) -> pa.Table | None:
-        start, stop = np.frombuffer(storage.read_range(rel + INDEX_SUFFIX, 8 * partition, 8 * partition + 16), "<i8")
+        start, stop = np.frombuffer(storage.read_range(rel, 8 * partition, 8 * partition + 16), "<i8")
         if stop <= start:
             return None
         return pa.ipc.open_stream(pa.py_buffer(storage.read_range(rel, int(start), int(stop)))).read_all()
@@ -75,5 +79,5 @@ def read_partition(storage: Storage, rels: list[str], partition: int, schema: pa
 
 
 def map_files(storage: Storage, prefix: str) -> list[str]:
-    """The partitioned files under `prefix` (their indexes left out)."""
+    """The partitioned files under `prefix`."""
     return storage.list(prefix, suffix=".arrow")

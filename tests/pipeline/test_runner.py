@@ -308,6 +308,5 @@ def test_markers_hash_what_users_read_and_not_work_files(local_store):
     assert {rel for rel, meta in outputs.items() if "sha256" not in meta} == {
         "t/_work.parquet",
         "t/_map.arrow",
-        "t/_map.arrow.idx",
     }
     assert all(meta["bytes"] == len(data[rel]) for rel, meta in outputs.items())

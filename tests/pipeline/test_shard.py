@@ -119,11 +119,16 @@ def test_each_step_reads_its_inputs_once_so_the_cost_stays_linear(filtered, tmp_
     from pipeline.storage import LocalStorage
 
     reads: list[str] = []
+    ranges: list[tuple[str, int, int]] = []
     for method in ("read_parquet", "read_frame", "read_range"):
         original = getattr(LocalStorage, method)
         monkeypatch.setattr(
             LocalStorage, method, lambda self, rel, *a, _o=original, **k: reads.append(rel) or _o(self, rel, *a, **k)
         )
+    read_range = LocalStorage.read_range
+    monkeypatch.setattr(
+        LocalStorage, "read_range", lambda self, rel, a, b: ranges.append((rel, a, b)) or read_range(self, rel, a, b)
+    )
     store = copy(filtered, tmp_path)
     manifest = shard(store, samples_per_shard=10)  # 4 crawl shards, many output shards
     outputs = len(manifest.shards)
@@ -131,9 +136,12 @@ def test_each_step_reads_its_inputs_once_so_the_cost_stays_linear(filtered, tmp_
     index_reads = [r for r in reads if r.startswith("shard/_index/")]
     assert sorted(index_reads) == [f"shard/_index/{s:05d}.parquet" for s in range(4)]  # once each, by the route step
     route_reads = [r for r in reads if r.startswith("shard/_route/")]
-    # an output shard reads, of each route file, 16 bytes of its index and then its range, if any
-    assert sum(r.endswith(".idx") for r in route_reads) == 4 * outputs
-    assert outputs <= sum(r.endswith(".arrow") for r in route_reads) <= 4 * outputs
+    # an output shard reads, of each route file, 16 bytes of its header and then its range, if any
+    route_files = sorted(set(route_reads))
+    assert len(route_files) == 4 and all(r.endswith(".arrow") for r in route_files)
+    header = [(rel, a, b) for rel, a, b in ranges if rel in route_files and a < 8 * (outputs + 1)]
+    assert sorted(header) == sorted((rel, 8 * p, 8 * p + 16) for rel in route_files for p in range(outputs))
+    assert outputs <= len(route_reads) - len(header) <= 4 * outputs
 
 
 def test_images_close_together_share_a_ranged_read(tmp_path):
