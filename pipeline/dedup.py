@@ -48,7 +48,7 @@ import polars as pl
 import pyarrow as pa
 
 from pipeline import schema
-from pipeline.errors import ConfigError
+from pipeline.errors import ClipError, ConfigError
 from pipeline.shuffle import map_files, read_partition, write_gathered
 from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards, release_memory, shard_name
 
@@ -324,13 +324,20 @@ def plan_map(ctx: PlanContext) -> list[int]:
         emitted += images * (1 + dim // 16)  # a semantic row carries its float16 embedding: ~dim/16 key rows
     plan = {
         "images": images,
+        "crawl_shards": shards,  # what every later step works on, whatever is committed since
         "near_index": design,
         "partitions": max(1, math.ceil(emitted / config.rows_per_partition)),
         "embedding_dim": dim,
     }
     old = ctx.storage.read_json(PLAN) if ctx.storage.exists(PLAN) else None
-    if old is not None and old["images"] == images:
+    if old is not None and (old.get("crawl_shards"), old["images"]) == (shards, images):
         plan = {**old, "embedding_dim": dim}  # keep the first run's partitioning (resume)
+    elif old is not None and committed_shards(ctx.storage, MAP):
+        raise ClipError(
+            f"the crawl changed since this dedup began ({len(old.get('crawl_shards') or [])} shards and "
+            f"{old['images']} images then, {len(shards)} and {images} now): delete "
+            f"{ctx.storage.url('dedup')} and run dedup again"
+        )
     if plan != old:
         ctx.storage.write_json(PLAN, plan)
     return shards
@@ -870,7 +877,7 @@ def _components(ctx: ShardContext, pool: ThreadPoolExecutor) -> dict:
         return clusters.slice(int(rows[0]), len(rows))
 
     # One file, partitioned by crawl shard (pipeline/shuffle.py): each final task reads its piece.
-    partitions = max(committed_shards(ctx.storage, "crawl")) + 1
+    partitions = max(ctx.storage.read_json(PLAN)["crawl_shards"]) + 1
     write_gathered(ctx, CLUSTERS, CLUSTERS_SCHEMA, node_shards, partitions, gather)
     counts = np.bincount(reasons[~is_keeper], minlength=len(REASONS))
     size_values, size_counts = np.unique(per_root[per_root > 0], return_counts=True)
@@ -888,7 +895,7 @@ def _components(ctx: ShardContext, pool: ThreadPoolExecutor) -> dict:
 
 
 def plan_dedup(ctx: PlanContext) -> list[int]:
-    return committed_shards(ctx.storage, "crawl")
+    return ctx.storage.read_json(PLAN)["crawl_shards"]  # the shards the clusters were found in
 
 
 def run_dedup(ctx: ShardContext) -> dict:

@@ -379,6 +379,23 @@ def test_same_input_same_output_also_after_a_killed_run(crawled_web, tmp_path):
     assert outputs(first) == outputs(second)
 
 
+def test_a_crawl_that_changed_since_dedup_began_is_refused_in_one_line(tmp_path):
+    from pipeline.errors import ClipError
+
+    store = store_with_shards(tmp_path, [[{"uid": "a", "sha": "ab" * 32}], [{"uid": "b", "sha": "ab" * 32}]])
+    assert dedup(store)["dup_of"].to_list() == [None, "a"]
+    store.write_parquet("crawl/00002.parquet", crawl_rows([{"uid": "c", "sha": "ab" * 32}]))
+    store.write_json(marker_path("crawl", 2), {"stats": {"success": 1}, "config_sha256": "x"})
+    with pytest.raises(ClipError) as e:
+        dedup(store)
+    assert str(e.value) == (
+        f"the crawl changed since this dedup began (2 shards and 2 images then, 3 and 3 now): "
+        f"delete {store.url('dedup')} and run dedup again"
+    )
+    shutil.rmtree(store.url("dedup"))
+    assert dedup(store)["dup_of"].to_list() == [None, "a", "a"]
+
+
 def test_config_changes_are_not_mixed_in(crawled_web, tmp_path):
     store = copy_of(crawled_web[0], tmp_path, "c")
     dedup(store)
