@@ -746,11 +746,12 @@ def connected_components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.n
     return nodes, nodes[root]
 
 
-def uid_halves(uid: pa.Array) -> np.ndarray:
-    """Hex digits 0-15 and 16-31 of each uid as two rows of uint64 that order like the text
-    (DESIGN.md's uid is 32 hex digits). Straight from the string bytes (3x faster than parsing
-    with polars); a column with any other uid (nulls, other lengths, not hex) goes the slow
-    way, where a half that is not hex is 0."""
+def parse_uids(uid: pa.Array) -> tuple[np.ndarray, bool]:
+    """(halves, canonical): hex digits 0-15 and 16-31 of each uid as two rows of uint64 that
+    order like the text, and whether every uid is DESIGN.md's uid, 32 lowercase hex digits
+    (then hex_uids gives the strings back from the halves). Straight from the string bytes (3x
+    faster than parsing with polars); a column with any other uid (nulls, other lengths, not
+    hex) goes the slow way, where a half that is not hex is 0."""
     n = len(uid)
     if uid.type == pa.string() and not uid.null_count:
         offsets = np.frombuffer(uid.buffers()[1], dtype=np.int32, count=n + 1, offset=4 * uid.offset)
@@ -758,21 +759,40 @@ def uid_halves(uid: pa.Array) -> np.ndarray:
             text = np.frombuffer(uid.buffers()[2], dtype=np.uint8, count=32 * n, offset=int(offsets[0]))
             text = text.reshape(n, 32)
             digit = text - np.uint8(ord("0")) < 10
-            letter = (text | np.uint8(0x20)) - np.uint8(ord("a")) < 6  # a-f or A-F
-            if (digit | letter).all():
+            lower = text - np.uint8(ord("a")) < 6
+            upper = text - np.uint8(ord("A")) < 6
+            if (digit | lower | upper).all():
                 nibble = (text & np.uint8(15)) + np.uint8(9) * (text >> np.uint8(6))  # letters: low bits + 9
-                return ((nibble[:, 0::2] << np.uint8(4)) | nibble[:, 1::2]).view(">u8").astype(np.uint64).T
+                halves = ((nibble[:, 0::2] << np.uint8(4)) | nibble[:, 1::2]).view(">u8").astype(np.uint64).T
+                return halves, not upper.any()
     halves = np.empty((2, n), dtype=np.uint64)
     for half in (0, 1):
         digits = pl.Series(uid).str.slice(16 * half, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False)
         halves[half] = digits.fill_null(0).to_numpy()
-    return halves
+    return halves, False
+
+
+HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+def hex_uids(halves: np.ndarray, null: np.ndarray) -> pa.Array:
+    """The uid strings (32 lowercase hex digits) of `halves` (see parse_uids), one per False of
+    `null` in order, and nulls where `null` is True: built from buffers, no string at a time."""
+    big_endian = np.ascontiguousarray(halves.T, dtype=">u8").view(np.uint8).reshape(-1, 16)  # each uid's 16 bytes
+    text = np.empty((len(big_endian), 32), dtype=np.uint8)
+    text[:, 0::2] = HEX_DIGITS[big_endian >> np.uint8(4)]
+    text[:, 1::2] = HEX_DIGITS[big_endian & np.uint8(15)]
+    offsets = np.zeros(len(null) + 1, dtype=np.int32)
+    np.cumsum(np.where(null, 0, 32).astype(np.int32), out=offsets[1:])
+    validity = np.packbits(~null, bitorder="little")
+    buffers = [pa.py_buffer(validity), pa.py_buffer(offsets), pa.py_buffer(text)]
+    return pa.Array.from_buffers(pa.string(), len(null), buffers, null_count=int(null.sum()))
 
 
 def keepers_by_rule(root: np.ndarray, nodes: np.ndarray, uid_halves: list[np.ndarray], area: np.ndarray | None):
     """For each node, the index of its cluster's keeper: the largest area (when given), then the
     lowest uid, then the lowest gid. The uid (32 hex digits) comes as two integers (`uid_halves`,
-    see uid_halves) that order exactly like the string. No sort: each criterion in turn keeps, of
+    see parse_uids) that order exactly like the string. No sort: each criterion in turn keeps, of
     the candidates left in a cluster, those at the cluster's minimum (one scatter-min a criterion);
     gids are distinct, so one candidate a cluster is left."""
     clusters = int((root == np.arange(len(root))).sum())
@@ -794,16 +814,17 @@ def keepers_by_rule(root: np.ndarray, nodes: np.ndarray, uid_halves: list[np.nda
 
 
 def read_node_attributes(ctx: ShardContext, shard: int, gids: np.ndarray, area: np.ndarray, halves: np.ndarray):
-    """uid of nodes `gids` (sorted) of one crawl shard; their area (width x height) and uid halves
-    (see uid_halves) written into `area` and the two rows of `halves`, which are theirs alone."""
+    """Area (width x height) and uid halves (see parse_uids) of nodes `gids` (sorted) of one crawl
+    shard, written into `area` and the two rows of `halves`, which are theirs alone. Returns
+    their uids, or None when they are DESIGN.md's uids (hex_uids rebuilds them from the halves)."""
     columns = ["uid", "original_width", "original_height"]
     rows = pa.array(gids & 0xFFFFFFFF)  # a node's low 32 bits are its crawl row
     table = ctx.read_table(f"crawl/{shard_name(shard)}.parquet", columns=columns).take(rows)
     uid = table["uid"].combine_chunks()
     w, h = (table[c].to_numpy().astype(np.int64) for c in columns[1:])
     np.multiply(w, h, out=area)
-    halves[:] = uid_halves(uid)
-    return uid
+    halves[:], canonical = parse_uids(uid)
+    return None if canonical else uid
 
 
 def plan_components(ctx: PlanContext) -> list[int]:
@@ -859,17 +880,21 @@ def _components(ctx: ShardContext, pool: ThreadPoolExecutor) -> dict:
     del edge_reason, index
     uids = list(reading)
     keeper_of = keepers_by_rule(root, nodes, list(halves), None if config.keep == "lowest_uid" else area)
-    del area, halves
+    del area
     is_keeper = keeper_of == np.arange(len(nodes))
     per_root = np.bincount(root, minlength=len(nodes))
     sizes = per_root[root]
     reasons[is_keeper] = len(REASONS)
-    # Every node's dup_of in one take (nulls for the keepers) from all their uids in node order:
-    # a take across 100 chunks would be 100x slower.
-    uid = pa.concat_arrays(uids)
-    del uids
-    dup_of = uid.take(pa.array(keeper_of, mask=is_keeper))
-    del uid
+    if all(u is None for u in uids):  # DESIGN.md's uids: every dup_of straight from its keeper's halves
+        dup_of = hex_uids(halves[:, keeper_of[~is_keeper]], is_keeper)
+    else:  # one take from every node's uid, in node order (a take across 100 chunks: 100x slower)
+        no_nulls = np.zeros(len(nodes), dtype=bool)
+        uid = pa.concat_arrays(
+            [hex_uids(halves[:, span], no_nulls[span]) if u is None else u for u, span in zip(uids, spans, strict=True)]
+        )
+        dup_of = uid.take(pa.array(keeper_of, mask=is_keeper))
+        del uid
+    del uids, halves
     clusters = pa.record_batch([nodes, dup_of, reasons.astype(np.int8), sizes.astype(np.int32)], schema=CLUSTERS_SCHEMA)
     del dup_of
 

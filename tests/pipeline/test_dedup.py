@@ -73,24 +73,31 @@ def test_gid_index_matches_a_sorted_dense_rank():
     assert len(nodes) == len(index) == 0
 
 
-def test_uid_halves_order_like_the_text_and_fall_back_for_odd_uids():
+def test_uids_parse_into_halves_that_order_like_the_text_and_format_back():
     import pyarrow as pa
 
-    from pipeline.dedup import uid_halves
+    from pipeline.dedup import hex_uids, parse_uids
 
-    hex_uids = ["0123456789abcdef" * 2, "fedcba9876543210" + "0" * 16, "FFFFFFFFFFFFFFFF" + "00000000000000A1"]
-    halves = uid_halves(pa.array(hex_uids))
-    assert halves.dtype == np.uint64
+    hex_uids_in = ["0123456789abcdef" * 2, "fedcba9876543210" + "0" * 16, "ffffffffffffffff" + "00000000000000a1"]
+    halves, canonical = parse_uids(pa.array(hex_uids_in))
+    assert canonical and halves.dtype == np.uint64
     assert [[int(h) for h in row] for row in halves] == [
-        [int(u[:16], 16) for u in hex_uids],
-        [int(u[16:], 16) for u in hex_uids],
+        [int(u[:16], 16) for u in hex_uids_in],
+        [int(u[16:], 16) for u in hex_uids_in],
     ]
-    sliced = pa.array(["x", *hex_uids]).slice(1)  # an offset into the buffers
-    assert (uid_halves(sliced) == halves).all()
+    sliced = pa.array(["x", *hex_uids_in]).slice(1)  # an offset into the buffers
+    assert (parse_uids(sliced)[0] == halves).all()
+    # Back to strings, with nulls where asked.
+    null = np.array([True, False, False, True, False])
+    assert hex_uids(halves, null).to_pylist() == [None, *hex_uids_in[:2], None, hex_uids_in[2]]
+    assert hex_uids(halves[:, :0], np.zeros(0, bool)).to_pylist() == []
+    # Upper case orders the same but does not format back: not canonical.
+    upper, canonical = parse_uids(pa.array([u.upper() for u in hex_uids_in]))
+    assert (upper == halves).all() and not canonical
     # Not DESIGN.md's uid: the slow path, a half that is not hex is 0.
-    odd = pa.array(["0123456789abcdef" * 2, "zz" * 16, "abc", None])
-    assert uid_halves(odd).tolist() == [[0x0123456789ABCDEF, 0, 0xABC, 0], [0x0123456789ABCDEF, 0, 0, 0]]
-    assert uid_halves(pa.array(["g" + "0" * 31])).tolist() == [[0], [0]]
+    odd, canonical = parse_uids(pa.array(["0123456789abcdef" * 2, "zz" * 16, "abc", None]))
+    assert odd.tolist() == [[0x0123456789ABCDEF, 0, 0xABC, 0], [0x0123456789ABCDEF, 0, 0, 0]] and not canonical
+    assert parse_uids(pa.array(["g" + "0" * 31]))[0].tolist() == [[0], [0]]
 
 
 @pytest.mark.parametrize("with_area", [True, False])
@@ -193,6 +200,19 @@ def test_a_cluster_of_hundreds_of_copies_across_shards(tmp_path):
     assert out.filter(pl.col("dup_of").is_not_null())["dup_of"].unique().to_list() == ["u1007"]
     assert set(out["dup_reason"].drop_nulls().to_list()) == {"exact_bytes"}
     assert out["cluster_size"].unique().to_list() == [600]
+
+
+@pytest.mark.parametrize("odd_uid", ["z-odd", "e" * 32])
+def test_dup_of_is_the_keepers_uid_whatever_the_uids_look_like(tmp_path, odd_uid):
+    # DESIGN.md's uids come back from their parsed halves; any other uid (one is enough) makes
+    # every uid come from the crawl's strings. Both give the same dup_of.
+    low = "0023456789abcdef" * 2
+    shards = [
+        [{"uid": "f" * 32, "sha": "ab" * 32}, {"uid": "0123456789abcdef" * 2, "sha": "cd" * 32}],
+        [{"uid": odd_uid, "sha": "ab" * 32, "w": 500}, {"uid": low, "sha": "cd" * 32}],
+    ]
+    out = dedup(store_with_shards(tmp_path, shards))
+    assert out["dup_of"].to_list() == [odd_uid, low, None, None]
 
 
 def test_reasons_rules_and_keep_policy(tmp_path):
