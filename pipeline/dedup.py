@@ -772,16 +772,14 @@ def parse_uids(uid: pa.Array) -> tuple[np.ndarray, bool]:
     return halves, False
 
 
-HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-
-
 def hex_uids(halves: np.ndarray, null: np.ndarray) -> pa.Array:
     """The uid strings (32 lowercase hex digits) of `halves` (see parse_uids), one per False of
     `null` in order, and nulls where `null` is True: built from buffers, no string at a time."""
     big_endian = np.ascontiguousarray(halves.T, dtype=">u8").view(np.uint8).reshape(-1, 16)  # each uid's 16 bytes
-    text = np.empty((len(big_endian), 32), dtype=np.uint8)
-    text[:, 0::2] = HEX_DIGITS[big_endian >> np.uint8(4)]
-    text[:, 1::2] = HEX_DIGITS[big_endian & np.uint8(15)]
+    text = np.empty((len(big_endian), 16, 2), dtype=np.uint8)  # a byte's two hex digits
+    np.right_shift(big_endian, 4, out=text[:, :, 0])
+    np.bitwise_and(big_endian, 15, out=text[:, :, 1])
+    text += np.uint8(ord("0")) + np.uint8(ord("a") - ord("0") - 10) * (text > 9)
     offsets = np.zeros(len(null) + 1, dtype=np.int32)
     np.cumsum(np.where(null, 0, 32).astype(np.int32), out=offsets[1:])
     validity = np.packbits(~null, bitorder="little")
