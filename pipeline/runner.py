@@ -138,11 +138,12 @@ def _committed_markers(storage: Storage, stage: Stage, shards: Iterable[int]) ->
 
 def _lost_batch(stage: Stage, batch: list[int], storage: Storage, run: Any, error: str) -> list[ShardOutcome]:
     """Outcomes of a task that failed as a whole (its worker died, retries spent): the shards it
-    committed before that, from their markers; the others failed with `error`."""
+    committed before that, from their markers; the others failed with `error`. (Pending shards
+    had no marker when the stage began, except in a redo stage, whose markers prove nothing.)"""
     config_hash = config_sha256(stage.config_of(run))
     outcomes = []
     for shard in batch:
-        marker = read_marker(storage, stage.name, shard)
+        marker = None if stage.redo else read_marker(storage, stage.name, shard)
         if marker is not None and marker.get("config_sha256") == config_hash:
             outcomes.append(ShardOutcome(shard, marker.get("stats", {})))
         else:

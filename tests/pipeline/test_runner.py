@@ -128,6 +128,15 @@ def test_quick_stages_run_several_shards_a_task_and_report_each_shard(ray_local,
     assert report.ran == [4, 5, 7] and outputs(faulty) == outputs(one_each)
 
 
+def test_a_redo_stage_whose_worker_dies_is_not_reported_from_its_old_marker(ray_local, local_store, tmp_path):
+    redo = replace(STAGE, redo=True)
+    run_stage(redo, local_store, toy_run(local_store.uri, shards=2), progress=False)
+    (tmp_path / "a").mkdir()
+    crashing = toy_run(local_store.uri, shards=2, crash_shards=(1,), attempts_dir=str(tmp_path / "a"))
+    with pytest.raises(StageFailed, match=r"^toy: 1 of 2 shards failed: toy/00001: the worker running it died"):
+        run_stage(redo, local_store, crashing, max_retries=0, progress=False)
+
+
 def test_shards_a_task_leave_enough_tasks_to_balance():
     from pipeline.runner import TASKS_PER_SLOT, shards_per_task
 
