@@ -660,8 +660,10 @@ def union_find_ends(ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def dense_index(ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(nodes, index): the sorted distinct values of `ends`, and each end's index into them."""
-    index = dense_ranks(ends)
+    """(nodes, index): the sorted distinct values of `ends`, and each end's index into them
+    (np.unique's inverse, 2-3x faster). Node ids of crawl rows have a faster way: gid_index."""
+    index = pl.Series(ends).rank("dense").to_numpy().astype(np.int32)
+    index -= 1
     nodes = np.empty(int(index.max()) + 1 if len(index) else 0, dtype=np.int64)
     nodes[index] = ends
     return nodes, index
@@ -713,14 +715,6 @@ def gid_index(ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rank += np.bitwise_count(words[w] & LOW_BITS[position & 63])
         index[c : c + len(chunk)] = rank
     return nodes, index
-
-
-def dense_ranks(ends: np.ndarray) -> np.ndarray:
-    """Each end's index into the sorted distinct values of `ends` (np.unique's inverse, 2-3x
-    faster). int32: at 10M images the edge-sized temporaries are the components step's peak memory."""
-    index = pl.Series(ends).rank("dense").to_numpy().astype(np.int32)
-    index -= 1
-    return index
 
 
 def roots(index: np.ndarray, n: int) -> np.ndarray:
@@ -854,9 +848,8 @@ def _components(ctx: ShardContext, pool: ThreadPoolExecutor) -> dict:
     del ends
     # uid and resolution of the clustered nodes, straight from the crawl: a node's low 32 bits
     # are its crawl row, and nodes are sorted, so each shard's are one slice. They are read
-    # while this thread finds the components (the reads are most of this step); each shard
-    # fills its own slice of the node arrays (no per-shard pieces held alongside their
-    # concatenation).
+    # while this thread finds the components; each shard fills its own slice of the node
+    # arrays (no per-shard pieces held alongside their concatenation).
     node_shards = nodes >> 32
     shards = node_shards[run_starts(node_shards)].tolist()
     bounds = np.searchsorted(node_shards, [*shards, shards[-1] + 1])
