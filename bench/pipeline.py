@@ -7,7 +7,7 @@ and peak RSS. The marginal cost per input URL is the slope of core-seconds over
 the sizes (a least-squares line; the intercept is start-up: imports, Ray-free
 planning); linearity is checked by how well the line fits. The projection for
 400M input URLs is slope x 4e8, in core-hours, and the wall-clock on N workers
-of 16 cores. (There is no peer here: BENCH.md compares it with LAION-400M's
+of 16 cores. (There is no peer here: docs/performance.md compares it with LAION-400M's
 published figure instead.)
 
 Caveat: the synthetic web's images are small (64-512 px); web images cost more

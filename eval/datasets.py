@@ -47,7 +47,7 @@ class EvalSet:
 
 
 def _decode(data: bytes, size: int) -> torch.Tensor:
-    from training.data import decode_image
+    from pipeline.decode import decode_image
 
     return decode_image(data, size, rng=None)
 

@@ -3,7 +3,7 @@
     evaluate(model, tokenizer, tasks=("zeroshot", "retrieval"), datasets=("heldout=OUT/web/heldout",))
 
 Each task runs on each dataset that supports it (zero-shot and linear need
-labels, retrieval needs captions). The result has DESIGN.md's eval.json shape:
+labels, retrieval needs captions). The result has docs/design.md's eval.json shape:
 ``{"zeroshot": {DATASET: {...}}, "retrieval": {...}, "linear": {...}}`` plus the
 template version. Features are computed in eval mode without augmentation, so the
 numbers of the in-loop evaluation equal those of ``clipline eval`` on the same
@@ -23,6 +23,7 @@ from eval import datasets as eval_datasets
 from eval import linear, retrieval, zeroshot
 from eval.templates import VERSION, templates_for
 from pipeline.errors import ClipError
+from training.checkpoint import load_model, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 TASKS = ("zeroshot", "retrieval", "linear")
@@ -103,38 +104,6 @@ def evaluate(model, tokenizer, tasks, datasets, device="cpu") -> dict:
                 results[task][evalset.name] = RUNNERS[task](model, tokenizer, evalset, device)
     results["templates"] = VERSION
     return results
-
-
-def load_model(checkpoint_path: str, device="cpu"):
-    """(model, tokenizer) from a clipline checkpoint; the tokenizer is the run directory's tokenizer.json."""
-    from training import checkpoint
-    from training.model import CLIP, ModelConfig
-    from training.tokenizer import Tokenizer
-
-    state = checkpoint.load(checkpoint_path, map_location=str(device))
-    path = Path(checkpoint_path)
-    tokenizer_file = next(
-        (p / "tokenizer.json" for p in (path.parent, path.parent.parent) if (p / "tokenizer.json").exists()), None
-    )
-    if tokenizer_file is None:
-        raise ClipError(f"{checkpoint_path}: no tokenizer.json beside it or in its run directory")
-    tokenizer = Tokenizer.load(tokenizer_file)
-    config = ModelConfig(**state["model_config"])
-    siglip = "logit_bias" in state["model"] and state["model"]["logit_bias"] is not None
-    model = CLIP(config, eot_id=tokenizer.eot_id, siglip=siglip)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), tokenizer
-
-
-def resolve_checkpoint(location: str) -> str:
-    """A .pt file, or a run directory (its latest checkpoint)."""
-    path = Path(location)
-    if path.is_dir():
-        pointer = path / "checkpoints" / "latest.json"
-        if not pointer.exists():
-            raise ClipError(f"{location}: a run directory without checkpoints/latest.json")
-        return str(path / json.loads(pointer.read_text())["checkpoint"])
-    return location
 
 
 def format_table(results: dict) -> str:

@@ -1,7 +1,7 @@
 """The `clipline` command (also `python -m pipeline`). Parses, calls, prints; no logic of its own.
 
 Bad input raises a ClipError somewhere below; it is printed here as one line
-and the command exits 2 (1 for failed shards, 3 for a command not built yet).
+and the command exits 2 (1 for failed shards).
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from pipeline import __version__
-from pipeline.errors import ClipError, NotImplementedStage
+from pipeline.errors import ClipError
+from pipeline.layout import STAGE_ORDER
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
-
-DATA_STAGES = ("ingest", "crawl", "dedup", "filter", "shard", "stats")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -65,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_run)
 
-    for name in DATA_STAGES:
+    for name in STAGE_ORDER:
         p = sub.add_parser(name, help=f"run the {name} stage alone")
         _config_args(p)
         if name == "crawl":
@@ -139,16 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args) -> RunConfig:
     from pipeline.config import load_config
 
-    overrides = list(args.overrides)
-    if args.out:
-        overrides.append(f"out={args.out}")
-    if args.address:
-        overrides.append(f"runtime.address={args.address}")
-    if args.executor:
-        overrides.append(f"runtime.executor={args.executor}")
-    if args.quiet:
-        overrides.append("runtime.progress=false")
-    return load_config(args.config, overrides)
+    # --set texts first, then the command's own flags as typed values: `--out 2024` stays the string "2024".
+    flags = [("out", args.out), ("runtime.address", args.address), ("runtime.executor", args.executor)]
+    flags += [("runtime.progress", False)] if args.quiet else []
+    return load_config(args.config, [*args.overrides, *((k, v) for k, v in flags if v is not None)])
 
 
 def _run_stages(config, names, selected=None) -> int:
@@ -156,8 +149,6 @@ def _run_stages(config, names, selected=None) -> int:
     from pipeline.storage import open_storage
 
     selected = selected or registry.select(names)
-    if not selected:
-        raise NotImplementedStage("no data stage is implemented yet (issues #3-#6)")
     from pipeline.runner import run_pipeline
 
     store = open_storage(config.out)
@@ -189,13 +180,12 @@ def cmd_stage(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from pipeline.config import load_config
-    from training.trainer import TrainConfig, launch
+    from pipeline import configio
+    from pipeline.launch import launch
+    from training.trainer import TrainConfig
 
-    overrides = list(args.overrides)
-    overrides += [f"data={args.data}"] if args.data else []
-    overrides += [f"out={args.out}"] if args.out else []
-    config = load_config(args.config, overrides, cls=TrainConfig)
+    flags = [(k, v) for k, v in (("data", args.data), ("out", args.out)) if v is not None]
+    config = configio.load(TrainConfig, args.config, [*args.overrides, *flags])
     result = launch(config, nproc=args.nproc, ray_workers=args.ray_workers, address=args.address)
     if result is not None:
         shown = {k: result[k] for k in ("step", "epoch", "loss") if k in result}
@@ -206,7 +196,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-    from eval.run import format_table, main_eval, resolve_checkpoint
+    from eval.run import format_table, main_eval
+    from training.checkpoint import resolve_checkpoint
 
     if not args.datasets:
         raise ClipError("eval: give at least one --dataset (heldout=DIR, fashion-mnist, an image folder, a manifest)")
@@ -231,7 +222,7 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_takedown(args) -> int:
-    from pipeline.manifest import takedown
+    from pipeline.takedown import takedown
 
     done = takedown(args.manifest, args.uids, kind=args.kind, reason=args.reason)
     if not done["removed"]:

@@ -17,7 +17,7 @@ import torch
 
 @functools.lru_cache(maxsize=2)
 def _model(checkpoint: str, device: str):
-    from eval.run import load_model, resolve_checkpoint
+    from training.checkpoint import load_model, resolve_checkpoint
 
     return load_model(resolve_checkpoint(checkpoint), device)
 
@@ -34,7 +34,7 @@ def _autocast(device: str):
 
 def _decoded_batches(images: list[bytes], size: int, batch_size: int):
     """(rows, pixels) per batch of the images that decode; the rest are left out."""
-    from training.data import decode_image
+    from pipeline.decode import decode_image
 
     for start in range(0, len(images), batch_size):
         decoded, rows = [], []

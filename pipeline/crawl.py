@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 import pyarrow as pa
 
-from pipeline import schema
+from pipeline import layout, schema
 from pipeline.fetch import AddressGuard, Fetcher, FetchError, FetchPolicy, Network, RobotsCache
 from pipeline.formats import TarWriter, group_samples, iter_tar_members
 from pipeline.images import ImagePolicy, ImageRefused, process
@@ -374,17 +374,17 @@ def plan_crawl(ctx: PlanContext) -> list[int]:
 
 def run_crawl(ctx: ShardContext) -> dict:
     config: CrawlConfig = ctx.config
-    table = ctx.read_table(f"ingest/{ctx.name}.parquet")
-    schema.validate(table, schema.INGEST, f"ingest/{ctx.name}.parquet")
+    table = ctx.read_table(layout.ingest_parquet(ctx.shard))
+    schema.validate(table, schema.INGEST, layout.ingest_parquet(ctx.shard))
     statuses = table["status"].to_pylist()
     todo = [i for i, s in enumerate(statuses) if s is None]
     urls = table["url"].to_pylist()
     started = time.time()
     results = crawl_rows([urls[i] for i in todo], config)
     outcomes = dict(zip(todo, results, strict=True))
-    with TarWriter(ctx.output_path(f"crawl/{ctx.name}.tar")) as tar:
+    with TarWriter(ctx.output_path(layout.crawl_tar(ctx.shard))) as tar:
         out, stats = crawl_table(table, outcomes, tar)
-    ctx.write_table(f"crawl/{ctx.name}.parquet", out, distinct=schema.CRAWL_DISTINCT)
+    ctx.write_table(layout.crawl_parquet(ctx.shard), out, distinct=schema.CRAWL_DISTINCT)
     stats["seconds"] = round(time.time() - started, 3)
     return stats
 
@@ -396,7 +396,7 @@ def plan_retry(ctx: PlanContext) -> list[int]:
     """Committed crawl shards that have transient failures."""
     shards = []
     for shard in committed_shards(ctx.storage, "crawl"):
-        marker = ctx.storage.read_json(f"crawl/_committed/{shard:05d}.json")
+        marker = ctx.storage.read_json(layout.marker("crawl", shard))
         if any(schema.is_transient(s) for s in marker["stats"].get("statuses", {})):
             shards.append(shard)
     return shards
@@ -405,15 +405,15 @@ def plan_retry(ctx: PlanContext) -> list[int]:
 def run_retry(ctx: ShardContext) -> dict:
     """Fetch the transient failures of one committed crawl shard again; rewrite its tar and parquet."""
     config: CrawlConfig = ctx.config
-    old = ctx.read_table(f"crawl/{ctx.name}.parquet")
+    old = ctx.read_table(layout.crawl_parquet(ctx.shard))
     rows = old.to_pylist()
-    with ctx.storage.open_read(f"crawl/{ctx.name}.tar") as f:
+    with ctx.storage.open_read(layout.crawl_tar(ctx.shard)) as f:
         kept = {key: sample for key, sample in group_samples(iter_tar_members(f))}
     todo = [i for i, r in enumerate(rows) if schema.is_transient(r["status"])]
     results = crawl_rows([rows[i]["url"] for i in todo], config)
     fresh = dict(zip(todo, results, strict=True))
     counts = Counter()
-    with TarWriter(ctx.output_path(f"crawl/{ctx.name}.tar")) as tar:
+    with TarWriter(ctx.output_path(layout.crawl_tar(ctx.shard))) as tar:
         for i, row in enumerate(rows):
             if i in fresh:
                 outcome, attempts = fresh[i]
@@ -428,7 +428,7 @@ def run_retry(ctx: ShardContext) -> dict:
                 tar.add(row["key"], kept[row["key"]])
             counts[row["status"]] += 1
     ctx.write_table(
-        f"crawl/{ctx.name}.parquet",
+        layout.crawl_parquet(ctx.shard),
         schema.conform(pa.Table.from_pylist(rows, schema=old.schema), schema.CRAWL, "crawl", keep_extra=True),
         distinct=schema.CRAWL_DISTINCT,
     )

@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from pipeline import layout
 from pipeline import stages as stage_registry
 from pipeline.config import RunConfig
 from pipeline.crawl import CrawlConfig
@@ -84,7 +85,8 @@ def train_config(size: str, manifest: str, out: Path):
 def evaluate_demo(train_dir: Path, web_root: Path, out: Path) -> dict:
     """Zero-shot + retrieval + linear on the held-out split; linear (and zero-shot) on Fashion-MNIST if present."""
     from eval import datasets as eval_datasets
-    from eval.run import evaluate, load_model, resolve_checkpoint
+    from eval.run import evaluate
+    from training.checkpoint import load_model, resolve_checkpoint
 
     model, tokenizer = load_model(resolve_checkpoint(str(train_dir)))
     results = evaluate(model, tokenizer, ("zeroshot", "retrieval", "linear"), [f"heldout={web_root / 'heldout'}"])
@@ -107,7 +109,7 @@ def _serve(web_root: Path, out_store) -> SyntheticWeb:
     except OSError:
         log.warning("port %d of the last run is taken: serving on a new port, data stages start afresh", previous)
         for name in out_store.list():
-            if name.split("/", 1)[0] in stage_registry.PIPELINE_ORDER:
+            if name.split("/", 1)[0] in layout.STAGES:
                 out_store.delete(name)
         web = SyntheticWeb(web_root, 0).start()
     state.write_text(json.dumps({"port": web.port}))
@@ -149,10 +151,10 @@ def run_demo(out: str | Path, size: str = "small", storage: str | None = None, p
             }
     finally:
         web.stop()
-    summary["funnel"] = store.read_json("dataset/stats/stats.json")["funnel"]
-    summary["report"] = store.url("dataset/stats/report.html")
-    summary["manifest"] = store.url("dataset/manifest.json")
-    from training.trainer import train
+    summary["funnel"] = store.read_json(layout.STATS_JSON)["funnel"]
+    summary["report"] = store.url(layout.REPORT_HTML)
+    summary["manifest"] = store.url(layout.MANIFEST)
+    from pipeline.launch import train
 
     started_stage = time.time()
     summary["train"] = train(train_config(size, summary["manifest"], out))

@@ -26,9 +26,3 @@ class StageFailed(ClipError):
     """Some shards of a stage failed after their retries; the message lists them."""
 
     exit_code = 1
-
-
-class NotImplementedStage(ClipError):
-    """A command whose issue has not landed yet."""
-
-    exit_code = 3

@@ -27,7 +27,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import langid, schema
+from pipeline import langid, layout, schema
 from pipeline.errors import ConfigError, SchemaError
 from pipeline.formats import read_images
 from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards
@@ -345,21 +345,21 @@ def plan_filter(ctx: PlanContext) -> list[int]:
 def run_filter(ctx: ShardContext) -> dict:
     config: FilterConfig = ctx.config
     rules = config.rules()
-    crawl = ctx.read_table(f"crawl/{ctx.name}.parquet")
+    crawl = ctx.read_table(layout.crawl_parquet(ctx.shard))
     if "md5" not in crawl.column_names:  # crawls made before md5 was recorded
         crawl = crawl.append_column("md5", pa.nulls(crawl.num_rows, pa.string()))
-    schema.validate(crawl, schema.CRAWL, f"crawl/{ctx.name}.parquet")
+    schema.validate(crawl, schema.CRAWL, layout.crawl_parquet(ctx.shard))
     dedup = None
     if config.drop_duplicates:
-        rel = f"dedup/{ctx.name}.parquet"
+        rel = layout.dedup_parquet(ctx.shard)
         if not ctx.storage.exists(rel):
             raise SchemaError(f"{rel} is missing: run the dedup stage first, or set filter.drop_duplicates: false")
         dedup = ctx.read_table(rel)
     images = None
     if config.clip_checkpoint:
-        images = read_images(ctx.storage, f"crawl/{ctx.name}.tar")
+        images = read_images(ctx.storage, layout.crawl_tar(ctx.shard))
     table = filter_table(crawl, dedup, config, rules, images)
-    ctx.write_table(f"filter/{ctx.name}.parquet", table)
+    ctx.write_table(layout.filter_parquet(ctx.shard), table)
     reasons = pl.from_arrow(table.select(["drop_reason"])).drop_nulls()["drop_reason"].value_counts(sort=True)
     languages = pl.from_arrow(table.select(["language"]))["language"].value_counts()
     return {

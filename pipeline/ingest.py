@@ -38,7 +38,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from pipeline import schema
+from pipeline import layout, schema
 from pipeline.errors import ConfigError, SchemaError
 from pipeline.shuffle import map_files, read_pieces, write_partitioned
 from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, shard_name
@@ -433,7 +433,7 @@ def plan_shards(ctx: PlanContext) -> list[int]:
     partitions = ctx.storage.read_json(PLAN)["partitions"]
     counts = []
     for p in range(partitions):
-        marker = ctx.storage.read_json(f"{MERGE}/_committed/{shard_name(p)}.json")
+        marker = ctx.storage.read_json(layout.marker(MERGE, p))
         counts.append(int(marker["stats"]["rows"]))
     return list(range(len(shard_slices(counts, ctx.config.shard_size))))
 
@@ -441,10 +441,7 @@ def plan_shards(ctx: PlanContext) -> list[int]:
 def run_shard(ctx: ShardContext) -> dict:
     config: IngestConfig = ctx.config
     partitions = ctx.storage.read_json(PLAN)["partitions"]
-    counts = [
-        int(ctx.storage.read_json(f"{MERGE}/_committed/{shard_name(p)}.json")["stats"]["rows"])
-        for p in range(partitions)
-    ]
+    counts = [int(ctx.storage.read_json(layout.marker(MERGE, p))["stats"]["rows"]) for p in range(partitions)]
     pieces = []
     for p, start, stop in shard_slices(counts, config.shard_size)[ctx.shard]:
         first, last = start // config.shard_size, (stop - 1) // config.shard_size
@@ -452,7 +449,7 @@ def run_shard(ctx: ShardContext) -> dict:
             groups = pq.ParquetFile(f).read_row_groups(list(range(first, last + 1)))
         pieces.append(groups.slice(start - first * config.shard_size, stop - start))
     table = pa.concat_tables(pieces, promote_options="permissive") if pieces else schema.empty(schema.INGEST)
-    ctx.write_table(f"ingest/{ctx.name}.parquet", table)
+    ctx.write_table(layout.ingest_parquet(ctx.shard), table)
     refused = sum(1 for s in table["status"].to_pylist() if s is not None)
     return {"rows": table.num_rows, "to_fetch": table.num_rows - refused, "refused": refused}
 

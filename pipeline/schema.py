@@ -19,7 +19,7 @@ from pipeline.errors import SchemaError
 
 
 def compute_uid(normalised_url: str, caption: str) -> str:
-    """DESIGN.md's uid: first 32 hex chars of sha256(normalised_url + "\\n" + caption)."""
+    """docs/design.md's uid: first 32 hex chars of sha256(normalised_url + "\\n" + caption)."""
     digest = hashlib.sha256(f"{normalised_url}\n{caption}".encode("utf-8", "surrogatepass"))
     return digest.hexdigest()[:32]
 

@@ -30,14 +30,13 @@ from __future__ import annotations
 import json
 import math
 import tarfile
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipeline import schema
+from pipeline import layout, manifest, schema
 from pipeline.errors import SchemaError
 from pipeline.formats import IMAGE_EXTS, TarWriter
 from pipeline.shuffle import map_files, read_partition, write_partitioned
@@ -54,8 +53,6 @@ from pipeline.stage import (
 
 INDEX, ROUTE, MANIFEST_STAGE = "shard/_index", "shard/_route", "shard/_manifest"  # bookkeeping under shard/
 PLAN = "shard/_plan.json"
-MANIFEST = "dataset/manifest.json"
-MANIFEST_FORMAT = "clipline-manifest/1"
 
 
 @dataclass(frozen=True)
@@ -146,17 +143,19 @@ def tar_offsets(fileobj) -> dict[str, tuple[str, int, int]]:
 
 
 def run_index(ctx: ShardContext) -> dict:
-    kept = pl.from_arrow(ctx.read_table(f"filter/{ctx.name}.parquet")).filter(pl.col("keep"))
-    crawl = pl.from_arrow(ctx.read_table(f"crawl/{ctx.name}.parquet"))
+    kept = pl.from_arrow(ctx.read_table(layout.filter_parquet(ctx.shard))).filter(pl.col("keep"))
+    crawl = pl.from_arrow(ctx.read_table(layout.crawl_parquet(ctx.shard)))
     rows = crawl.with_columns(crawl_row=pl.int_range(pl.len())).join(
         kept.select(["uid", "language", "clip_score"]), on="uid", how="inner"
     )
     rows = rows.sort("crawl_row")
-    with ctx.storage.open_seekable(f"crawl/{ctx.name}.tar") as f:
+    with ctx.storage.open_seekable(layout.crawl_tar(ctx.shard)) as f:
         offsets = tar_offsets(f)
     missing = [u for u in rows["uid"] if u not in offsets]
     if missing:
-        raise SchemaError(f"crawl/{ctx.name}.tar has no image for {len(missing)} kept sample(s), e.g. {missing[0]}")
+        raise SchemaError(
+            f"{layout.crawl_tar(ctx.shard)} has no image for {len(missing)} kept sample(s), e.g. {missing[0]}"
+        )
     ext, offset, size = zip(*(offsets[u] for u in rows["uid"]), strict=True) if rows.height else ((), (), ())
     rows = rows.with_columns(
         image_ext=pl.Series(ext, dtype=pl.Utf8),
@@ -271,7 +270,7 @@ def run_shard(ctx: ShardContext) -> dict:
         )
 
     def fetch(rows: pl.DataFrame) -> dict[str, bytes]:
-        tar = f"crawl/{shard_name(int(rows['source'][0]))}.tar"
+        tar = layout.crawl_tar(int(rows["source"][0]))
         spans = rows["image_offset"].to_list(), rows["image_size"].to_list()
         found = read_spans(ctx.storage, tar, *spans, config.read_buffer)
         return dict(zip(rows["uid"].to_list(), found, strict=True))
@@ -280,12 +279,12 @@ def run_shard(ctx: ShardContext) -> dict:
     sources = table.sort(["source", "image_offset"]).partition_by("source", maintain_order=True)
     images = {uid: data for found in ctx.storage.map_reads(fetch, sources) for uid, data in found.items()}
     dataset = schema.conform(table.select(schema.DATASET.names).to_arrow(), schema.DATASET, f"dataset/{ctx.name}")
-    with TarWriter(ctx.output_path(f"dataset/shards/{ctx.name}.tar")) as tar:
+    with TarWriter(ctx.output_path(layout.dataset_tar(ctx.shard))) as tar:
         for row, ext in zip(dataset.to_pylist(), table["image_ext"], strict=True):
             tar.add(
                 row["key"], {ext: images[row["uid"]], "txt": (row["caption"] or "").encode(), "json": sample_json(row)}
             )
-    ctx.write_table(f"dataset/shards/{ctx.name}.parquet", dataset)
+    ctx.write_table(layout.dataset_parquet(ctx.shard), dataset)
     return {"rows": dataset.num_rows, "samples": dataset.num_rows, "image_bytes": sum(map(len, images.values()))}
 
 
@@ -300,42 +299,30 @@ def plan_manifest(ctx: PlanContext) -> list[int]:
 
 def build_manifest(ctx: ShardContext) -> dict:
     """The manifest of the committed dataset shards (paths relative to the manifest)."""
-    shards, total = [], 0
+    shards = []
     for s in committed_shards(ctx.storage, "shard"):
         marker = read_marker(ctx.storage, "shard", s)
-        tar = marker["outputs"][f"dataset/shards/{shard_name(s)}.tar"]
-        parquet = marker["outputs"][f"dataset/shards/{shard_name(s)}.parquet"]
-        count = int(marker["stats"]["samples"])
+        tar = marker["outputs"][layout.dataset_tar(s)]
+        parquet = marker["outputs"][layout.dataset_parquet(s)]
         shards.append(
             {
-                "tar": f"shards/{shard_name(s)}.tar",
-                "parquet": f"shards/{shard_name(s)}.parquet",
-                "num_samples": count,
+                "tar": layout.manifest_tar(s),
+                "parquet": layout.manifest_parquet(s),
+                "num_samples": int(marker["stats"]["samples"]),
                 "bytes": tar["bytes"],
                 "sha256": tar["sha256"],
                 "parquet_bytes": parquet["bytes"],
                 "parquet_sha256": parquet["sha256"],
             }
         )
-        total += count
-    return {
-        "format": MANIFEST_FORMAT,
-        "name": ctx.run.name,
-        "version": 1,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config_sha256": config_sha256(
-            {k: getattr(ctx.run, k) for k in ("ingest", "crawl", "dedup", "filter", "shard")}
-        ),
-        "num_samples": total,
-        "shards": shards,
-        "takedowns": [],
-    }
+    upstream = {name: getattr(ctx.run, name) for name in (*layout.upstream("shard"), "shard")}
+    return manifest.new_manifest(ctx.run.name, config_sha256(upstream), shards)
 
 
 def run_manifest(ctx: ShardContext) -> dict:
-    manifest = build_manifest(ctx)
-    ctx.output_path(MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    return {"rows": manifest["num_samples"], "shards": len(manifest["shards"])}
+    built = build_manifest(ctx)
+    ctx.output_path(layout.MANIFEST).write_bytes(manifest.dumps(built))
+    return {"rows": built["num_samples"], "shards": len(built["shards"])}
 
 
 INDEX_STAGE = Stage(name=INDEX, plan=plan_index, run_shard=run_index, config_key="shard")

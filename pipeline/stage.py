@@ -37,19 +37,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import ClipError, StorageError
-from pipeline.storage import Storage, parquet_options
+from pipeline.layout import MARKER_DIR, shard_name
+from pipeline.layout import marker as marker_path
+from pipeline.storage import Storage, file_sha256, parquet_options
 
 log = logging.getLogger(__name__)
-
-MARKER_DIR = "_committed"
-
-
-def shard_name(shard: int) -> str:
-    return f"{shard:05d}"
-
-
-def marker_path(stage: str, shard: int) -> str:
-    return f"{stage}/{MARKER_DIR}/{shard_name(shard)}.json"
 
 
 IDENTITY = "identity"  # field metadata key: {"identity": False} = does not change outputs
@@ -80,14 +72,6 @@ def output_identity(config: Any) -> Any:
 def config_sha256(config: Any) -> str:
     """A stable hash of a config's output identity, used to refuse mixing outputs of two configs."""
     return hashlib.sha256(json.dumps(output_identity(config), sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def committed_shards(storage: Storage, stage: str) -> list[int]:

@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from pipeline import schema
+from pipeline import layout, schema
 from pipeline.filter import domain_of
 from pipeline.formats import group_samples, image_member, iter_tar_members
-from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards, read_marker, shard_name
+from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards, read_marker
 
-STATS, REPORT, MANIFEST = "dataset/stats/stats.json", "dataset/stats/report.html", "dataset/manifest.json"
+STATS, REPORT, MANIFEST = layout.STATS_JSON, layout.REPORT_HTML, layout.MANIFEST
 FUNNEL = ("input_rows", "unique_urls", "fetched", "not_duplicates", "kept_by_filter", "final")
 CAPTION_BINS = [0, 10, 20, 40, 80, 160, 320, 640, 1280]
 SIZE_BINS = [0, 32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -78,20 +78,19 @@ def _read(store, rel: str, columns: list[str]) -> pl.DataFrame | None:
 
 def _crawl_shard(store, s: int, acc: dict) -> None:
     """Add one crawl shard (and its dedup and filter rows) to the accumulators."""
-    name = shard_name(s)
-    crawl = _read(store, f"crawl/{name}.parquet", ["uid", "url", "status"])
+    crawl = _read(store, layout.crawl_parquet(s), ["uid", "url", "status"])
     crawl = crawl.with_columns(domain=pl.col("url").map_elements(domain_of, return_dtype=pl.Utf8))
     acc["funnel"]["unique_urls"] += crawl.height
     acc["funnel"]["fetched"] += crawl.filter(pl.col("status") == schema.SUCCESS).height
     acc["statuses"] += _counts(crawl["status"])
     kept = pl.Series("uid", [], dtype=pl.Utf8)
-    filt = _read(store, f"filter/{name}.parquet", ["uid", "keep", "drop_reason", "dup_of"])
+    filt = _read(store, layout.filter_parquet(s), ["uid", "keep", "drop_reason", "dup_of"])
     if filt is not None:
         acc["funnel"]["not_duplicates"] += filt.filter(pl.col("dup_of").is_null()).height
         acc["funnel"]["kept_by_filter"] += filt.filter(pl.col("keep")).height
         acc["reasons"] += _counts(filt["drop_reason"])
         kept = filt.filter(pl.col("keep"))["uid"]
-    dedup = _read(store, f"dedup/{name}.parquet", ["dup_of", "dup_reason", "cluster_size"])
+    dedup = _read(store, layout.dedup_parquet(s), ["dup_of", "dup_reason", "cluster_size"])
     if dedup is not None:
         acc["dup_reasons"] += _counts(dedup["dup_reason"])
         sizes = _counts(dedup.filter(pl.col("dup_of").is_null())["cluster_size"])
@@ -136,7 +135,7 @@ def collect(store, config: StatsConfig) -> dict:
     languages, captions, sizes, aspects = Counter(), [], [], []
     for shard in manifest["shards"]:
         final = _read(
-            store, f"dataset/{shard['parquet']}", ["caption", "language", "original_width", "original_height"]
+            store, layout.in_dataset(shard["parquet"]), ["caption", "language", "original_width", "original_height"]
         )
         acc["funnel"]["final"] += final.height
         languages += _counts(final["language"])
@@ -236,16 +235,14 @@ def sample_images(store, config: StatsConfig) -> tuple[list, dict[str, list]]:
     final = []
     if manifest["shards"]:
         first = manifest["shards"][0]
-        rows = store.read_parquet(f"dataset/{first['parquet']}", columns=["key", "caption"]).to_pylist()[
+        rows = store.read_parquet(layout.in_dataset(first["parquet"]), columns=["key", "caption"]).to_pylist()[
             : config.thumbnails
         ]
-        images = _images_from_tar(store, f"dataset/{first['tar']}", {r["key"] for r in rows})
+        images = _images_from_tar(store, layout.in_dataset(first["tar"]), {r["key"] for r in rows})
         final = [(images[r["key"]], r["caption"]) for r in rows if images.get(r["key"])]
     dropped: dict[str, list] = {}
     for s in committed_shards(store, "filter"):
-        filt = _read(store, f"filter/{shard_name(s)}.parquet", ["uid", "caption", "drop_reason"]).drop_nulls(
-            "drop_reason"
-        )
+        filt = _read(store, layout.filter_parquet(s), ["uid", "caption", "drop_reason"]).drop_nulls("drop_reason")
         # the first rows of each reason, as many as it still lacks (one pass in polars, not a loop per row)
         shown = {reason: len(samples) for reason, samples in dropped.items()}
         quota = config.dropped_per_reason - pl.col("drop_reason").replace_strict(
@@ -254,7 +251,7 @@ def sample_images(store, config: StatsConfig) -> tuple[list, dict[str, list]]:
         wanted = filt.filter(pl.int_range(pl.len()).over("drop_reason") < quota)
         picks = {uid: (caption, reason) for uid, caption, reason in wanted.iter_rows()}
         if picks:
-            images = _images_from_tar(store, f"crawl/{shard_name(s)}.tar", set(picks))
+            images = _images_from_tar(store, layout.crawl_tar(s), set(picks))
             for uid, (caption, reason) in picks.items():
                 if images.get(uid):
                     dropped.setdefault(reason, []).append((images[uid], caption))

@@ -19,6 +19,7 @@ buckets are not retried and become one-line StorageErrors.
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -42,6 +43,15 @@ TMP_PREFIX = ".tmp-"  # local temporaries; never listed, never a final name
 
 # Parquet written by clipline: zstd, and statistics on, so DuckDB/polars can prune.
 PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "write_statistics": True}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a local file, read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def parquet_options(columns: list[str], work: bool = False, distinct: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -29,7 +29,6 @@ and counted with ``on_bad_shard: skip`` (R7).
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
 import os
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.decode import decode_image
 from pipeline.errors import ClipError
 from pipeline.formats import group_samples, image_member, iter_tar_members
 from pipeline.manifest import Manifest, read_manifest
@@ -89,36 +89,6 @@ def epoch_units(counts: list[int], consumers: int, epoch: int, seed: int, shuffl
 
 def _uid_seed(uid: str) -> int:
     return int(hashlib.sha256(uid.encode()).hexdigest()[:12], 16)
-
-
-def decode_image(data: bytes, size: int, rng: np.random.Generator | None, scale=(0.9, 1.0)) -> torch.Tensor:
-    """JPEG draft-mode decode at reduced size, random resized crop (or centre crop), resize: uint8 (3, size, size).
-
-    The crop is a tensor slice and the resize torch's uint8 antialiased bicubic on a channels-last
-    tensor, which is PIL's filter but measured 2.5x faster here than PIL's resize (0.3 vs 1.1 ms at 256 px).
-    """
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        if im.format == "JPEG":
-            im.draft("RGB", (size, size))  # decode at 1/2, 1/4 or 1/8 scale when that still covers `size`
-        pixels = np.array(im if im.mode == "RGB" else im.convert("RGB"))  # (h, w, 3) uint8
-    h, w = pixels.shape[:2]
-    if rng is None:
-        side = min(w, h)
-        x, y, cw, ch = (w - side) // 2, (h - side) // 2, side, side
-    else:
-        area = w * h * rng.uniform(*scale)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        cw = max(1, int(round(min(w, math.sqrt(area * ratio)))))
-        ch = max(1, int(round(min(h, math.sqrt(area / ratio)))))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    crop = torch.from_numpy(pixels).permute(2, 0, 1)[:, y : y + ch, x : x + cw]  # (3, ch, cw)
-    if (ch, cw) == (size, size):
-        return crop.contiguous()
-    batch = crop[None].contiguous(memory_format=torch.channels_last)
-    resized = torch.nn.functional.interpolate(batch, size=(size, size), mode="bicubic", antialias=True)
-    return resized[0]  # (3, size, size) uint8, channels-last in memory: the batch's stack copies it anyway
 
 
 class ManifestDataset(IterableDataset):

@@ -14,10 +14,9 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.distributed as dist
@@ -31,6 +30,10 @@ from training.model import CLIP, model_config
 from training.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# (model, tokenizer, tasks, datasets, device) -> eval.json-shaped results; eval.run.evaluate is the one clipline uses.
+# It is passed in, not imported: evaluation sits above training (docs/design.md, "Layers").
+Evaluator = Callable[..., dict]
 
 
 @dataclass(frozen=True)
@@ -158,10 +161,13 @@ def autocast(config: TrainConfig, device: torch.device):
 class Run:
     """One training run: everything set up, then `fit()`."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, evaluator: Evaluator | None = None):
         if not config.data:
             raise ClipError("train: --data MANIFEST is required")
+        if config.eval_tasks and evaluator is None:
+            raise ClipError("train: eval_tasks need an evaluator (clipline train wires in eval.run.evaluate)")
         self.config = config
+        self.evaluator = evaluator
         self.ctx = init_distributed(
             "cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         )
@@ -401,21 +407,21 @@ class Run:
         self._tb.flush()
 
     def evaluate(self) -> dict:
-        """The offline evaluators on the configured tasks, run in the loop (same code as `clipline eval`)."""
+        """The offline evaluators on the configured tasks, run in the loop (the evaluator `clipline eval` uses)."""
         if not self.config.eval_tasks or not self.ctx.main:
             return {}
-        from eval.run import evaluate
-
         was_training = self.model.training
-        results = evaluate(self.model, self.tokenizer, self.config.eval_tasks, self.config.eval_datasets, self.device)
+        results = self.evaluator(
+            self.model, self.tokenizer, self.config.eval_tasks, self.config.eval_datasets, self.device
+        )
         self.model.train(was_training)
         self.log({"eval": results})
         return {"eval": results}
 
 
-def train(config: TrainConfig) -> dict:
-    """Run (or resume) training; returns the final metrics."""
-    run = Run(config)
+def train(config: TrainConfig, evaluator: Evaluator | None = None) -> dict:
+    """Run (or resume) training; returns the final metrics. Launchers (torchrun, Ray Train) are in pipeline.launch."""
+    run = Run(config, evaluator)
     if run.ctx.main:
         run.run.write_bytes("config.json", json.dumps(asdict(config), indent=1, default=str).encode())
     try:
@@ -423,60 +429,3 @@ def train(config: TrainConfig) -> dict:
     finally:
         if run.ctx.world_size > 1 and dist.is_initialized():
             dist.barrier()
-
-
-def launch(config: TrainConfig, nproc: int = 1, ray_workers: int = 0, address: str | None = None) -> dict | None:
-    """Train here, over `nproc` local DDP processes (torchrun), or over `ray_workers` Ray Train workers."""
-    if ray_workers:
-        return train_on_ray(config, ray_workers, address)
-    if nproc > 1 and int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        import subprocess
-        import sys
-
-        from pipeline.config import to_dict
-
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "training.trainer", json.dumps(to_dict(config))]  # fmt: skip
-        done = subprocess.run(cmd, check=False)
-        if done.returncode:
-            raise ClipError(f"train: torchrun exited with status {done.returncode}")
-        return None
-    return train(config)
-
-
-def train_on_ray(config: TrainConfig, workers: int, address: str | None) -> dict:
-    """DDP over Ray Train's TorchTrainer: Ray starts the workers and the process group; the loop is `train`."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.config import to_dict
-
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    use_gpu = bool(ray.cluster_resources().get("GPU", 0))
-    trainer = TorchTrainer(
-        _ray_loop,
-        train_loop_config=to_dict(config),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-        run_config=RunConfig(
-            name=f"clipline-{os.getpid()}", storage_path=tempfile.mkdtemp(prefix="clipline-ray-train-")
-        ),
-    )
-    trainer.fit()
-    return {"workers": workers}
-
-
-def _ray_loop(config_dict: dict) -> None:
-    from pipeline.config import from_dict
-
-    train(from_dict(TrainConfig, config_dict))
-
-
-if __name__ == "__main__":  # torchrun entry: python -m training.trainer '{config json}'
-    import sys
-
-    from pipeline.config import from_dict
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    train(from_dict(TrainConfig, json.loads(sys.argv[1])))

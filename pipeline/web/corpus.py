@@ -300,7 +300,7 @@ class WebSpec:
     junk_caption_fraction: float = 0.04
     min_side: int = 96
     max_side: int = 320
-    faults: bool = True  # one URL (or a few) per fault of FAULTS.md
+    faults: bool = True  # one URL (or a few) per fault of docs/faults.md
 
     def to_json(self) -> dict:
         """As stored in spec.json (tuples become lists, so a reloaded spec compares equal)."""

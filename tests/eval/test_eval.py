@@ -9,8 +9,9 @@ import torch
 from eval import datasets as eval_datasets
 from eval.linear import probe
 from eval.retrieval import recall_at_k
-from eval.run import evaluate, load_model, main_eval
+from eval.run import evaluate, main_eval
 from eval.zeroshot import classifier, scores
+from training.checkpoint import load_model
 
 
 def test_zeroshot_perfect_model_scores_one_and_a_shuffled_one_chance():
@@ -96,7 +97,7 @@ def test_in_loop_numbers_equal_offline_ones(tmp_path, web_root):
     config = TrainConfig(data=str(manifest), out=str(tmp_path / "run"), max_steps=4, warmup_steps=1, vocab_size=300,
                          context_length=16, eval_every=2, eval_tasks=tasks, eval_datasets=datasets,
                          loader=DataConfig(batch_size=8, num_workers=0, image_size=32))  # fmt: skip
-    in_loop = Run(config).fit()["eval"]
+    in_loop = Run(config, evaluator=evaluate).fit()["eval"]
     offline = main_eval(str(tmp_path / "run"), ["zeroshot", "retrieval", "linear"], datasets, str(tmp_path / "e.json"))
     assert json.loads((tmp_path / "e.json").read_text()) == offline
     assert in_loop == offline

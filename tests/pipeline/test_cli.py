@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from pipeline.cli import DATA_STAGES, main
+from pipeline.cli import main
+from pipeline.layout import STAGE_ORDER
 from tests.conftest import REPO
 
 
@@ -19,7 +20,7 @@ def clipline(*args, timeout=120):
 def test_help_lists_every_command_of_the_design():
     result = clipline("--help")
     assert result.returncode == 0
-    for command in ("demo", "run", *DATA_STAGES, "train", "eval", "submit", "web"):
+    for command in ("demo", "run", *STAGE_ORDER, "train", "eval", "submit", "web"):
         assert f"    {command}" in result.stdout
 
 
@@ -67,6 +68,16 @@ def test_print_config_applies_flags_and_overrides(tmp_path):
     assert "num_cpus: 2\n" in result.stdout
 
 
+def test_flags_keep_their_text_whatever_yaml_would_make_of_it():
+    import yaml
+
+    for text in ("2024", "on", "null", "1e-3"):
+        result = clipline("run", "--print-config", "--out", text, "--address", text)
+        assert result.returncode == 0, result.stderr
+        printed = yaml.safe_load(result.stdout)
+        assert printed["out"] == text and printed["runtime"]["address"] == text
+
+
 def test_every_design_command_has_help():
     for command in ("demo", "run", "ingest", "crawl", "dedup", "filter", "shard", "stats", "train", "eval", "submit",
                     "jobs", "web", "takedown"):  # fmt: skip
@@ -105,7 +116,7 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     ]
     assert verify(manifest) == []
     assert "<svg" in (out / "dataset/stats/report.html").read_text()
-    # DESIGN.md's layout
+    # docs/design.md's layout
     for rel in ("ingest/00000.parquet", "crawl/00000.tar", "crawl/00000.parquet", "filter/00000.parquet",
                 "dataset/shards/00000.tar", "dataset/shards/00000.parquet", "train/metrics.jsonl",
                 "train/tokenizer.json", "train/config.json", "eval/eval.json", "web/urls.parquet"):  # fmt: skip

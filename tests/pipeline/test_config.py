@@ -83,3 +83,45 @@ def test_overrides_parse_yaml_values_and_are_checked():
 def test_dump_then_load_gives_the_same_config(tmp_path):
     config = RunConfig(name="x", stages=("crawl", "dedup"), runtime=RuntimeConfig(num_cpus=3))
     assert load_config(write(tmp_path, dump_config(config))) == config
+
+
+def test_overrides_are_read_as_the_type_of_the_field_they_set_not_as_yaml():
+    config = apply_overrides(
+        RunConfig(),
+        [
+            "out=2024",  # YAML would make these an int, a bool, a float and a date
+            "name=on",
+            "ingest.url_column=1e-3",
+            "crawl.user_agent=2024-01-01",
+            "runtime.progress=off",
+            "crawl.timeout_s=1e-3",  # PyYAML reads 1e-3 as a string; a float field reads a float
+            "runtime.num_cpus=4",
+            "ingest.inputs=urls.parquet",  # one bare item for a list field
+            "crawl.allowed_formats=[jpeg, png]",
+            "crawl.hosts={web: 127.0.0.1}",
+            "dedup.semantic_checkpoint=null",
+            "runtime.executor=inline",
+        ],
+    )
+    assert (config.out, config.name, config.ingest.url_column) == ("2024", "on", "1e-3")
+    assert config.crawl.user_agent == "2024-01-01"
+    assert config.runtime.progress is False and config.crawl.timeout_s == 0.001 and config.runtime.num_cpus == 4
+    assert config.ingest.inputs == ("urls.parquet",) and config.crawl.allowed_formats == ("jpeg", "png")
+    assert config.crawl.hosts == {"web": "127.0.0.1"} and config.dedup.semantic_checkpoint is None
+    assert config.runtime.executor == "inline"
+    for override, message in [
+        ("runtime.progress=maybe", "runtime.progress: expected true or false, got 'maybe'"),
+        ("runtime.num_cpus=four", "runtime.num_cpus: expected an integer, got 'four'"),
+        ("runtime.executor=spark", "runtime.executor: 'spark' is not one of 'ray', 'inline'"),
+        ("out.x=1", "unknown config section 'out' in 'out.x' (out is a str)"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            apply_overrides(RunConfig(), [override])
+        assert str(e.value) == message
+
+
+def test_typed_pairs_are_checked_against_the_field():
+    config = apply_overrides(RunConfig(), [("out", "2024"), ("runtime.max_retries", 5)])
+    assert config.out == "2024" and config.runtime.max_retries == 5
+    with pytest.raises(ConfigError, match=r"^out: expected a string, got 2024$"):
+        apply_overrides(RunConfig(), [("out", 2024)])

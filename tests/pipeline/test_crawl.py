@@ -1,4 +1,4 @@
-"""The crawl against the real loopback web on a real local Ray: every fault of FAULTS.md N*/S*/I*/M*
+"""The crawl against the real loopback web on a real local Ray: every fault of docs/faults.md N*/S*/I*/M*
 gets its exact status, the rest of each shard succeeds, and the output is img2dataset/webdataset-shaped."""
 
 import glob
@@ -26,8 +26,8 @@ from pipeline.formats import group_samples, iter_tar_members
 from pipeline.ingest import STAGES as INGEST_STAGES
 from pipeline.ingest import IngestConfig
 from pipeline.runner import run_pipeline, run_stage
-from pipeline.stage import committed_shards, file_sha256
-from pipeline.storage import open_storage
+from pipeline.stage import committed_shards
+from pipeline.storage import file_sha256, open_storage
 from pipeline.web import SIZES, SyntheticWeb, WebSpec, generate
 from tests.conftest import REPO
 

@@ -12,7 +12,9 @@ import pytest
 
 from pipeline import schema
 from pipeline.config import RunConfig
-from pipeline.dedup import EMBED_STAGE, STAGES, DedupConfig, connected_components, index_design, table_keys
+from pipeline.dedup import EMBED_STAGE, STAGES, DedupConfig
+from pipeline.dedup.components import connected_components
+from pipeline.dedup.index import index_design, table_keys
 from pipeline.errors import ConfigError
 from pipeline.runner import run_pipeline
 from pipeline.stage import committed_shards, config_sha256, marker_path
@@ -56,7 +58,7 @@ def test_union_find_joins_chains_and_keeps_components_apart():
 
 
 def test_gid_index_matches_a_sorted_dense_rank():
-    from pipeline.dedup import dense_index, gid_index
+    from pipeline.dedup.components import dense_index, gid_index
 
     rng = np.random.default_rng(5)
     for trial in range(300):
@@ -76,7 +78,7 @@ def test_gid_index_matches_a_sorted_dense_rank():
 def test_uids_parse_into_halves_that_order_like_the_text_and_format_back():
     import pyarrow as pa
 
-    from pipeline.dedup import hex_uids, parse_uids
+    from pipeline.dedup.components import hex_uids, parse_uids
 
     hex_uids_in = ["0123456789abcdef" * 2, "fedcba9876543210" + "0" * 16, "ffffffffffffffff" + "00000000000000a1"]
     halves, canonical = parse_uids(pa.array(hex_uids_in))
@@ -94,7 +96,7 @@ def test_uids_parse_into_halves_that_order_like_the_text_and_format_back():
     # Upper case orders the same but does not format back: not canonical.
     upper, canonical = parse_uids(pa.array([u.upper() for u in hex_uids_in]))
     assert (upper == halves).all() and not canonical
-    # Not DESIGN.md's uid: the slow path, a half that is not hex is 0.
+    # Not docs/design.md's uid: the slow path, a half that is not hex is 0.
     odd, canonical = parse_uids(pa.array(["0123456789abcdef" * 2, "zz" * 16, "abc", None]))
     assert odd.tolist() == [[0x0123456789ABCDEF, 0, 0xABC, 0], [0x0123456789ABCDEF, 0, 0, 0]] and not canonical
     assert parse_uids(pa.array(["g" + "0" * 31]))[0].tolist() == [[0], [0]]
@@ -102,7 +104,7 @@ def test_uids_parse_into_halves_that_order_like_the_text_and_format_back():
 
 @pytest.mark.parametrize("with_area", [True, False])
 def test_keepers_are_the_largest_then_lowest_uid_then_lowest_gid_of_each_cluster(with_area):
-    from pipeline.dedup import keepers_by_rule
+    from pipeline.dedup.components import keepers_by_rule
 
     rng = np.random.default_rng(3)
     n = 5000
@@ -204,7 +206,7 @@ def test_a_cluster_of_hundreds_of_copies_across_shards(tmp_path):
 
 @pytest.mark.parametrize("odd_uid", ["z-odd", "e" * 32])
 def test_dup_of_is_the_keepers_uid_whatever_the_uids_look_like(tmp_path, odd_uid):
-    # DESIGN.md's uids come back from their parsed halves; any other uid (one is enough) makes
+    # docs/design.md's uids come back from their parsed halves; any other uid (one is enough) makes
     # every uid come from the crawl's strings. Both give the same dup_of.
     low = "0023456789abcdef" * 2
     shards = [
@@ -310,7 +312,7 @@ def planted_embeddings(seed: int = 0, dim: int = 32):
     ("block", "spill", "max_floats"), [(1024, 2_000_000, 1 << 24), (16, 500, 1 << 24), (16, 500, 2000)]
 )
 def test_semantic_edges_are_the_components_of_the_cosine_graph(block, spill, max_floats):
-    from pipeline.dedup import semantic_edges
+    from pipeline.dedup.semantic import semantic_edges
 
     x, gid, chain = planted_embeddings()
     threshold = 0.98
@@ -331,7 +333,7 @@ def test_semantic_edges_are_the_components_of_the_cosine_graph(block, spill, max
 
 
 def test_spherical_kmeans_finds_planted_clusters_and_is_deterministic():
-    from pipeline.dedup import nearest, spherical_kmeans
+    from pipeline.dedup.semantic import nearest, spherical_kmeans
 
     rng = np.random.default_rng(1)
     centres = unit(rng.normal(size=(4, 16)))
@@ -425,7 +427,7 @@ def test_config_changes_are_not_mixed_in(crawled_web, tmp_path):
 
 
 def test_packed_colour_distance_equals_the_string_one():
-    from pipeline.dedup import colour_distance_packed, pack_colour
+    from pipeline.dedup.index import colour_distance_packed, pack_colour
     from pipeline.images import colour_distance
 
     rng = random.Random(3)
@@ -462,10 +464,10 @@ def clusters_of(out: pl.DataFrame) -> set[frozenset]:
 def test_semantic_dedup_on_the_synthetic_web(crawled_web, checkpoint, tmp_path):
     import torch
 
-    from eval.run import load_model, resolve_checkpoint
-    from pipeline.dedup import vectors_of
+    from pipeline.decode import decode_image
+    from pipeline.dedup.semantic import vectors_of
     from pipeline.formats import read_images
-    from training.data import decode_image
+    from training.checkpoint import load_model, resolve_checkpoint
 
     only = dict(exact_bytes=False, exact_pixels=False, near=False, caption=False)
     semantic = dict(semantic=True, semantic_checkpoint=checkpoint, **only)
@@ -544,7 +546,7 @@ def test_semantic_dedup_on_the_synthetic_web(crawled_web, checkpoint, tmp_path):
 
 
 def test_exact_keys_are_the_low_60_bits_and_a_missing_hash_is_no_key(tmp_path):
-    from pipeline.dedup import exact_key
+    from pipeline.dedup.index import exact_key
 
     digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(1000)]
     keys = pl.Series([schema.sha256_key(d) for d in digests])
@@ -565,7 +567,8 @@ def test_exact_keys_are_the_low_60_bits_and_a_missing_hash_is_no_key(tmp_path):
 
 
 def test_exact_edges_star_each_group_to_its_smallest_node_per_kind():
-    from pipeline.dedup import KIND_BYTES, KIND_PIXELS, exact_edges
+    from pipeline.dedup.config import KIND_BYTES, KIND_PIXELS
+    from pipeline.dedup.edges import exact_edges
 
     top = (1 << 60) - 1  # the largest 60-bit key
     frame = pl.DataFrame(
@@ -585,7 +588,8 @@ def test_exact_edges_star_each_group_to_its_smallest_node_per_kind():
 def test_exact_edges_agree_with_a_group_by(key_range):
     """Random keys, few distinct values or many whose high bits collide: the stars are those of
     a plain group-by (each group's non-smallest nodes to its smallest)."""
-    from pipeline.dedup import KIND_BYTES, KIND_PIXELS, exact_edges
+    from pipeline.dedup.config import KIND_BYTES, KIND_PIXELS
+    from pipeline.dedup.edges import exact_edges
 
     rng = np.random.default_rng(key_range)
     n = 5000

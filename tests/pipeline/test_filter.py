@@ -283,9 +283,10 @@ def test_clip_score_pass_with_a_trained_checkpoint(tmp_path):
     import numpy as np
     import torch
 
-    from eval.run import load_model
+    from pipeline.decode import decode_image
     from tests.training.helpers import image_bytes, make_dataset
-    from training.data import DataConfig, decode_image
+    from training.checkpoint import load_model
+    from training.data import DataConfig
     from training.trainer import Run, TrainConfig
 
     manifest = make_dataset(tmp_path / "data", [16])

@@ -16,13 +16,14 @@ from pipeline.config import RunConfig
 from pipeline.dedup import STAGES as DEDUP_STAGES
 from pipeline.filter import STAGE as FILTER_STAGE
 from pipeline.formats import group_samples, iter_tar_members
-from pipeline.manifest import SupersededManifest, read_manifest, takedown, verify
+from pipeline.manifest import SupersededManifest, read_manifest, verify
 from pipeline.runner import run_pipeline
 from pipeline.shard import STAGES as SHARD_STAGES
 from pipeline.shard import Permutation, ShardConfig
 from pipeline.stage import marker_path
 from pipeline.stats import STAGE as STATS_STAGE
 from pipeline.storage import open_storage
+from pipeline.takedown import takedown
 
 N = 40  # samples per shard
 

@@ -8,9 +8,10 @@ import tarfile
 import pytest
 import torch
 
+from pipeline.decode import decode_image
 from pipeline.manifest import read_manifest
 from tests.training.helpers import image_bytes, make_dataset, rewrite_manifest
-from training.data import DataConfig, DataError, ManifestDataset, decode_image, epoch_units, loader, next_worker
+from training.data import DataConfig, DataError, ManifestDataset, epoch_units, loader, next_worker
 
 
 def batches(manifest, rank=0, world=1, epoch=0, state=None, **config):

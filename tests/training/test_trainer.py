@@ -122,7 +122,7 @@ def test_a_tampered_checkpoint_is_refused_and_never_run(tmp_path):
 def test_superseded_manifest_and_changed_data_are_refused(tmp_path):
     manifest = make_dataset(tmp_path / "data", [8, 8])
     Run(config(manifest, tmp_path / "run", num_workers=0)).fit()
-    from pipeline.manifest import takedown
+    from pipeline.takedown import takedown
 
     uid = _store(tmp_path / "data").read_parquet("shards/00000.parquet")["uid"][0].as_py()
     (tmp_path / "ids.txt").write_text(uid + "\n")

@@ -1,0 +1,83 @@
+"""Dedup's settings, the names of its work files, and the schemas of its shuffle files and edges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import polars as pl
+import pyarrow as pa
+
+from pipeline.stage import IDENTITY
+
+PLAN = "dedup/_plan.json"
+
+
+MAP, REDUCE, COMPONENTS = "dedup/_map", "dedup/_reduce", "dedup/_components"
+
+
+CLUSTERS = "dedup/_clusters.arrow"  # every clustered image's dup_of etc., partitioned by crawl shard
+
+
+# Edge reasons, strongest first: a removed image gets the strongest reason among its own edges.
+REASONS = ("exact_bytes", "exact_pixels", "near", "caption", "semantic")
+
+
+REASON_NAMES = pa.array([*REASONS, None], pa.string())  # by index; the last (null) for a kept image
+
+
+KIND_BYTES, KIND_PIXELS, KIND_CAPTION, KIND_SEMANTIC, KIND_NEAR = 0, 1, 2, 4, 10  # near table t: kind 10 + t
+
+
+EMBED, CENTROIDS = "dedup/_embed", "dedup/_centroids"
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """What counts as a duplicate, and which copy is kept."""
+
+    exact_bytes: bool = True
+    exact_pixels: bool = True
+    near: bool = True
+    near_threshold: int = 8  # max pHash Hamming distance
+    colour_tolerance: int = 1  # max difference of one colour-grid channel (0-15)
+    caption: bool = True  # same normalised caption on near-identical images
+    caption_threshold: int = 12  # looser pHash distance for same-caption pairs
+    max_caption_group: int = 2000  # bigger same-caption groups ("photo") are not compared, but counted
+    keep_different_captions: bool = False  # True: a duplicate image with another caption is kept
+    keep: Literal["largest", "lowest_uid"] = "largest"  # largest resolution (then lowest uid), or lowest uid
+    semantic: bool = False  # SemDeDup-style, over image embeddings of a trained clipline checkpoint
+    semantic_checkpoint: str | None = None  # a run directory (its latest checkpoint) or a .pt file
+    semantic_threshold: float = 0.95  # cosine similarity at or above which two images are semantic duplicates
+    semantic_cluster_size: int = 10_000  # k-means clusters = images / this; pairs are compared within one
+    semantic_sample: int = 200_000  # embeddings k-means is fitted on (sampled from every shard)
+    semantic_iterations: int = 20  # k-means iterations (fewer if the assignment stops changing)
+    semantic_device: str = field(default="auto", metadata={IDENTITY: False})  # auto | cpu | cuda
+    semantic_batch_size: int = field(default=256, metadata={IDENTITY: False})
+    pair_budget_per_image: int = 50  # candidate pairs the near index may cost, per image
+    max_tables: int = 32  # emission budget of the near index, per image
+    rows_per_partition: int = field(default=1_000_000, metadata={IDENTITY: False})  # memory per reduce task
+
+
+EMPTY_EDGES = {"a": pl.Int64, "b": pl.Int64, "reason": pl.Int8}
+
+
+# dup_reason as its index in REASONS (len(REASONS) for a keeper)
+CLUSTERS_SCHEMA = pa.schema(
+    [("gid", pa.int64()), ("dup_of", pa.string()), ("reason", pa.int8()), ("cluster_size", pa.int32())]
+)
+
+
+EXACT_SCHEMA = pa.schema([("kind", pa.int8()), ("key", pa.int64()), ("gid", pa.int64())])
+
+
+FUZZY_SCHEMA = pa.schema(
+    [*EXACT_SCHEMA, ("phash", pa.int64()), ("c0", pa.int64()), ("c1", pa.int64()), ("c2", pa.int64())]
+)
+
+
+CAPTION_FIELD = pa.field("caption_key", pa.int64())  # on fuzzy rows only with keep_different_captions
+
+
+def fuzzy_schema(config: DedupConfig) -> pa.Schema:
+    return FUZZY_SCHEMA.append(CAPTION_FIELD) if config.keep_different_captions else FUZZY_SCHEMA

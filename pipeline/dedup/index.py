@@ -1,0 +1,106 @@
+"""Dedup keys: the exact keys, the caption key and the multi-index over the pHash (which tables, which keys)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from pipeline import schema
+
+
+def index_design(n: int, threshold: int, budget_per_image: int = 50, max_tables: int = 32) -> dict:
+    """The multi-index layout with the largest guaranteed radius whose expected pairs fit the budget."""
+    budget = max(1e6, budget_per_image * n)
+    best = {"blocks": 1, "match": 1, "tables": 1, "radius": 0}
+    for m in range(1, 17):
+        for match in range(1, m + 1):
+            radius, tables = m - match, math.comb(m, match)
+            if radius > threshold or tables > max_tables:
+                continue
+            key_bits = 64 * match / m
+            pairs = tables * n * n / 2 ** (key_bits + 1)
+            better = (radius, -tables) > (best["radius"], -best["tables"])
+            if pairs <= budget and better:
+                best = {"blocks": m, "match": match, "tables": tables, "radius": radius}
+    return best
+
+
+def _blocks(m: int) -> list[tuple[int, int]]:
+    """(shift, width) of each of m blocks of a 64-bit hash."""
+    widths = [64 // m + (1 if i < 64 % m else 0) for i in range(m)]
+    shifts = np.cumsum([0, *widths[:-1]]).tolist()
+    return list(zip(shifts, widths, strict=True))
+
+
+def table_keys(phash: np.ndarray, design: dict) -> list[np.ndarray]:
+    """For each table of the design, the key of every hash (int64): its chosen blocks, concatenated."""
+    h = phash.astype(np.int64).view(np.uint64)
+    blocks = _blocks(design["blocks"])
+    keys = []
+    for combo in itertools.combinations(range(design["blocks"]), design["match"]):
+        key = np.zeros(len(h), dtype=np.uint64)
+        for b in combo:
+            shift, width = blocks[b]
+            mask = np.uint64((1 << width) - 1)
+            key = (key << np.uint64(width)) | ((h >> np.uint64(shift)) & mask)
+        keys.append(key.view(np.int64))
+    return keys
+
+
+KEY_BITS = 60  # exact keys: exact_edges keeps a row's kind above them
+
+
+def exact_key(values: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """The low 60 bits of an integer hash column (the crawl's sha256_key or pixel_hash) as
+    int64 keys, and which rows have a hash at all (a row without one is in no group)."""
+    present = values.is_not_null().to_numpy()
+    return values.fill_null(0).cast(pl.Int64).to_numpy() & ((1 << KEY_BITS) - 1), present
+
+
+def caption_key(captions: pl.Series | pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A 63-bit key of the caption, case- and whitespace-folded (0 for an empty caption).
+
+    polars' hash with fixed seeds: stable for one polars version, which is all a run needs
+    (keys never leave the dedup stage's own work files).
+    """
+    folded = pl.Series(captions).fill_null("").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
+    key = (folded.hash(seed=0).to_numpy() >> np.uint64(1)).astype(np.int64)
+    return np.where(folded.to_numpy() == "", 0, np.maximum(key, 1))
+
+
+def image_rows(shard: int, crawl: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The crawl rows dedup looks at (fetched and hashed images): their mask over the shard, and
+    their node ids, the crawl shard in the high 32 bits and the crawl row in the low."""
+    ok = ((crawl["status"] == schema.SUCCESS) & crawl["phash"].is_not_null()).fill_null(False).to_numpy()
+    return ok, (np.int64(shard) << np.int64(32)) | np.flatnonzero(ok).astype(np.int64)
+
+
+def run_starts(values: np.ndarray) -> np.ndarray:
+    """For sorted values, True where a run of equal values starts (empty in, empty out)."""
+    starts = np.ones(len(values), dtype=bool)
+    np.not_equal(values[1:], values[:-1], out=starts[1:])
+    return starts
+
+
+def pack_colour(signatures: pl.Series | pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
+    """48-hex-digit colour grids as three int64 columns of 16 digits each (24 bytes, not 48 + offsets)."""
+    text = pl.Series(signatures)
+    return [
+        text.str.slice(16 * i, 16).str.to_integer(base=16, dtype=pl.UInt64).to_numpy().view(np.int64) for i in range(3)
+    ]
+
+
+def colour_distance_packed(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
+    """Per pair, the largest difference of one 4-bit channel between two packed colour grids."""
+    worst = np.zeros(len(a[0]), dtype=np.int64)
+    for wa, wb in zip(a, b, strict=True):
+        ua, ub = wa.view(np.uint64), wb.view(np.uint64)
+        for shift in range(0, 64, 4):
+            da = ((ua >> np.uint64(shift)) & np.uint64(15)).astype(np.int64)
+            db = ((ub >> np.uint64(shift)) & np.uint64(15)).astype(np.int64)
+            worst = np.maximum(worst, np.abs(da - db))
+    return worst
