@@ -30,14 +30,14 @@ class RuntimeConfig:
     address: str | None = None  # Ray cluster address; None starts a local instance
     num_cpus: int | None = None  # local instance size; None = all CPUs
     max_retries: int = 2  # per shard, for exceptions and for dead workers/nodes
-    progress: bool = True
+    progress: bool = True  # progress bars for each stage
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything `clipline run` needs: where outputs go, how to run, and each stage's config."""
 
-    name: str = "clipline"
+    name: str = "clipline"  # the dataset name written into its manifest and report
     out: str = "out"  # local directory or s3://bucket/prefix
     stages: tuple[str, ...] = ()  # data stages to run, in pipeline order; empty = all
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

@@ -53,33 +53,35 @@ RETRIED_IN_CRAWL = frozenset({"rate_limited", "server_error", "connection_error"
 class CrawlConfig:
     """How to download, check and resize. Sizes and resize modes follow img2dataset's options."""
 
-    image_size: int = 256
+    image_size: int = 256  # target side in pixels (img2dataset image_size)
+    # img2dataset's modes; no = keep the decoded size
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
-    resize_only_if_bigger: bool = False
-    encode_format: Literal["jpg", "png", "webp"] = "jpg"
-    encode_quality: int = 95
-    min_image_size: int = 0
-    max_image_area: float = float("inf")
-    max_aspect_ratio: float = float("inf")
-    max_image_pixels: int = 89_478_485
-    allowed_formats: tuple[str, ...] = ("jpeg", "png", "webp", "gif")
+    resize_only_if_bigger: bool = False  # never upscale smaller images
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"  # format of the stored images
+    encode_quality: int = 95  # JPEG/WebP quality
+    min_image_size: int = 0  # refuse images whose smaller side is below this (image_too_small)
+    max_image_area: float = float("inf")  # refuse images with more pixels than this (image_too_large)
+    max_aspect_ratio: float = float("inf")  # refuse more elongated images (bad_aspect_ratio)
+    max_image_pixels: int = 89_478_485  # decompression-bomb limit, checked from the header before decoding
+    allowed_formats: tuple[str, ...] = ("jpeg", "png", "webp", "gif")  # by magic bytes, never the Content-Type
     timeout_s: float = 10.0  # per connect / read
     deadline_s: float = 30.0  # per download, redirects included
-    max_bytes: int = 20 << 20
-    max_redirects: int = 5
+    max_bytes: int = 20 << 20  # byte cap per download, also on decompressed bodies
+    max_redirects: int = 5  # hops per URL; each one passes the address guard
     max_attempts: int = 3  # per URL, for 429 / 5xx / connection errors
     backoff_s: float = 1.0  # first backoff of a host without Retry-After; doubles per attempt
     max_retry_after_s: float = 60.0  # a longer Retry-After is cut to this
+    # sent with every request
     user_agent: str = "clipline/0.1 (image-text dataset crawler; honours robots.txt and X-Robots-Tag noai)"
-    agent_token: str = "clipline"
-    robots_txt: bool = True
-    x_robots_tag: bool = True
+    agent_token: str = "clipline"  # the product token robots.txt groups and agent-scoped X-Robots-Tag name
+    robots_txt: bool = True  # honour robots.txt (RFC 9309)
+    x_robots_tag: bool = True  # honour X-Robots-Tag noai / noimageai / noindex / none
     allow_networks: tuple[str, ...] = ()  # CIDRs admitted despite being private/loopback (the demo's web)
     hosts: dict[str, str] = field(default_factory=dict)  # static name → IP, like curl --resolve
     dns: bool = True  # False: no name lookups at all (names must be in `hosts`)
     blocklist_image_sha256: tuple[str, ...] = ()  # files of sha256(image bytes) hex lines
-    threads: int = field(default=32, metadata=RUNTIME_ONLY)
-    per_host_concurrency: int = field(default=4, metadata=RUNTIME_ONLY)
+    threads: int = field(default=32, metadata=RUNTIME_ONLY)  # downloads in flight per crawl task
+    per_host_concurrency: int = field(default=4, metadata=RUNTIME_ONLY)  # requests in flight per host, per crawl task
     per_host_rps: float = field(default=20.0, metadata=RUNTIME_ONLY)  # request starts per second per host; 0: no cap
 
     def image_policy(self) -> ImagePolicy:

@@ -76,22 +76,24 @@ PRESETS: dict[str, Rules] = {
 class FilterConfig:
     """A preset plus overrides; None means 'as the preset says'. Blocklists and terms are files (local/s3)."""
 
+    # the rule set; every rule below overrides it when set
     preset: Literal["none", "basic", "laion", "datacomp-basic", "datacomp-text"] = "basic"
+    # fast: langdetect re-implemented, deterministic; langdetect; fasttext (bench extra)
     language_backend: Literal["fast", "langdetect", "fasttext"] = "fast"
-    languages: tuple[str, ...] | None = None
-    min_language_score: float | None = None
-    min_caption_chars: int | None = None
-    max_caption_chars: int | None = None
-    min_caption_words: int | None = None
-    max_caption_words: int | None = None
-    caption_junk: bool | None = None
-    min_image_side: int | None = None
-    max_image_side: int | None = None
-    max_aspect_ratio: float | None = None
-    min_image_bytes: int | None = None
-    text_match: bool | None = None
-    min_clip_score: float | None = None
-    clip_top_fraction: float | None = None
+    languages: tuple[str, ...] | None = None  # langdetect codes to keep, e.g. [en, de]; [] = any
+    min_language_score: float | None = None  # probability of the detected language
+    min_caption_chars: int | None = None  # caption_too_short below this
+    max_caption_chars: int | None = None  # caption_too_long above this
+    min_caption_words: int | None = None  # caption_too_few_words below this
+    max_caption_words: int | None = None  # caption_too_many_words above this
+    caption_junk: bool | None = None  # drop file names, boilerplate, URL-only and repeated-character captions
+    min_image_side: int | None = None  # the crawl's original smaller side in pixels
+    max_image_side: int | None = None  # the crawl's original larger side in pixels
+    max_aspect_ratio: float | None = None  # longer side / shorter side of the original image
+    min_image_bytes: int | None = None  # smaller downloads are dropped (image_too_few_bytes)
+    text_match: bool | None = None  # keep only captions that name a term of text_terms (DataComp text filter)
+    min_clip_score: float | None = None  # cosine of image and caption embeddings under clip_checkpoint
+    clip_top_fraction: float | None = None  # keep the best fraction of each shard by CLIP score
     drop_duplicates: bool = True  # drop rows dedup marked (dup_of set); needs the dedup stage's outputs
     blocklist_url_sha256: tuple[str, ...] = ()  # files of sha256(normalised URL) hex lines
     blocklist_domains: tuple[str, ...] = ()  # files of domains, one a line; subdomains are blocked too
@@ -100,7 +102,7 @@ class FilterConfig:
     text_terms: tuple[str, ...] = ()  # terms for text_match (case-insensitive, whole words)
     text_terms_files: tuple[str, ...] = ()  # files of terms, one a line
     clip_checkpoint: str | None = None  # a clipline checkpoint (.pt) for the CLIP-score pass
-    clip_batch_size: int = field(default=256, metadata={IDENTITY: False})
+    clip_batch_size: int = field(default=256, metadata={IDENTITY: False})  # images per forward pass
     clip_device: str = field(default="auto", metadata={IDENTITY: False})  # auto = cuda when present
 
     def rules(self) -> Rules:

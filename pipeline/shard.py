@@ -59,9 +59,9 @@ PLAN = "shard/_plan.json"
 class ShardConfig:
     """How the final dataset is cut."""
 
-    samples_per_shard: int = 10_000
+    samples_per_shard: int = 10_000  # every shard but the last holds exactly this many samples
     shuffle: bool = True  # a seeded global shuffle of sample order across shards
-    seed: int = 0
+    seed: int = 0  # of the global shuffle
     read_buffer: int = field(default=1 << 20, metadata={IDENTITY: False})  # images closer than this share a ranged read
 
 

@@ -47,8 +47,9 @@ OPT_OUT = ("opted_out", "robots_disallowed")
 
 @dataclass(frozen=True)
 class StatsConfig:
-    top_domains: int = 25
+    top_domains: int = 25  # domains in the report and stats.json
     thumbnails: int = field(default=24, metadata={IDENTITY: False})  # samples shown in the report
+    # thumbnails of dropped samples per reason in the report
     dropped_per_reason: int = field(default=6, metadata={IDENTITY: False})
 
 

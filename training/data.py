@@ -58,10 +58,10 @@ class DataConfig:
     """How samples are read, shuffled, decoded and batched."""
 
     batch_size: int = 64  # per rank
-    num_workers: int = 2
-    seed: int = 0
-    shuffle: bool = True
-    image_size: int = 64
+    num_workers: int = 2  # DataLoader worker processes per rank
+    seed: int = 0  # shard, sample and crop shuffles
+    shuffle: bool = True  # shuffle shards and the samples inside them, per epoch
+    image_size: int = 64  # the model's input side in pixels
     crop_scale: tuple[float, float] = (0.9, 1.0)  # random resized crop: fraction of the image area kept
     on_bad_shard: str = "error"  # "error" or "skip" a shard missing or shorter than the manifest says
     allow_superseded: bool = False  # train on a manifest a takedown replaced (not recommended)

@@ -40,26 +40,26 @@ Evaluator = Callable[..., dict]
 class TrainConfig:
     """A training run. `data` is a manifest (local or s3://); `out` the run directory."""
 
-    data: str = ""
-    out: str = "train"
+    data: str = ""  # the dataset's manifest.json (local or s3://)
+    out: str = "train"  # the run directory (local or s3://): checkpoints, metrics, tokenizer
     model: str = "tiny"  # a training.model.SIZES name
-    loss: Literal["clip", "siglip"] = "clip"
-    epochs: int = 1
+    loss: Literal["clip", "siglip"] = "clip"  # clip: symmetric InfoNCE; siglip: SigLIP's sigmoid loss
+    epochs: int = 1  # passes over the dataset
     max_steps: int = 0  # stop after this many steps in all (0: epochs decide)
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    warmup_steps: int = 20
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
+    lr: float = 5e-4  # peak learning rate (AdamW), after warmup; cosine decay by step
+    weight_decay: float = 0.2  # AdamW; none on gains, biases, embeddings and the logit scale
+    warmup_steps: int = 20  # linear warmup
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW
+    eps: float = 1e-6  # AdamW
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16: autocast on CPU or CUDA; fp16: CUDA + scaler
-    grad_checkpointing: bool = False
-    compile: bool = False
+    grad_checkpointing: bool = False  # recompute activations in backward to save memory
+    compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto: cuda when present, else cpu
-    vocab_size: int = 4096
-    context_length: int = 32
-    seed: int = 0
-    log_every: int = 10
+    vocab_size: int = 4096  # of the BPE tokenizer trained on the captions at the first run
+    context_length: int = 32  # tokens per caption, the end token included
+    seed: int = 0  # model initialisation
+    log_every: int = 10  # steps between metrics.jsonl lines
     save_every: int = 200  # steps; a checkpoint is also saved at the end of every epoch
     eval_every: int = 0  # steps; 0 = only at the end
     eval_tasks: tuple[str, ...] = ()  # "zeroshot", "retrieval", "linear" (eval/run.py)

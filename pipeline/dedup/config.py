@@ -36,9 +36,9 @@ EMBED, CENTROIDS = "dedup/_embed", "dedup/_centroids"
 class DedupConfig:
     """What counts as a duplicate, and which copy is kept."""
 
-    exact_bytes: bool = True
-    exact_pixels: bool = True
-    near: bool = True
+    exact_bytes: bool = True  # same sha256 of the bytes
+    exact_pixels: bool = True  # same pixels at 32x32 (lossless re-encodes)
+    near: bool = True  # pHash within near_threshold and colour grids within colour_tolerance
     near_threshold: int = 8  # max pHash Hamming distance
     colour_tolerance: int = 1  # max difference of one colour-grid channel (0-15)
     caption: bool = True  # same normalised caption on near-identical images
@@ -53,7 +53,7 @@ class DedupConfig:
     semantic_sample: int = 200_000  # embeddings k-means is fitted on (sampled from every shard)
     semantic_iterations: int = 20  # k-means iterations (fewer if the assignment stops changing)
     semantic_device: str = field(default="auto", metadata={IDENTITY: False})  # auto | cpu | cuda
-    semantic_batch_size: int = field(default=256, metadata={IDENTITY: False})
+    semantic_batch_size: int = field(default=256, metadata={IDENTITY: False})  # images per forward pass
     pair_budget_per_image: int = 50  # candidate pairs the near index may cost, per image
     max_tables: int = 32  # emission budget of the near index, per image
     rows_per_partition: int = field(default=1_000_000, metadata={IDENTITY: False})  # memory per reduce task
