@@ -212,23 +212,40 @@ class Blocklists:
         )
 
     def reasons(self, frame: pl.DataFrame) -> pl.Series:
-        """Per row: 'blocked_url' / 'blocked_domain' / 'blocked_image' or null."""
+        """Per row: 'blocked_url' / 'blocked_domain' / 'blocked_image' or null.
+
+        Built from boolean columns with polars expressions: a string column made from a numpy
+        object array made polars infer Object from the first row and fail on a later hit."""
         import hashlib
 
-        n = frame.height
-        url_hit = np.zeros(n, bool)
-        if self.url_sha256:
-            url_hit = np.array([hashlib.sha256(u.encode()).hexdigest() in self.url_sha256 for u in frame["url"]])
-        domain_hit = np.zeros(n, bool)
-        if self.domains:
-            domain_hit = np.array([blocked_domain(domain_of(u), self.domains) for u in frame["url"]])
-        image_hit = np.zeros(n, bool)
-        if self.image_sha256:
-            image_hit |= frame["sha256"].is_in(list(self.image_sha256)).fill_null(False).to_numpy()
-        if self.image_md5:
-            image_hit |= frame["md5"].is_in(list(self.image_md5)).fill_null(False).to_numpy()
-        reason = np.where(url_hit, "blocked_url", np.where(domain_hit, "blocked_domain", "blocked_image"))
-        return pl.Series("blocked", np.where(url_hit | domain_hit | image_hit, reason, None), dtype=pl.Utf8)
+        urls = frame["url"].to_list()
+        hits = pl.DataFrame(
+            {
+                "url": [hashlib.sha256(u.encode()).hexdigest() in self.url_sha256 for u in urls]
+                if self.url_sha256
+                else [False] * frame.height,
+                "domain": [blocked_domain(domain_of(u), self.domains) for u in urls]
+                if self.domains
+                else [False] * frame.height,
+                "sha256": frame["sha256"].is_in(list(self.image_sha256)).fill_null(False)
+                if self.image_sha256
+                else [False] * frame.height,
+                "md5": frame["md5"].is_in(list(self.image_md5)).fill_null(False)
+                if self.image_md5
+                else [False] * frame.height,
+            },
+            schema={"url": pl.Boolean, "domain": pl.Boolean, "sha256": pl.Boolean, "md5": pl.Boolean},
+        )
+        reason = (
+            pl.when(pl.col("url"))
+            .then(pl.lit("blocked_url"))
+            .when(pl.col("domain"))
+            .then(pl.lit("blocked_domain"))
+            .when(pl.col("sha256") | pl.col("md5"))
+            .then(pl.lit("blocked_image"))
+            .otherwise(pl.lit(None, dtype=pl.Utf8))
+        )
+        return hits.select(blocked=reason)["blocked"]
 
 
 def image_reason(rules: Rules) -> pl.Expr:

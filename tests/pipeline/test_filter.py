@@ -115,6 +115,30 @@ def test_blocklists_url_domain_and_image_hashes(tmp_path):
     }
 
 
+@pytest.mark.parametrize("hit_rows", [(0,), (3,), (6,), (), tuple(range(7)), (0, 6), (2, 4)], ids=str)
+def test_image_blocklist_hits_anywhere_in_a_shard(tmp_path, hit_rows):
+    # A reason column built from a numpy object array failed in polars whenever the first row was
+    # not a hit and a later one was ("cannot cast 'Object' type"): 2 of 5 demo filter shards crashed.
+    rows = [{"uid": f"u{i}", "caption": f"caption {i}", "sha": f"{i:x}" * 64} for i in range(7)]
+    (tmp_path / "sha.txt").write_text("".join(f"{i:x}" * 64 + "\n" for i in hit_rows))
+    reasons, table = run(rows, blocklist_image_sha256=(str(tmp_path / "sha.txt"),))
+    assert reasons == {f"caption {i}": "blocked_image" if i in hit_rows else None for i in range(7)}
+    assert table["keep"].to_pylist() == [i not in hit_rows for i in range(7)]
+
+
+def test_blocklists_on_an_empty_shard(tmp_path):
+    (tmp_path / "url.txt").write_text("0" * 64 + "\n")
+    (tmp_path / "domains.txt").write_text("blocked.example\n")
+    (tmp_path / "sha.txt").write_text("a" * 64 + "\n")
+    reasons, table = run(
+        [{"caption": "x", "status": "not_found"}],
+        blocklist_url_sha256=(str(tmp_path / "url.txt"),),
+        blocklist_domains=(str(tmp_path / "domains.txt"),),
+        blocklist_image_sha256=(str(tmp_path / "sha.txt"),),
+    )
+    assert reasons == {} and table.num_rows == 0
+
+
 def test_duplicates_dropped_unless_told_and_chain_order():
     import pyarrow as pa
 
