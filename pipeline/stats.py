@@ -172,7 +172,10 @@ def collect(store, config: StatsConfig) -> dict:
             "by_reason": dict(sorted(acc["dup_reasons"].items())),
         },
         "crawl": sorted(acc["crawl"], key=lambda r: (r["finished_at"] or 0, r["shard"])),
-        "manifest": {k: manifest.get(k) for k in ("name", "version", "num_samples", "config_sha256")},
+        "manifest": {
+            **{k: manifest.get(k) for k in ("name", "version", "num_samples", "config_sha256")},
+            "removed_by_takedowns": sum(int(t.get("removed", 0)) for t in manifest.get("takedowns") or []),
+        },
     }
 
 
@@ -200,6 +203,34 @@ def svg_bars(title: str, counts: dict[str, int], width: int = 460) -> str:
     return f"<h3>{html.escape(title)}</h3>" + "".join(parts)
 
 
+# Drop reasons whose samples the report may show as thumbnails: rules about a caption's form, an
+# image's size, language, text match, CLIP score and duplicates. Every other reason (blocked_url,
+# blocked_domain, blocked_image: abuse hash lists and opt-outs) and every takedown is shown as a
+# count only: a report must never republish what a blocklist exists to keep from being shown.
+THUMBNAIL_REASONS = frozenset(
+    {
+        "duplicate",
+        "image_too_small",
+        "image_too_large",
+        "image_aspect_ratio",
+        "image_too_few_bytes",
+        "caption_missing",
+        "caption_too_short",
+        "caption_too_long",
+        "caption_too_few_words",
+        "caption_too_many_words",
+        "caption_filename",
+        "caption_boilerplate",
+        "caption_url",
+        "caption_repeated_chars",
+        "language",
+        "no_text_match",
+        "clip_score",
+    }
+)
+CAPTION_CHARS = 80  # a thumbnail's caption is cut to this before it is escaped
+
+
 def _thumb(data: bytes, side: int = 96) -> str:
     from PIL import Image
 
@@ -213,7 +244,8 @@ def _thumb(data: bytes, side: int = 96) -> str:
 
 def _grid(samples: list[tuple[bytes, str]]) -> str:
     cells = [
-        f'<figure><img src="{_thumb(img)}" alt=""><figcaption>{html.escape(caption or "")[:80]}</figcaption></figure>'
+        f'<figure><img src="{_thumb(img)}" alt=""><figcaption>{html.escape((caption or "")[:CAPTION_CHARS])}'
+        "</figcaption></figure>"
         for img, caption in samples
     ]
     return '<div class="grid">' + "".join(cells) + "</div>"
@@ -231,7 +263,7 @@ def _images_from_tar(store, rel: str, wanted: set[str]) -> dict[str, bytes]:
 
 
 def sample_images(store, config: StatsConfig) -> tuple[list, dict[str, list]]:
-    """Thumbnails of final samples (first shard) and of dropped samples per filter reason."""
+    """Thumbnails of final samples (first shard) and of dropped samples per filter reason in THUMBNAIL_REASONS."""
     manifest = store.read_json(MANIFEST) if store.exists(MANIFEST) else {"shards": []}
     final = []
     if manifest["shards"]:
@@ -243,7 +275,9 @@ def sample_images(store, config: StatsConfig) -> tuple[list, dict[str, list]]:
         final = [(images[r["key"]], r["caption"]) for r in rows if images.get(r["key"])]
     dropped: dict[str, list] = {}
     for s in committed_shards(store, "filter"):
-        filt = _read(store, layout.filter_parquet(s), ["uid", "caption", "drop_reason"]).drop_nulls("drop_reason")
+        filt = _read(store, layout.filter_parquet(s), ["uid", "caption", "drop_reason"]).filter(
+            pl.col("drop_reason").is_in(list(THUMBNAIL_REASONS))
+        )
         # the first rows of each reason, as many as it still lacks (one pass in polars, not a loop per row)
         shown = {reason: len(samples) for reason, samples in dropped.items()}
         quota = config.dropped_per_reason - pl.col("drop_reason").replace_strict(
@@ -276,7 +310,16 @@ def render_report(stats: dict, final: list, dropped: dict[str, list]) -> str:
     dropped_html = "".join(
         f"<h3>{html.escape(reason)}</h3>{_grid(samples)}" for reason, samples in sorted(dropped.items())
     )
+    hidden = {k.split("/", 1)[1]: v for k, v in stats["drop_reasons"].items() if k.startswith("filter/")}
+    hidden = {reason: n for reason, n in sorted(hidden.items()) if reason not in THUMBNAIL_REASONS}
+    removed = stats["manifest"].get("removed_by_takedowns")
+    if removed:
+        hidden["removed by takedowns"] = removed
+    hidden_html = "".join(f"<li>{html.escape(reason)}: {int(n):,} samples</li>" for reason, n in hidden.items())
+    if hidden_html:
+        dropped_html += f"<h3>Counts only, never shown</h3><ul>{hidden_html}</ul>"
     name = html.escape(str(stats["manifest"].get("name") or "dataset"))
+    version = html.escape(str(stats["manifest"].get("version")))
     cluster_sizes = {f"size {k}": v for k, v in stats["duplicate_clusters"]["sizes"].items()}
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{name}: dataset report</title>
@@ -289,7 +332,7 @@ figure {{ margin: 0; width: 110px; font-size: 11px; }} figure img {{ width: 96px
 </style></head><body>
 <h1>{name}</h1>
 <p>{funnel["final"]:,} samples in the final dataset, from {funnel["input_rows"]:,} input rows
-(manifest version {stats["manifest"].get("version")}).</p>
+(manifest version {version}).</p>
 <div class="cols">
 <div>{svg_bars("Funnel", {k.replace("_", " "): v for k, v in funnel.items()})}</div>
 <div>{svg_bars("Drop reasons", dict(sorted(stats["drop_reasons"].items(), key=lambda kv: -kv[1])))}</div>
