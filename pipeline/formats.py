@@ -49,6 +49,7 @@ class TarWriter:
 BLOCK = 512
 REGULAR = (b"0", b"\0", b"7")  # tar type flags of regular files
 COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz magic
+MAX_MEMBER_BYTES = 1 << 30  # a member larger than this is refused, not read into memory (images are <= 20 MB)
 
 
 def iter_tar_members(fileobj: IO[bytes]) -> Iterator[tuple[str, bytes]]:
@@ -77,6 +78,8 @@ def iter_tar_members(fileobj: IO[bytes]) -> Iterator[tuple[str, bytes]]:
             size = int(pax["size"]) if "size" in pax else _tar_number(head[124:136])
         except ValueError as e:
             raise tarfile.ReadError(f"bad tar header ({e})") from e
+        if not 0 <= size <= MAX_MEMBER_BYTES:
+            raise tarfile.ReadError(f"a tar member of {size} bytes (more than {MAX_MEMBER_BYTES} or negative)")
         unsigned = sum(head[:148]) + 256 + sum(head[156:])
         if stored != unsigned and stored != unsigned - 256 * sum(b >= 128 for b in head[:148] + head[156:]):
             raise tarfile.ReadError("bad checksum in a tar header")  # (tarfile also accepts signed-char sums)
@@ -121,11 +124,20 @@ def _tar_number(field: bytes) -> int:
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
-    """The records of a pax extended header: 'LEN key=value\\n' each."""
+    """The records of a pax extended header: 'LEN key=value\\n' each, LEN counting the whole record.
+
+    A length that does not move past its own digits, or that runs past the data, is a read error:
+    a record of length 0 used to make this loop forever on a crafted or corrupt tar."""
     records, at = {}, 0
     while at < len(data) and data[at : at + 1] != b"\0":
-        length = int(data[at : data.index(b" ", at)])
-        key, _, value = data[data.index(b" ", at) + 1 : at + length - 1].partition(b"=")
+        space = data.find(b" ", at, at + 21)
+        digits = data[at:space] if space > at else b""
+        if not digits.isdigit():
+            raise tarfile.ReadError(f"bad pax record at byte {at}: no length")
+        length = int(digits)
+        if length <= space - at + 1 or at + length > len(data) or data[at + length - 1 : at + length] != b"\n":
+            raise tarfile.ReadError(f"bad pax record at byte {at}: length {length}")
+        key, _, value = data[space + 1 : at + length - 1].partition(b"=")
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         at += length
     return records

@@ -99,6 +99,54 @@ def test_the_tar_reader_refuses_cut_and_corrupt_tars(tmp_path):
         list(iter_tar_members(io.BytesIO(b"")))
 
 
+def pax_tar(record: bytes) -> bytes:
+    """A tar whose only member carries a pax header holding `record` (whatever its length says)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("a" * 120 + ".jpg")  # a long name: tarfile writes a pax 'path' record
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"jpg"))
+    data = bytearray(buf.getvalue())
+    at = data.index(b" path=")
+    start = data.rindex(b"\0", 0, at) + 1  # the record's first length digit
+    old = bytes(data[start : data.index(b"\n", at) + 1])
+    assert len(record) <= len(old)
+    data[start : start + len(old)] = record.ljust(len(old), b"\0")
+    return bytes(data)
+
+
+@pytest.mark.timeout(10)  # a record of length 0 used to loop forever
+@pytest.mark.parametrize(
+    "record, error",
+    [
+        (b"0 path=x\n", "length 0"),
+        (b"00 path=x\n", "length 0"),
+        (b"3 path=x\n", "length 3"),  # does not reach past its own digits
+        (b"9999 path=x\n", "length 9999"),  # runs past the data
+        (b"-5 path=x\n", "no length"),
+        (b"path=x\n", "no length"),
+        (b"12 path=xyz\0", "length 12"),  # no newline where the length says the record ends
+    ],
+)
+def test_bad_pax_records_are_read_errors_not_hangs(record, error):
+    with pytest.raises(tarfile.ReadError, match=error):
+        list(iter_tar_members(io.BytesIO(pax_tar(record))))
+    good = pax_tar(b"10 path=x\n")
+    assert list(iter_tar_members(io.BytesIO(good))) == [("x", b"jpg")]
+
+
+@pytest.mark.timeout(10)
+def test_a_member_size_beyond_the_cap_is_refused_before_reading(tmp_path):
+    with TarWriter(tmp_path / "t.tar") as tar:
+        tar.add("000", {"jpg": b"j" * 700})
+    head = bytearray((tmp_path / "t.tar").read_bytes()[:512])
+    head[124:136] = b"\x80" + (1 << 40).to_bytes(11, "big")  # GNU base-256: a 1 TiB member
+    head[148:156] = b" " * 8
+    head[148:156] = f"{sum(head):06o}\0 ".encode()
+    with pytest.raises(tarfile.ReadError, match="a tar member of 1099511627776 bytes"):
+        list(iter_tar_members(io.BytesIO(bytes(head) + b"\0" * 4096)))
+
+
 def test_short_reads_from_raw_streams_are_assembled(tmp_path):
     class Trickle(io.RawIOBase):  # returns at most 100 bytes a read, as a raw network stream may
         def __init__(self, data):
