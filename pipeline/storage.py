@@ -45,6 +45,19 @@ TMP_PREFIX = ".tmp-"  # local temporaries; never listed, never a final name
 PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "write_statistics": True}
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (os.umask can only be read by setting it, which
+    would briefly give files that other threads create meanwhile the wrong mode)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022  # no /proc (not Linux): the usual default
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a local file, read in 1 MB blocks."""
     h = hashlib.sha256()
@@ -322,7 +335,7 @@ class LocalStorage(Storage):
         return str(parent)
 
     def _commit_spooled(self, tmp: str, rel: str) -> None:
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600; committed files get what open() would give
         os.replace(tmp, self._path(rel))
 
     def put_file(self, local_path: str | os.PathLike, rel: str) -> None:

@@ -127,6 +127,25 @@ def test_locations_are_parsed_and_bad_ones_refused(tmp_path):
         open_storage("s3:///x")
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002, 0o077])
+def test_committed_files_honour_the_umask(tmp_path, umask):
+    store = LocalStorage(tmp_path / "out")
+    local = tmp_path / "staged.bin"
+    local.write_bytes(b"x")
+    previous = os.umask(umask)
+    try:
+        store.write_bytes("a/written.bin", b"data")
+        store.move_file(local, "a/moved.bin")
+        with store.writer("a/streamed.bin") as f:
+            f.write(b"data")
+        beside = tmp_path / "out" / "a" / "by-open.bin"
+        beside.write_bytes(b"x")  # what a plain open() gives under this umask
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out" / "a").iterdir()}
+    assert modes == dict.fromkeys(["written.bin", "moved.bin", "streamed.bin", "by-open.bin"], 0o666 & ~umask)
+
+
 def test_local_storage_child_and_hidden_temporaries(tmp_path):
     store = open_storage(tmp_path)
     (tmp_path / "d").mkdir()
