@@ -75,13 +75,22 @@ def canonical_ip(host: str) -> str | None:
     return None
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # ::a.b.c.d, deprecated (RFC 4291 2.5.5.1)
+IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # ::ffff:0:a.b.c.d (RFC 2765)
+# Never global, whatever Python's tables say: local-use NAT64 (RFC 8215; where it puts the IPv4 depends
+# on the operator's prefix length) and the deprecated site-local range (RFC 3879).
+NOT_GLOBAL_V6 = (ipaddress.ip_network("64:ff9b:1::/48"), ipaddress.ip_network("fec0::/10"))
+
+
 def _embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 form carries (mapped, 6to4, NAT64, compatible, translated), else None."""
     if addr.ipv4_mapped:
         return addr.ipv4_mapped
     if addr.sixtofour:
         return addr.sixtofour
-    if addr in ipaddress.ip_network("64:ff9b::/96"):  # NAT64
-        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    if addr in NAT64 or addr in IPV4_TRANSLATED or (addr in IPV4_COMPATIBLE and int(addr) > 1):
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)  # (:: and ::1 are not IPv4-compatible forms)
     return None
 
 
@@ -102,6 +111,8 @@ class AddressGuard:
         allowed = self.networks()
         if any(c in n for c in candidates for n in allowed if c.version == n.version):
             return True
+        if any(addr in n for n in NOT_GLOBAL_V6):
+            return False
         return all(c.is_global and not c.is_multicast for c in candidates)
 
 

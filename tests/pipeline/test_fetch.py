@@ -67,6 +67,15 @@ REFUSED = [
     "::ffff:169.254.169.254",
     "2002:a00:1::1",  # 6to4 around 10.0.0.1
     "64:ff9b::a00:1",  # NAT64 around 10.0.0.1
+    "::127.0.0.1",  # IPv4-compatible (deprecated) forms, judged by the IPv4 they carry
+    "::a9fe:a9fe",  # 169.254.169.254
+    "::10.0.0.1",
+    "::ffff:0:127.0.0.1",  # IPv4-translated (RFC 2765)
+    "::ffff:0:a9fe:a9fe",
+    "64:ff9b:1::a00:1",  # local-use NAT64 (RFC 8215), whatever it carries
+    "64:ff9b:1::808:808",
+    "fec0::1",  # deprecated site-local
+    "fec0:1234::5",
 ]
 
 
@@ -75,7 +84,9 @@ def test_guard_refuses_private_loopback_link_local_and_embedded_forms(ip):
     assert not AddressGuard().permits(ip)
 
 
-@pytest.mark.parametrize("ip", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
+@pytest.mark.parametrize(
+    "ip", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8", "::8.8.8.8", "::ffff:0:8.8.8.8"]
+)
 def test_guard_permits_public_unicast(ip):
     assert AddressGuard().permits(ip)  # a check only: nothing connects
 
