@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--working-dir", metavar="DIR", help="upload this directory as the job's working directory")
     p.add_argument("--runtime-env", metavar="FILE", help="YAML Ray runtime env (pip, env_vars, ...)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    p.add_argument(
+        "--ship-credentials",
+        action="store_true",
+        help="also send secret AWS_*/CLIPLINE_* variables (keys, tokens, passwords) in the job's runtime env, "
+        "where Ray's job info and dashboard keep them; by default the cluster uses its own credentials",
+    )
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="the clipline command to run")
     p.set_defaults(func=cmd_submit)
 
@@ -212,7 +218,10 @@ def cmd_submit(args) -> int:
     from pipeline.submit import submit
 
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
-    return submit(args.address, rest, args.working_dir, args.runtime_env, wait=not args.no_wait)
+    return submit(
+        args.address, rest, args.working_dir, args.runtime_env, wait=not args.no_wait,
+        ship_credentials=args.ship_credentials,
+    )  # fmt: skip
 
 
 def cmd_jobs(args) -> int:

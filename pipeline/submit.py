@@ -1,9 +1,14 @@
 """`clipline submit` and `clipline jobs`: any clipline command as a Ray job on a cluster, through the job API.
 
-The job runs ``python -m pipeline <command...>`` on the cluster. Object-store
-settings travel in the runtime env, taken from this shell (``AWS_*``,
-``CLIPLINE_*``), so the job reads and writes the same S3 endpoint; their values
-are never printed. Ray token authentication works as for the ray CLI: with
+The job runs ``python -m pipeline <command...>`` on the cluster. The non-secret
+object-store settings of this shell (``AWS_*`` and ``CLIPLINE_*``: endpoint,
+region, addressing, retries) travel in the job's runtime env, so the job reads
+and writes the same S3 endpoint. Secrets (keys, session tokens, passwords,
+a URL with a password in it) do not: Ray keeps a job's runtime env in its job
+info, shown by the dashboard and written to logs, so by default the cluster uses
+its own credentials (instance roles, a mounted secret). ``--ship-credentials``
+sends them anyway and says so. Nothing printed shows a secret value. Ray token
+authentication works as for the ray CLI: with
 ``RAY_AUTH_MODE=token`` and the token in ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``
 or ``~/.ray/auth_token``, the client sends it with every request.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -23,7 +29,8 @@ import yaml
 from pipeline.errors import ClipError
 
 PASSED_ENV_PREFIXES = ("AWS_", "CLIPLINE_")
-SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "KEY")
+SECRET_MARKERS = ("PASS", "SECRET", "TOKEN", "CRED", "AUTH", "KEY")  # in a variable's name: a secret
+URL_PASSWORD = re.compile(r"(?P<user>[a-z][a-z0-9+.-]*://[^/@:\s]*:)[^@/\s]*@", re.IGNORECASE)
 EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 130}
 
 
@@ -43,16 +50,30 @@ def client(address: str):
         raise SubmitError(f"cannot reach the Ray job API at {address}: {message[:300]}") from e
 
 
-def passed_env() -> dict[str, str]:
-    """The object-store settings of this shell that the job needs (values never printed)."""
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(PASSED_ENV_PREFIXES)}
+def is_secret(name: str, value: str) -> bool:
+    """A credential by its name (PASS, SECRET, TOKEN, CRED, AUTH, KEY in it) or a URL value with a password."""
+    return any(m in name.upper() for m in SECRET_MARKERS) or bool(URL_PASSWORD.search(value))
+
+
+def masked(name: str, value: str) -> str:
+    """How a variable may be printed: a secret name's value hidden, passwords inside URLs hidden."""
+    if any(m in name.upper() for m in SECRET_MARKERS):
+        return "***"
+    return URL_PASSWORD.sub(r"\g<user>***@", value)
+
+
+def passed_env(ship_credentials: bool = False) -> tuple[dict[str, str], list[str]]:
+    """The AWS_* and CLIPLINE_* variables of this shell to send with the job, and the names held back as secrets."""
+    found = {k: v for k, v in sorted(os.environ.items()) if k.startswith(PASSED_ENV_PREFIXES)}
+    held = [k for k, v in found.items() if is_secret(k, v) and not ship_credentials]
+    return {k: v for k, v in found.items() if k not in held}, held
 
 
 def shown(env: dict[str, str]) -> str:
-    return ", ".join(f"{k}=***" if any(m in k for m in SECRET_MARKERS) else f"{k}={v}" for k, v in env.items())
+    return ", ".join(f"{k}={masked(k, v)}" for k, v in env.items())
 
 
-def runtime_env(working_dir: str | None, runtime_env_file: str | None) -> dict:
+def runtime_env(working_dir: str | None, runtime_env_file: str | None, ship_credentials: bool = False) -> dict:
     env: dict = {}
     if runtime_env_file:
         try:
@@ -65,22 +86,30 @@ def runtime_env(working_dir: str | None, runtime_env_file: str | None) -> dict:
         if not Path(working_dir).is_dir():
             raise ClipError(f"--working-dir {working_dir}: not a directory")
         env["working_dir"] = working_dir
-    env["env_vars"] = {**passed_env(), **env.get("env_vars", {})}
+    env["env_vars"] = {**passed_env(ship_credentials)[0], **env.get("env_vars", {})}
     return env
 
 
 def submit(address: str, command: list[str], working_dir=None, runtime_env_file=None, wait: bool = True,
-           entrypoint_num_cpus: float = 1) -> int:  # fmt: skip
+           entrypoint_num_cpus: float = 1, ship_credentials: bool = False) -> int:  # fmt: skip
     """Submit `clipline <command>`; with `wait`, stream its logs and return its exit status."""
     if not command:
         raise ClipError("submit: give the clipline command after --, e.g. -- run --config run.yaml")
     jobs = client(address)
-    env = runtime_env(working_dir, runtime_env_file)
+    env = runtime_env(working_dir, runtime_env_file, ship_credentials)
+    held = passed_env(ship_credentials)[1]
+    secrets = [k for k, v in env["env_vars"].items() if is_secret(k, v)]
     entrypoint = "python -m pipeline " + shlex.join(command)
     job_id = _submit_with_retry(jobs, entrypoint, env, entrypoint_num_cpus)
     print(f"submitted {job_id}: {entrypoint}", file=sys.stderr)
     if env["env_vars"]:
         print(f"  env: {shown(env['env_vars'])}", file=sys.stderr)
+    if held:
+        print(f"  not sent (secrets; the cluster uses its own credentials, --ship-credentials sends them): "
+              f"{', '.join(held)}", file=sys.stderr)  # fmt: skip
+    if secrets:
+        print(f"  sent secrets: {', '.join(secrets)}: Ray keeps them in the job's info, shown by its dashboard",
+              file=sys.stderr)  # fmt: skip
     if not wait:
         print(job_id)
         return 0

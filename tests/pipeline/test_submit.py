@@ -24,8 +24,11 @@ VENV_BIN = str(Path(sys.executable).parent)
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """`ray start --head` on loopback with token authentication; yields (job API URL, client env)."""
+def ray_head(tmp_path_factory, s3):
+    """`ray start --head` on loopback with token authentication; yields (job API URL, client env).
+
+    The head starts with the S3 endpoint's credentials in its environment: the cluster's own
+    credentials (an instance role, a mounted secret), which jobs use since submit sends no secrets."""
     token = secrets.token_hex(16)
     port, dashboard = free_port(), free_port()
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{VENV_BIN}:{os.environ['PATH']}",
@@ -97,13 +100,54 @@ def test_a_submitted_job_crawls_and_shards_into_the_s3_bucket(ray_head, s3, web,
                     "run", "--config", "run.yaml", env=env)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "SUCCEEDED" in done.stderr and "shard/_manifest:" in done.stdout  # the job's own log, streamed
-    assert "AWS_SECRET_ACCESS_KEY=***" in done.stderr and "testing" not in done.stderr  # passed, never shown
+    assert "testing" not in done.stderr  # no secret value is ever printed
+    assert "not sent (secrets;" in done.stderr and "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY" in done.stderr
+    job_id = done.stderr.split("submitted ", 1)[1].split(":", 1)[0]
+    # what Ray keeps in the job's info (in a client process with the head's token: this one runs auth-free Ray)
+    read = "import json, sys; from ray.job_submission import JobSubmissionClient as C; " \
+           "print(json.dumps(C(sys.argv[1]).get_job_info(sys.argv[2]).runtime_env['env_vars']))"  # fmt: skip
+    info = subprocess.run([sys.executable, "-c", read, address, job_id], env=env, capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr[-2000:]
+    sent = json.loads(info.stdout.strip().splitlines()[-1])
+    assert sent["AWS_ENDPOINT_URL"] == os.environ["AWS_ENDPOINT_URL"]  # settings travel, secrets do not
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(sent)
     store = open_storage(prefix)
     manifest = read_manifest(f"{prefix}/dataset/manifest.json")
     assert verify(manifest) == [] and manifest.data["num_samples"] > 200
     crawl = pl.concat([pl.from_arrow(store.read_parquet(n)) for n in store.list("crawl", suffix=".parquet")])
     assert crawl.height == crawl["uid"].n_unique() == 411  # every ingested row exactly one status row
     assert_statuses(crawl.to_arrow(), web)
+
+
+def test_only_non_secret_settings_travel_unless_credentials_are_shipped(monkeypatch, capsys):
+    from pipeline.submit import masked, passed_env, runtime_env, shown
+
+    for name in [k for k in os.environ if k.startswith(("AWS_", "CLIPLINE_"))]:
+        monkeypatch.delenv(name)
+    env = {
+        "AWS_ENDPOINT_URL": "https://minio.internal:9000",
+        "AWS_REGION": "eu-west-1",
+        "CLIPLINE_S3_ADDRESSING": "virtual",
+        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+        "AWS_SESSION_TOKEN": "tok",
+        "CLIPLINE_DB_PASSWD": "pw1",
+        "CLIPLINE_GCS_CREDENTIALS": "{json}",
+        "CLIPLINE_AUTH_HEADER": "Bearer x",
+        "CLIPLINE_MIRROR": "https://user:hunter2@mirror.example/path",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    sent, held = passed_env()
+    assert sent == {k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_REGION", "CLIPLINE_S3_ADDRESSING")}
+    assert held == sorted(set(env) - set(sent))
+    assert runtime_env(None, None)["env_vars"] == sent
+    assert runtime_env(None, None, ship_credentials=True)["env_vars"] == dict(sorted(env.items()))
+    printed = shown(dict(sorted(env.items())))
+    for secret in ("AKIAEXAMPLE", "s3cr3t", "tok", "pw1", "{json}", "Bearer", "hunter2"):
+        assert secret not in printed
+    assert "CLIPLINE_MIRROR=https://user:***@mirror.example/path" in printed and "AWS_REGION=eu-west-1" in printed
+    assert masked("AWS_ENDPOINT_URL", "http://a:b@host:9000") == "http://a:***@host:9000"
 
 
 def test_no_wait_then_jobs_list_logs_and_stop(ray_head):
