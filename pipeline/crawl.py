@@ -379,11 +379,15 @@ def run_crawl(ctx: ShardContext) -> dict:
     table = ctx.read_table(layout.ingest_parquet(ctx.shard))
     schema.validate(table, schema.INGEST, layout.ingest_parquet(ctx.shard))
     statuses = table["status"].to_pylist()
-    todo = [i for i, s in enumerate(statuses) if s is None]
+    uids = table["uid"].to_pylist()
+    bad_uid = {i for i, uid in enumerate(uids) if not schema.is_uid(uid)}  # a failed row, never a failed shard
+    todo = [i for i, s in enumerate(statuses) if s is None and i not in bad_uid]
     urls = table["url"].to_pylist()
     started = time.time()
     results = crawl_rows([urls[i] for i in todo], config)
     outcomes = dict(zip(todo, results, strict=True))
+    for i in bad_uid:
+        outcomes[i] = (Outcome("invalid_uid", f"uid {str(uids[i])[:40]!r} is not 32 lowercase hex digits"), 0)
     with TarWriter(ctx.output_path(layout.crawl_tar(ctx.shard))) as tar:
         out, stats = crawl_table(table, outcomes, tar)
     ctx.write_table(layout.crawl_parquet(ctx.shard), out, distinct=schema.CRAWL_DISTINCT)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 from typing import IO, Iterable, Iterator
+
+SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class TarWriter:
@@ -23,8 +26,11 @@ class TarWriter:
         self.bytes = 0
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
-        """Write one sample: {key}.{ext} for each (ext, data), in the order given."""
-        if "/" in key or key.startswith(".") or not key:
+        """Write one sample: {key}.{ext} for each (ext, data), in the order given.
+
+        A key is letters, digits, '_' and '-' only: a '/' or '\\' would name a path, and a '.' would be
+        read back as another key and extension (a uid is 32 hex digits)."""
+        if not isinstance(key, str) or not SAFE_KEY.fullmatch(key):
             raise ValueError(f"unsafe sample key {key!r}")
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")

@@ -198,6 +198,17 @@ def input_columns(inp: InputFile) -> list[str]:
         raise SchemaError(f"{inp.uri}: cannot read the header ({' '.join(str(e).split())[:200]})") from e
 
 
+def check_carried(carry_columns: tuple[str, ...]) -> None:
+    """A one-line error for a carried column that would overwrite one clipline writes (uid, url, status, ...)."""
+    own = set(schema.column_names()) | {"source_file", "source_row"}
+    clash = [c for c in carry_columns if c in own]
+    if clash:
+        raise ConfigError(
+            f"ingest.carry_columns: {', '.join(map(repr, clash))} would overwrite clipline's own column(s) of the "
+            "same name; rename them in the input (or set ingest.url_column / caption_column) and carry the new name"
+        )
+
+
 def resolve_columns(inp: InputFile, config: IngestConfig) -> tuple[str, str, tuple[str, ...]]:
     """(url column, caption column, carried columns) for this file, or a one-line error (FAULTS M3)."""
     names = input_columns(inp)
@@ -271,6 +282,7 @@ def plan_map(ctx: PlanContext) -> list[int]:
     config: IngestConfig = ctx.config
     if config.shard_size < 1:
         raise ConfigError(f"ingest.shard_size must be at least 1, got {config.shard_size}")
+    check_carried(config.carry_columns)
     files = expand_inputs(config.inputs)
     chunks, estimated_rows = [], 0
     for index, inp in enumerate(files):

@@ -9,6 +9,7 @@ instead of a KeyError deep in a worker.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Iterable
 
 import pyarrow as pa
@@ -29,6 +30,14 @@ def compute_uids(urls: Iterable[str], captions: Iterable[str]) -> pa.Array:
     return pa.array([compute_uid(u, c) for u, c in zip(urls, captions, strict=True)], type=pa.string())
 
 
+UID_PATTERN = re.compile(r"[0-9a-f]{32}")
+
+
+def is_uid(value: object) -> bool:
+    """A well-formed uid: 32 lowercase hex digits (compute_uid's form), safe as a tar key."""
+    return isinstance(value, str) and UID_PATTERN.fullmatch(value) is not None
+
+
 def sha256_key(digest: str) -> int:
     """The crawl's ``sha256_key``: the first 60 bits (15 hex digits) of a sha256 hex digest.
 
@@ -47,6 +56,7 @@ STATUS_KINDS: dict[str, str] = {
     SUCCESS: "ok",
     # refused before any request
     "invalid_url": "permanent",
+    "invalid_uid": "permanent",  # an ingest row whose uid is not 32 lowercase hex digits (never a tar key)
     "refused_scheme": "permanent",
     "refused_address": "permanent",
     "blocked": "permanent",
@@ -170,6 +180,11 @@ SCHEMAS: dict[str, pa.Schema] = {
     "filter": FILTER,
     "dataset": DATASET,
 }
+
+
+def column_names() -> list[str]:
+    """Every column a stage of clipline writes, in any of its tables."""
+    return sorted({name for table in (INGEST, CRAWL, DEDUP, FILTER, DATASET) for name in table.names})
 
 
 def _same_kind(actual: pa.DataType, expected: pa.DataType) -> bool:

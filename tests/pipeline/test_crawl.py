@@ -156,6 +156,28 @@ def test_every_url_gets_exactly_its_expected_status(ray_local, fresh_web, tmp_pa
     assert got[[u for u in expected if u.endswith("/fault/flaky_429.jpg")][0]]["attempts"] == 2
 
 
+def test_a_malformed_uid_is_a_failed_row_never_a_tar_key_or_a_failed_shard(ray_local, fresh_web, tmp_path):
+    store = open_storage(tmp_path / "out")
+    run = run_config(store.uri, fresh_web.root, shard_size=200)
+    run_pipeline(list(INGEST_STAGES), store, run, executor="inline", progress=False)
+    table = store.read_parquet("ingest/00000.parquet")
+    bad = {0: "0000000a.evil", 3: "0000000b\\..\\..\\x", 5: "../../etc/passwd", 8: "A" * 32, 9: "0" * 31}
+    uids = table["uid"].to_pylist()
+    fetchable = [i for i, s in enumerate(table["status"].to_pylist()) if s is None and i not in bad]
+    for i, uid in bad.items():
+        uids[i] = uid
+    store.write_parquet("ingest/00000.parquet", table.set_column(0, "uid", pa.array(uids, pa.string())))
+    (report,) = run_pipeline([STAGE], store, run, executor="inline", progress=False)
+    assert report.ran == list(range(report.planned))  # every shard commits (a failed one raises StageFailed)
+    rows = store.read_parquet("crawl/00000.parquet").to_pylist()
+    assert [r["status"] for i, r in enumerate(rows) if i in bad] == ["invalid_uid"] * len(bad)
+    assert all(rows[i]["status"] != "invalid_uid" for i in fetchable)
+    with store.open_read("crawl/00000.tar") as f:
+        keys = [k for k, _ in group_samples(iter_tar_members(f))]
+    assert keys == [r["uid"] for r in rows if r["status"] == "success"] and all(schema.is_uid(k) for k in keys)
+    assert sum(r["status"] == "success" for r in rows) > 100
+
+
 def test_tars_hold_exactly_the_successes_and_read_with_webdataset(ray_local, fresh_web, tmp_path):
     import webdataset as wds
 

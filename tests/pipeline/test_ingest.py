@@ -116,6 +116,17 @@ def test_laion_column_names_and_carried_columns(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("carried", [("uid",), ("NSFW", "url"), ("caption",), ("status",), ("source_row",)])
+def test_carried_columns_may_not_overwrite_clipline_columns(tmp_path, carried):
+    table = pa.table({"URL": ["http://a.com/1.jpg"], "TEXT": ["one"], "NSFW": ["UNLIKELY"], "uid": ["../x"]})
+    pq.write_table(table, tmp_path / "laion.parquet")
+    with pytest.raises(ConfigError) as e:
+        ingest(tmp_path / "out", inputs=(str(tmp_path / "laion.parquet"),), carry_columns=carried)
+    clash = ", ".join(repr(c) for c in carried if c != "NSFW")
+    assert str(e.value).startswith(f"ingest.carry_columns: {clash} would overwrite clipline's own column")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.parquet"))  # before any work
+
+
 def test_non_utf8_and_control_characters_are_rows_not_crashes(tmp_path):
     (tmp_path / "bad.csv").write_bytes(
         b"url,caption\nhttp://a.com/1.jpg,caf\xe9 latin-1\nhttp://a.com/2.jpg,ok\x07bell\n,no url\n"

@@ -62,7 +62,9 @@ def test_blocklisted_and_taken_down_images_are_counted_never_shown(filtered, tmp
     for uid in [*hits, *gone]:
         assert _thumb(images[uid]) not in page, uid
     assert stats["manifest"]["removed_by_takedowns"] == 2 and manifest["version"] == 1
-    assert f"<li>blocked_image: {hits.len()} samples</li>" in page and "<li>removed by takedowns: 2 samples</li>" in page
+    assert (
+        f"<li>blocked_image: {hits.len()} samples</li>" in page and "<li>removed by takedowns: 2 samples</li>" in page
+    )
     # the harmless reasons still show their samples
     duplicates = filt.filter(pl.col("drop_reason") == "duplicate")["uid"]
     assert "<h3>duplicate</h3>" in page and any(_thumb(images[u]) in page for u in duplicates)
