@@ -3,6 +3,8 @@ resolver, never by connecting; the only live connections go to the loopback web,
 loopback stand-ins (127.0.0.2, [::1]) listen so that any connection reaching them is seen."""
 
 import email.utils
+import random
+import re
 import socket
 import threading
 import time
@@ -10,11 +12,15 @@ import time
 import pytest
 
 from pipeline.fetch import (
+    ROBOTS_MAX_PATTERN,
+    ROBOTS_MAX_RULES,
     AddressGuard,
     Fetcher,
     FetchError,
     FetchPolicy,
     Network,
+    RobotsCache,
+    RobotsPattern,
     RobotsRules,
     canonical_ip,
     parse_retry_after,
@@ -192,6 +198,58 @@ Disallow: /everything-for-others/
 )
 def test_robots_rfc9309_matching(path, allowed):
     assert RobotsRules.parse(ROBOTS, "clipline").allowed(path) is allowed
+
+
+def regex_reference(pattern: str) -> re.Pattern:
+    """RFC 9309 matching as a regex: right, but backtracking (fine for the short random cases here)."""
+    anchored = pattern.endswith("$")
+    body = re.escape(pattern[:-1] if anchored else pattern).replace(r"\*", ".*")
+    return re.compile(body + ("$" if anchored else ""))
+
+
+def test_robots_patterns_match_exactly_as_the_regex_reading():
+    rng = random.Random(7)
+    for _ in range(5000):
+        pattern = "/" + "".join(rng.choice("ab/**.") for _ in range(rng.randint(0, 8))) + rng.choice(["", "$"])
+        path = "/" + "".join(rng.choice("ab/.") for _ in range(rng.randint(0, 12)))
+        assert RobotsPattern.parse(pattern).match(path) == bool(regex_reference(pattern).match(path)), (pattern, path)
+
+
+@pytest.mark.timeout(10)  # the backtracking regex took 27 s and 7 s on the first two
+@pytest.mark.parametrize(
+    "pattern, path, matches",
+    [
+        ("/*a*a*a*a*a*a*b", "/" + "a" * 100, False),
+        ("/**********~", "/" + "x" * 100, False),
+        ("/" + "*a" * 500 + "*b$", "/" + "a" * 2000, False),
+        ("/" + "*a" * 500 + "$", "/" + "a" * 2000, True),
+    ],
+)
+def test_hostile_patterns_are_matched_in_linear_time(pattern, path, matches):
+    rules = RobotsRules.parse(f"User-agent: *\nDisallow: {pattern}\n", "clipline")
+    assert all(rules.allowed(path) is not matches for _ in range(200))
+
+
+def test_rules_and_pattern_length_are_capped():
+    text = "User-agent: *\n" + "".join(f"Disallow: /p{i}/\n" for i in range(ROBOTS_MAX_RULES + 500))
+    text += "Disallow: /" + "x" * 10_000 + "\n"
+    rules = RobotsRules.parse(text, "clipline")
+    assert len(rules.rules) == ROBOTS_MAX_RULES and not rules.allowed(f"/p{ROBOTS_MAX_RULES - 1}/")
+    assert rules.allowed(f"/p{ROBOTS_MAX_RULES}/")  # past the cap: not parsed
+    long = RobotsRules.parse("User-agent: *\nDisallow: /" + "x" * 10_000 + "\n", "clipline")
+    assert long.rules[0][0] == ROBOTS_MAX_PATTERN
+
+
+def test_the_robots_cache_is_bounded_by_bytes_least_recently_used_out():
+    rules = RobotsRules.parse("User-agent: *\nDisallow: /private/\n", "clipline")
+    cache = RobotsCache(max_bytes=rules.size() * 10)
+    for host in range(10):
+        cache.put(("http", f"h{host}", 80, "clipline"), rules)
+    assert cache.get(("http", "h0", 80, "clipline")) is not None  # h0 is now the most recently used
+    for host in range(10, 15):
+        cache.put(("http", f"h{host}", 80, "clipline"), rules)
+    kept = {key[1] for key in cache.rules}
+    assert kept == {"h0", *(f"h{h}" for h in range(6, 15))} and cache.bytes == rules.size() * 10
 
 
 def test_robots_groups_fall_back_to_star_and_empty_means_allow():
