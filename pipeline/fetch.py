@@ -26,6 +26,7 @@ the address guard.
 from __future__ import annotations
 
 import email.utils
+import heapq
 import http.client
 import ipaddress
 import re
@@ -300,7 +301,52 @@ class FetchResult:
     content_type: str | None
 
 
+MAX_HEADER_BYTES = 64 << 10  # status line and headers of one response
+MAX_TRAILER_LINES = 32  # after a chunked body
+
+
+class _CountedReader:
+    """A response's fp while its status line and headers are read: refuses more than MAX_HEADER_BYTES."""
+
+    def __init__(self, fp):
+        self._fp, self._read = fp, 0
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self._fp.readline(limit)
+        self._read += len(line)
+        if self._read > MAX_HEADER_BYTES:
+            raise http.client.HTTPException(f"response headers over {MAX_HEADER_BYTES} bytes")
+        return line
+
+    def __getattr__(self, name):
+        return getattr(self._fp, name)
+
+
+class _CappedResponse(http.client.HTTPResponse):
+    """http.client's response with a cap on header bytes and on trailer lines (it reads trailers until a
+    blank line, however many come)."""
+
+    def begin(self):
+        fp, self.fp = self.fp, _CountedReader(self.fp)
+        try:
+            super().begin()
+        finally:
+            if self.fp is not None:  # begin() may close it
+                self.fp = fp
+
+    def _read_and_discard_trailer(self):
+        for _ in range(MAX_TRAILER_LINES):
+            line = self.fp.readline(http.client._MAXLINE + 1)
+            if len(line) > http.client._MAXLINE:
+                raise http.client.LineTooLong("trailer line")
+            if not line or line in (b"\r\n", b"\n", b""):
+                return
+        raise http.client.HTTPException(f"more than {MAX_TRAILER_LINES} trailer lines")
+
+
 class _PinnedHTTP(http.client.HTTPConnection):
+    response_class = _CappedResponse
+
     def __init__(self, host: str, port: int, ip: str, timeout: float):
         super().__init__(host, port, timeout=timeout)
         self._ip = ip
@@ -311,6 +357,8 @@ class _PinnedHTTP(http.client.HTTPConnection):
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
+    response_class = _CappedResponse
+
     def __init__(self, host: str, port: int, ip: str, timeout: float):
         super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
         self._ip = ip
@@ -367,6 +415,59 @@ class RobotsCache:
                 lock = self.fetching.get(gone)
                 if lock is not None and not lock.locked():
                     del self.fetching[gone]
+
+
+class DeadlineWatchdog:
+    """Shuts down the socket of a download whose total deadline has passed, whatever it is blocked in.
+
+    Socket timeouts bound each read only: a server trickling its status line, headers, trailers or an
+    error body a byte at a time stays under any per-read timeout for as long as it likes. One thread
+    per process keeps the deadlines in a heap; shutdown() wakes a blocked recv (close() would not)."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._heap: list[tuple[float, int, dict]] = []
+        self._seq = 0
+        self._thread: threading.Thread | None = None
+
+    def watch(self, sock: socket.socket, deadline: float) -> dict:
+        """Start watching `sock` until `release`; the returned entry says whether the deadline fired."""
+        entry = {"sock": sock, "fired": False, "done": False}
+        with self._cv:
+            self._seq += 1
+            heapq.heappush(self._heap, (deadline, self._seq, entry))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="fetch-deadlines", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return entry
+
+    def release(self, entry: dict) -> None:
+        with self._cv:
+            entry["done"] = True
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._heap and self._heap[0][2]["done"]:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cv.wait()
+                    continue
+                deadline, _, entry = self._heap[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._cv.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                entry["fired"] = True
+            try:
+                entry["sock"].shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
+
+
+_WATCHDOG = DeadlineWatchdog()
 
 
 class Fetcher:
@@ -491,11 +592,14 @@ class Fetcher:
     def _request(self, scheme, host, port, ip, path, deadline, max_bytes, robots_file=False, reuse=True):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise FetchError("timeout", f"deadline of {self.policy.deadline_s:g}s passed")
+            raise deadline_passed(self.policy)
         key, conn, reused = self._connection(scheme, host, port, ip, min(self.policy.timeout_s, remaining), reuse)
-        reusable = False
+        reusable, watched = False, None
         try:
             try:
+                if conn.sock is None:
+                    conn.connect()  # bounded by the connection's timeout, min(timeout_s, time left)
+                watched = _WATCHDOG.watch(conn.sock, deadline)  # the status line, headers, body, trailers
                 conn.request(
                     "GET",
                     path,
@@ -507,9 +611,10 @@ class Fetcher:
                 )
                 resp = conn.getresponse()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                if not reused:
+                if not reused or (watched and watched["fired"]):
                     raise
                 # The server closed the idle keep-alive connection: not this URL's fault.
+                _WATCHDOG.release(watched)
                 return self._request(scheme, host, port, ip, path, deadline, max_bytes, robots_file, reuse=False)
             status = resp.status
             headers = {k.lower(): v for k, v in resp.getheaders()}
@@ -529,20 +634,36 @@ class Fetcher:
             body = _read_body(resp, conn, deadline, max_bytes, self.policy)
             resp.close()  # the body is complete; the socket stays with the connection for the next request
             reusable = not resp.will_close
+            if watched and watched["fired"]:  # the deadline hit as the last bytes came: not a whole answer
+                raise deadline_passed(self.policy, status)
             body = _decode(body, headers.get("content-encoding", ""), max_bytes)
             return status, headers, body
         except FetchError:
+            if watched and watched["fired"]:
+                reusable = False
             raise
-        except (socket.timeout, TimeoutError) as e:
-            raise FetchError("timeout", f"no data for {self.policy.timeout_s:g}s") from e
-        except http.client.IncompleteRead as e:
-            raise FetchError(
-                "truncated", f"body cut short: {len(e.partial)} bytes read, {e.expected} more expected"
-            ) from e
-        except (ConnectionError, http.client.HTTPException, ssl.SSLError, OSError) as e:
-            raise FetchError("connection_error", f"{type(e).__name__}: {e}") from e
+        except Exception as e:
+            reusable = False
+            if (watched and watched["fired"]) or time.monotonic() >= deadline:
+                raise deadline_passed(self.policy) from e
+            if isinstance(e, (socket.timeout, TimeoutError)):
+                raise FetchError("timeout", f"no data for {self.policy.timeout_s:g}s (the per-read timeout)") from e
+            if isinstance(e, http.client.IncompleteRead):
+                raise FetchError(
+                    "truncated", f"body cut short: {len(e.partial)} bytes read, {e.expected} more expected"
+                ) from e
+            if isinstance(e, (ConnectionError, http.client.HTTPException, ssl.SSLError, OSError)):
+                raise FetchError("connection_error", f"{type(e).__name__}: {e}") from e
+            raise
         finally:
+            if watched is not None:
+                _WATCHDOG.release(watched)
             self._release(key, conn, reusable)
+
+
+def deadline_passed(policy: FetchPolicy, http_status: int | None = None) -> FetchError:
+    """The timeout of the total deadline (as opposed to the per-read timeout: the message says which fired)."""
+    return FetchError("timeout", f"the {policy.deadline_s:g}s deadline of the whole download passed", http_status)
 
 
 def _http_error(status: int, headers: dict) -> FetchError:
@@ -563,7 +684,7 @@ def _read_body(resp: http.client.HTTPResponse, conn, deadline: float, max_bytes:
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise FetchError("timeout", f"download took longer than the {policy.deadline_s:g}s deadline", resp.status)
+            raise deadline_passed(policy, resp.status)
         if conn.sock is not None:
             conn.sock.settimeout(min(policy.timeout_s, remaining))
         # read1: at most one read from the socket. read(n) would loop until n bytes came, so a server

@@ -361,6 +361,92 @@ def test_total_deadline_stops_a_trickling_server(web):
     assert time.monotonic() - started < 4.0  # the server would trickle for 30 s
 
 
+class SlowServer:
+    """A raw HTTP server on a loopback address of the allow-listed net that answers every request in one
+    slow or oversized way. Each answer stops after 20 s or when the client goes away (bounded)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.sock = socket.create_server(("127.0.1.9", 0))
+        self.url = f"http://127.0.1.9:{self.sock.getsockname()[1]}/img.jpg"
+        self.stop = threading.Event()
+
+    def __enter__(self):
+        threading.Thread(target=self._serve, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.sock.close()
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn, unit: bytes, head: bytes = b"", until: float = 20.0):
+        conn.sendall(head)
+        started = time.monotonic()
+        while time.monotonic() - started < until and not self.stop.is_set():
+            conn.sendall(unit)
+            time.sleep(0.2)  # under the client's per-read timeout: only a total deadline stops it
+
+    def _answer(self, conn):
+        chunked = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n3\r\njpg\r\n0\r\n"
+        try:
+            conn.recv(65536)
+            if self.mode == "status":
+                self._trickle(conn, b"H")
+            elif self.mode == "headers":
+                self._trickle(conn, b"X-Pad: a\r\n", b"HTTP/1.1 200 OK\r\n")
+            elif self.mode == "trailers":
+                self._trickle(conn, b"X-Trailer: a\r\n", chunked)
+            elif self.mode == "drain":
+                self._trickle(conn, b"x", b"HTTP/1.1 404 Not Found\r\nContent-Length: 1000\r\n\r\n")
+            elif self.mode == "silent":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+                self.stop.wait(20)
+            elif self.mode == "many_trailers":
+                conn.sendall(chunked + b"X-Trailer: a\r\n" * 1000 + b"\r\n")
+            elif self.mode == "big_headers":
+                conn.sendall(b"HTTP/1.1 200 OK\r\n" + (b"X-Pad: " + b"a" * 2000 + b"\r\n") * 50)  # 100 KB, 50 lines
+                conn.sendall(b"Content-Length: 3\r\n\r\njpg")
+            self.stop.wait(20)
+        except OSError:
+            pass  # the client hung up
+        finally:
+            conn.close()
+
+
+@pytest.mark.timeout(15)  # each of these ran ~20 s (the server's own bound) under a 1.5 s deadline before
+@pytest.mark.parametrize("mode", ["status", "headers", "trailers", "drain"])
+def test_the_deadline_holds_for_the_whole_exchange(mode):
+    with SlowServer(mode) as server:
+        with pytest.raises(FetchError) as e:
+            fetcher(timeout_s=0.5, deadline_s=1.5, robots_txt=False).get(server.url)
+    assert e.value.status == "timeout" and str(e.value) == "the 1.5s deadline of the whole download passed"
+
+
+@pytest.mark.timeout(15)
+def test_the_timeout_message_says_which_limit_fired():
+    with SlowServer("silent") as server:
+        with pytest.raises(FetchError) as e:
+            fetcher(timeout_s=0.5, deadline_s=5, robots_txt=False).get(server.url)
+    assert e.value.status == "timeout" and str(e.value) == "no data for 0.5s (the per-read timeout)"
+
+
+@pytest.mark.timeout(15)
+@pytest.mark.parametrize("mode, message", [("many_trailers", "trailer lines"), ("big_headers", "headers over")])
+def test_trailer_lines_and_header_bytes_are_capped(mode, message):
+    with SlowServer(mode) as server:
+        with pytest.raises(FetchError) as e:
+            fetcher(timeout_s=2, deadline_s=5, robots_txt=False).get(server.url)
+    assert e.value.status == "connection_error" and message in str(e.value)
+
+
 def test_byte_caps_on_plain_and_compressed_bodies(web):
     for behaviour in ("endless", "gzip_bomb"):
         with pytest.raises(FetchError) as e:
