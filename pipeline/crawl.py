@@ -62,7 +62,7 @@ class CrawlConfig:
     min_image_size: int = 0  # refuse images whose smaller side is below this (image_too_small)
     max_image_area: float = float("inf")  # refuse images with more pixels than this (image_too_large)
     max_aspect_ratio: float = float("inf")  # refuse more elongated images (bad_aspect_ratio)
-    max_image_pixels: int = 89_478_485  # decompression-bomb limit, checked from the header before decoding
+    max_image_pixels: int = 50_000_000  # decompression-bomb limit, checked from the header before decoding
     allowed_formats: tuple[str, ...] = ("jpeg", "png", "webp", "gif")  # by magic bytes, never the Content-Type
     timeout_s: float = 10.0  # per connect / read
     deadline_s: float = 30.0  # per download, redirects included

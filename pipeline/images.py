@@ -14,13 +14,53 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline.stage import release_memory
+
 ALLOWED_FORMATS = ("jpeg", "png", "webp", "gif")
+PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF"}  # the only decoders ever opened
+
+
+class DecodeBudget:
+    """How many pixels this process decodes at once: a thread waits while its decode would exceed it.
+
+    PNG, GIF and WebP decode at full size whatever the target: a 137 KiB PNG of 6000x6000 pixels is
+    144 MB as RGBA. With 64 crawl threads a handful of such files at once killed a worker; under the
+    budget they take turns. A single image larger than the budget still runs, alone."""
+
+    def __init__(self, pixels: int):
+        self.capacity = pixels
+        self.used = 0
+        self._cv = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int):
+        cost = min(pixels, self.capacity)
+        with self._cv:
+            while self.used and self.used + cost > self.capacity:
+                self._cv.wait()
+            self.used += cost
+        try:
+            yield
+        finally:
+            if pixels >= TRIM_ABOVE_PIXELS:
+                # Pillow's 16 MB blocks come from the decoding thread's malloc arena, which keeps them
+                # when freed: without a trim, 8 threads taking turns still held 8 decodes' worth (1.4 GB).
+                release_memory()
+            with self._cv:
+                self.used -= cost
+                self._cv.notify_all()
+
+
+DECODE_BUDGET = DecodeBudget(64_000_000)  # about 256 MB of RGBA pixels a process
+TRIM_ABOVE_PIXELS = 4_000_000  # after a decode this large, freed memory goes back to the OS
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 
 
@@ -70,7 +110,7 @@ class ImagePolicy:
     min_image_size: int = 0  # smaller side, in pixels, before resizing
     max_image_area: float = float("inf")  # width * height, before resizing
     max_aspect_ratio: float = float("inf")  # larger side / smaller side
-    max_image_pixels: int = 89_478_485  # decompression-bomb limit (Pillow's default)
+    max_image_pixels: int = 50_000_000  # decompression-bomb limit, from the header (Pillow's own is 89M)
     allowed_formats: tuple[str, ...] = ALLOWED_FORMATS
 
 
@@ -161,7 +201,7 @@ def process(data: bytes, policy: ImagePolicy) -> ProcessedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # parses the header only
+            img = Image.open(io.BytesIO(data), formats=[PIL_FORMATS[fmt]])  # parses the header only
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageRefused("decompression_bomb", str(e).split(",")[0]) from e
     except (OSError, SyntaxError, ValueError) as e:
@@ -177,11 +217,15 @@ def process(data: bytes, policy: ImagePolicy) -> ProcessedImage:
         raise ImageRefused("image_too_large", f"{width}x{height} is over {policy.max_image_area:g} pixels")
     if max(width, height) / min(width, height) > policy.max_aspect_ratio:
         raise ImageRefused("bad_aspect_ratio", f"{width}x{height} is beyond aspect ratio {policy.max_aspect_ratio:g}")
+    target = target_size(width, height, policy)
     try:
         if fmt == "jpeg" and policy.resize_mode != "no":
             # Decode at a reduced DCT scale that still covers the target (2-8x faster on big photos).
-            img.draft("RGB", target_size(width, height, policy))
-        img.load()
+            img.draft("RGB", target)
+        with DECODE_BUDGET.hold(img.width * img.height):
+            img.load()
+            img = _reduced(img, target) if policy.resize_mode != "no" else img
+        # Rotation and compositing on white after the reduction: at full size each was another copy.
         img = ImageOps.exif_transpose(img) or img
         rgb = _to_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -198,6 +242,19 @@ def process(data: bytes, policy: ImagePolicy) -> ProcessedImage:
     else:
         out.save(buf, "PNG")
     return ProcessedImage(buf.getvalue(), out.width, out.height, original_width, original_height, fmt, *hashes)
+
+
+def _reduced(img: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """A decoded image box-reduced by an integer factor that keeps at least twice the target size, as
+    JPEG's draft mode does for JPEGs; the signatures and the resize then work on the small copy."""
+    factor = min(img.width // (2 * target[0]), img.height // (2 * target[1]))
+    if factor < 2:
+        return img
+    if img.mode == "P":  # reduce() works on pixel values, not palette indices
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode not in ("L", "LA", "RGB", "RGBA", "RGBa", "La", "CMYK", "I", "F"):
+        img = img.convert("RGBA" if "A" in img.mode else "RGB")
+    return img.reduce(factor)
 
 
 def _rotated(img: Image.Image, width: int, height: int) -> bool:

@@ -1,4 +1,7 @@
 import io
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -7,6 +10,7 @@ from PIL import Image
 
 from pipeline.images import ImagePolicy, ImageRefused, colour_distance, process, sniff_format
 from pipeline.web.corpus import encode, render
+from tests.conftest import REPO
 
 POLICY = ImagePolicy(image_size=64, resize_mode="center_crop", min_image_size=16, max_aspect_ratio=10)
 
@@ -197,3 +201,51 @@ def test_planted_near_duplicates_are_separable_from_distinct_images(web_root):
         if hamming(values[i][0], values[j][0]) <= 8 and colour_distance(values[i][1], values[j][1]) <= 1
     ]
     assert close == []
+
+
+CRAWL_MEMORY = r"""
+import functools, http.server, json, resource, sys, threading, time
+from pipeline.crawl import CrawlConfig, crawl_rows
+
+root, count = sys.argv[1], int(sys.argv[2])
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=root)
+handler.log_message = lambda *a: None
+server = http.server.ThreadingHTTPServer(("127.0.1.9", 0), handler)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+urls = [f"http://127.0.1.9:{server.server_port}/big.png?copy={i}" for i in range(count)]
+config = CrawlConfig(image_size=256, resize_mode="center_crop", threads=count, per_host_concurrency=count,
+                     per_host_rps=0, allow_networks=("127.0.1.0/24",), dns=False, robots_txt=False)
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() >> 20
+
+before, peak, running = rss_mb(), [0], True
+def sample():  # the current RSS every 5 ms: ru_maxrss would also count peaks from before the crawl
+    while running:
+        peak[0] = max(peak[0], rss_mb())
+        time.sleep(0.005)
+sampler = threading.Thread(target=sample)
+sampler.start()
+outcomes = crawl_rows(urls, config)
+running = False
+sampler.join()
+print(json.dumps([[o.status for o, _ in outcomes], peak[0] - before]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_crawl_task_over_small_files_of_huge_images_stays_in_bounded_memory(tmp_path):
+    # A 6000x6000 RGBA PNG of a few hundred KB: 144 MB once decoded, and the old path held several copies
+    # of it (481 MiB peak for one file); 8 threads fetching 8 of them at once must stay under 450 MB.
+    y, x = np.mgrid[0:6000, 0:6000]
+    pixels = np.stack([x % 256, y % 256, (x // 64) % 256, 128 + (y // 100) % 128], axis=-1).astype(np.uint8)
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "big.png", optimize=False)
+    del pixels, x, y
+    done = subprocess.run(
+        [sys.executable, "-c", CRAWL_MEMORY, str(tmp_path), "8"], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    statuses, grown_mb = json.loads(done.stdout.strip().splitlines()[-1])
+    assert statuses == ["success"] * 8
+    assert grown_mb < 450, f"peak RSS grew by {grown_mb} MB over the crawl"
