@@ -40,6 +40,7 @@ from pipeline import layout, schema
 from pipeline.fetch import AddressGuard, Fetcher, FetchError, FetchPolicy, Network, RobotsCache
 from pipeline.formats import TarWriter, group_samples, iter_tar_members
 from pipeline.images import ImagePolicy, ImageRefused, process
+from pipeline.lineage import Reads
 from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards
 from pipeline.storage import read_hash_lists
 
@@ -447,8 +448,21 @@ def run_retry(ctx: ShardContext) -> dict:
     }
 
 
-STAGE = Stage(name="crawl", plan=plan_crawl, run_shard=run_crawl, config_key="crawl", rate_key="success")
+def crawl_reads(config: CrawlConfig) -> Reads:
+    return Reads(same=("ingest",), external=config.blocklist_image_sha256)
+
+
+STAGE = Stage(
+    name="crawl", plan=plan_crawl, run_shard=run_crawl, config_key="crawl", rate_key="success", reads=crawl_reads
+)
 # Rewrites committed shards (and their markers) in place; running it twice only re-fetches what is still failing.
+# Its markers record the crawl's own inputs, and the new outputs' identity makes what read the old ones stale.
 RETRY_STAGE = Stage(
-    name="crawl", plan=plan_retry, run_shard=run_retry, config_key="crawl", rate_key="recovered", redo=True
+    name="crawl",
+    plan=plan_retry,
+    run_shard=run_retry,
+    config_key="crawl",
+    rate_key="recovered",
+    redo=True,
+    reads=crawl_reads,
 )

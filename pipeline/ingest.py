@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from pipeline import layout, schema
 from pipeline.errors import ConfigError, SchemaError
+from pipeline.lineage import Reads
 from pipeline.shuffle import map_files, read_pieces, write_partitioned
 from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, shard_name
 from pipeline.storage import open_storage, read_hash_lists, split_location
@@ -466,7 +467,23 @@ def run_shard(ctx: ShardContext) -> dict:
     return {"rows": table.num_rows, "to_fetch": table.num_rows - refused, "refused": refused}
 
 
-MAP_STAGE = Stage(name=MAP, plan=plan_map, run_shard=run_map, config_key="ingest")
-MERGE_STAGE = Stage(name=MERGE, plan=plan_merge, run_shard=run_merge, config_key="ingest")
-STAGE = Stage(name="ingest", plan=plan_shards, run_shard=run_shard, config_key="ingest")
+def map_reads(config: IngestConfig) -> Reads:
+    return Reads(files=(PLAN,), external=config.blocklist_url_sha256)
+
+
+MAP_STAGE = Stage(name=MAP, plan=plan_map, run_shard=run_map, config_key="ingest", reads=map_reads)
+MERGE_STAGE = Stage(
+    name=MERGE,
+    plan=plan_merge,
+    run_shard=run_merge,
+    config_key="ingest",
+    reads=lambda config: Reads(every=(MAP,)),
+)
+STAGE = Stage(
+    name="ingest",
+    plan=plan_shards,
+    run_shard=run_shard,
+    config_key="ingest",
+    reads=lambda config: Reads(every=(MERGE,)),
+)
 STAGES = (MAP_STAGE, MERGE_STAGE, STAGE)

@@ -23,6 +23,7 @@ STAGES: dict[str, str] = {
 STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
 
 MARKER_DIR = "_committed"
+CONFIG_FILE = "config.yaml"  # the resolved run config that made the outputs under OUT/
 DATASET = "dataset"
 MANIFEST = f"{DATASET}/manifest.json"
 STATS_JSON = f"{DATASET}/stats/stats.json"

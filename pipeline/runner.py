@@ -20,12 +20,13 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import ray
 from tqdm import tqdm
 
 from pipeline.errors import ClipError, StageFailed
+from pipeline.lineage import expected_inputs, staleness
 from pipeline.stage import (
     PlanContext,
     ShardOutcome,
@@ -33,6 +34,7 @@ from pipeline.stage import (
     committed_shards,
     config_sha256,
     execute_shard,
+    prune,
     read_marker,
     shard_name,
 )
@@ -51,6 +53,9 @@ class StageReport:
     skipped: list[int] = field(default_factory=list)
     stats: dict[int, dict] = field(default_factory=dict)
     seconds: float = 0.0
+    stale: dict[int, str] = field(default_factory=dict)  # committed shards redone, with why (pipeline.lineage)
+    unchanged: list[int] = field(default_factory=list)  # of those run: outputs came out byte-identical
+    pruned: list[int] = field(default_factory=list)  # committed shards the plan no longer lists, removed
 
     def total(self, key: str) -> int:
         return sum(int(s.get(key, 0) or 0) for s in self.stats.values())
@@ -88,14 +93,16 @@ def _one_line(exc: BaseException) -> str:
     return text if isinstance(exc, ClipError) else f"{type(exc).__name__}: {text}"
 
 
-def execute_shards(stage: Stage, shards: list[int], storage: Storage, run: Any, max_retries: int) -> list[ShardOutcome]:
-    """execute_shard for each of `shards` in turn, a shard that raises tried again up to
-    `max_retries` times, then reported with its one-line error (the others still run)."""
+def execute_shards(
+    stage: Stage, shards: list[int], storage: Storage, run: Any, max_retries: int, inputs: dict[int, dict]
+) -> list[ShardOutcome]:
+    """execute_shard for each of `shards` in turn (with its expected inputs), a shard that raises
+    tried again up to `max_retries` times, then reported with its one-line error (the others still run)."""
     outcomes = []
     for shard in shards:
         for attempt in range(max_retries + 1):
             try:
-                outcomes.append(execute_shard(stage, shard, storage, run))
+                outcomes.append(execute_shard(stage, shard, storage, run, inputs.get(shard)))
                 break
             except Exception as e:  # noqa: BLE001 - every failure becomes a reported row
                 if attempt == max_retries:
@@ -104,9 +111,11 @@ def execute_shards(stage: Stage, shards: list[int], storage: Storage, run: Any, 
 
 
 @ray.remote
-def _execute_remote(stage: Stage, shards: list[int], storage: Storage, run: Any, max_retries: int) -> list:
+def _execute_remote(
+    stage: Stage, shards: list[int], storage: Storage, run: Any, max_retries: int, inputs: dict[int, dict]
+) -> list:
     logging.basicConfig(level=logging.INFO)
-    return execute_shards(stage, shards, storage, run, max_retries)
+    return execute_shards(stage, shards, storage, run, max_retries, inputs)
 
 
 # Shards a Ray task runs when a stage allows several (Stage.shards_per_task): as many as leave
@@ -129,22 +138,24 @@ def _task_slots(cpus: float, gpus: float) -> int:
     return max(1, int(slots))
 
 
-def _committed_markers(storage: Storage, stage: Stage, shards: Iterable[int]) -> dict[int, dict]:
-    committed = set(committed_shards(storage, stage.name)) & set(shards)
+def _committed_markers(storage: Storage, stage: Stage) -> dict[int, dict]:
+    committed = committed_shards(storage, stage.name)
     with ThreadPoolExecutor(max_workers=16) as pool:
         markers = list(pool.map(lambda s: (s, read_marker(storage, stage.name, s)), sorted(committed)))
     return {s: m for s, m in markers if m is not None}
 
 
-def _lost_batch(stage: Stage, batch: list[int], storage: Storage, run: Any, error: str) -> list[ShardOutcome]:
+def _lost_batch(
+    stage: Stage, batch: list[int], storage: Storage, run: Any, error: str, inputs: dict[int, dict]
+) -> list[ShardOutcome]:
     """Outcomes of a task that failed as a whole (its worker died, retries spent): the shards it
     committed before that, from their markers; the others failed with `error`. (Pending shards
-    had no marker when the stage began, except in a redo stage, whose markers prove nothing.)"""
+    had no fresh marker when the stage began, except in a redo stage, whose markers prove nothing.)"""
     config_hash = config_sha256(stage.config_of(run))
     outcomes = []
     for shard in batch:
         marker = None if stage.redo else read_marker(storage, stage.name, shard)
-        if marker is not None and marker.get("config_sha256") == config_hash:
+        if marker is not None and staleness(marker, config_hash, inputs.get(shard) if stage.reads else None) is None:
             outcomes.append(ShardOutcome(shard, marker.get("stats", {})))
         else:
             outcomes.append(ShardOutcome(shard, {}, error=f"{stage.name}/{shard_name(shard)}: {error}"))
@@ -169,23 +180,33 @@ def run_stage(
     report = StageReport(stage.name, planned=len(shards))
 
     expected_hash = config_sha256(config)
-    for shard, marker in _committed_markers(storage, stage, shards).items():
-        if marker.get("config_sha256") != expected_hash:
-            raise ClipError(
-                f"{storage.url(stage.name)} holds shards committed with another {stage.name} config; "
-                "use a new output location or delete that stage's outputs"
-            )
-        if not stage.redo:
+    inputs = expected_inputs(stage.reads, config, storage, shards)
+    planned = set(shards)
+    for shard, marker in _committed_markers(storage, stage).items():
+        if shard not in planned:
+            if not stage.redo:  # a redo stage plans a subset on purpose (retry-failed, stats)
+                prune(storage, stage.name, shard)
+                report.pruned.append(shard)
+            continue
+        if stage.redo:
+            continue
+        reason = staleness(marker, expected_hash, inputs.get(shard) if stage.reads else None)
+        if reason is None:
             report.skipped.append(shard)
             report.stats[shard] = marker.get("stats", {})
+        else:
+            report.stale[shard] = reason
     pending = [s for s in shards if s not in report.stats]
-    if report.skipped:
+    if report.skipped or report.stale or report.pruned:
         log.info(
-            "%s: %d of %d shards already committed, running %d",
+            "%s: %d of %d shards committed, %d stale (%s), running %d; %d no longer planned, removed",
             stage.name,
             len(report.skipped),
             len(shards),
+            len(report.stale),
+            "; ".join(sorted(set(report.stale.values())))[:300] or "none",
             len(pending),
+            len(report.pruned),
         )
 
     failures: dict[int, str] = {}
@@ -208,6 +229,8 @@ def run_stage(
         else:
             report.stats[outcome.shard] = outcome.stats
             (report.skipped if outcome.skipped else report.ran).append(outcome.shard)
+            if outcome.unchanged:
+                report.unchanged.append(outcome.shard)
             rows_done += int(outcome.stats.get(stage.rate_key, 0) or 0)
         bar.update(1)
         elapsed = max(time.time() - started, 1e-6)
@@ -218,7 +241,7 @@ def run_stage(
 
     try:
         if executor == "inline":
-            for outcome in execute_shards(stage, pending, storage, run, max_retries):
+            for outcome in execute_shards(stage, pending, storage, run, max_retries, inputs):
                 finished(outcome)
         elif executor == "ray":
             ensure_ray(address, num_cpus)
@@ -233,7 +256,12 @@ def run_stage(
             # a quarter of a 25 ms dedup shard on 2 cores); one a task otherwise.
             size = shards_per_task(stage, len(pending), _task_slots(cpus, gpus))
             batches = [pending[i : i + size] for i in range(0, len(pending), size)]
-            refs = {task.remote(stage, batch, storage, run, max_retries): batch for batch in batches}
+            refs = {
+                task.remote(
+                    stage, batch, storage, run, max_retries, {s: inputs[s] for s in batch if s in inputs}
+                ): batch
+                for batch in batches
+            }
             while refs:
                 ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
                 for ref in ready:
@@ -241,7 +269,7 @@ def run_stage(
                     try:
                         outcomes = ray.get(ref)
                     except Exception as e:  # noqa: BLE001 - every failure becomes a reported row
-                        outcomes = _lost_batch(stage, batch, storage, run, _one_line(e))
+                        outcomes = _lost_batch(stage, batch, storage, run, _one_line(e), inputs)
                     for outcome in outcomes:
                         finished(outcome)
         else:
@@ -251,6 +279,7 @@ def run_stage(
 
     report.ran.sort()
     report.skipped.sort()
+    report.unchanged.sort()
     report.seconds = time.time() - started
     if failures:
         listed = "; ".join(failures[s] for s in sorted(failures)[:5])

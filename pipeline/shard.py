@@ -39,7 +39,8 @@ import pyarrow as pa
 from pipeline import layout, manifest, schema
 from pipeline.errors import SchemaError
 from pipeline.formats import IMAGE_EXTS, TarWriter
-from pipeline.shuffle import map_files, read_partition, write_partitioned
+from pipeline.lineage import Reads
+from pipeline.shuffle import map_files, read_pieces, write_partitioned
 from pipeline.stage import (
     IDENTITY,
     PlanContext,
@@ -48,7 +49,6 @@ from pipeline.stage import (
     committed_shards,
     config_sha256,
     read_marker,
-    shard_name,
 )
 
 INDEX, ROUTE, MANIFEST_STAGE = "shard/_index", "shard/_route", "shard/_manifest"  # bookkeeping under shard/
@@ -142,6 +142,11 @@ def tar_offsets(fileobj) -> dict[str, tuple[str, int, int]]:
     return found
 
 
+def carried_columns(ctx: ShardContext, present: list[str]) -> list[str]:
+    """The input columns ingest carried (ingest.carry_columns) that are here: they travel to the dataset."""
+    return [c for c in ctx.run.ingest.carry_columns if c in present]
+
+
 def run_index(ctx: ShardContext) -> dict:
     kept = pl.from_arrow(ctx.read_table(layout.filter_parquet(ctx.shard))).filter(pl.col("keep"))
     crawl = pl.from_arrow(ctx.read_table(layout.crawl_parquet(ctx.shard)))
@@ -162,8 +167,9 @@ def run_index(ctx: ShardContext) -> dict:
         image_offset=pl.Series(offset, dtype=pl.Int64),
         image_size=pl.Series(size, dtype=pl.Int64),
     )
-    table = rows.select(INDEX_SCHEMA.names).to_arrow()
-    ctx.write_table(f"{INDEX}/{ctx.name}.parquet", schema.conform(table, INDEX_SCHEMA, f"{INDEX}/{ctx.name}"))
+    table = rows.select(INDEX_SCHEMA.names + carried_columns(ctx, rows.columns)).to_arrow()
+    table = schema.conform(table, INDEX_SCHEMA, f"{INDEX}/{ctx.name}", keep_extra=True)
+    ctx.write_table(f"{INDEX}/{ctx.name}.parquet", table)
     return {"rows": rows.height, "kept": rows.height}
 
 
@@ -194,15 +200,9 @@ def write_plan(ctx: PlanContext) -> dict:
 
 
 def plan_route(ctx: PlanContext) -> list[int]:
-    plan = write_plan(ctx)
-    for s in committed_shards(ctx.storage, ROUTE):  # positions routed for another cut would scramble the shards
-        routed = read_marker(ctx.storage, ROUTE, s)["stats"].get("total")
-        if routed != plan["total"]:
-            raise SchemaError(
-                f"{ROUTE}/{shard_name(s)} was routed for {routed} kept samples, the index now has {plan['total']}: "
-                f"delete {ROUTE}/ and the dataset shards to cut again"
-            )
-    return [s for s, _ in plan["inputs"]]
+    # A route reads the plan: when the kept set changes, the plan does, and every route (and output
+    # shard after it) is redone; positions routed for another cut would scramble the shards.
+    return [s for s, _ in write_plan(ctx)["inputs"]]
 
 
 def output_shards(plan: dict) -> int:
@@ -252,7 +252,7 @@ def read_spans(storage, rel: str, offsets: list[int], sizes: list[int], gap: int
 
 
 def sample_json(row: dict) -> bytes:
-    return json.dumps(row, ensure_ascii=False, sort_keys=True).encode()
+    return json.dumps(row, ensure_ascii=False, sort_keys=True, default=str).encode()  # carried columns too
 
 
 def run_shard(ctx: ShardContext) -> dict:
@@ -260,7 +260,10 @@ def run_shard(ctx: ShardContext) -> dict:
     plan = ctx.storage.read_json(PLAN)
     n = config.samples_per_shard
     positions = np.arange(ctx.shard * n, min(plan["total"], (ctx.shard + 1) * n), dtype=np.int64)
-    routed = read_partition(ctx.storage, map_files(ctx.storage, ROUTE), ctx.shard, ROUTE_SCHEMA)
+    pieces = read_pieces(ctx.storage, map_files(ctx.storage, ROUTE), ctx.shard)
+    # carried columns ride along: a column all null in one crawl shard and typed in another unifies
+    routed = pa.concat_tables(pieces, promote_options="permissive") if pieces else ROUTE_SCHEMA.empty_table()
+    routed = schema.conform(routed, ROUTE_SCHEMA, f"{ROUTE}/{ctx.name}", keep_extra=True)
     table = pl.from_arrow(routed).sort("position")
     if not np.array_equal(table["position"].to_numpy(), positions):
         first, last = (int(positions[0]), int(positions[-1])) if len(positions) else (0, -1)
@@ -278,7 +281,8 @@ def run_shard(ctx: ShardContext) -> dict:
     # One crawl tar's images at a time, several tars at once where each read is a round trip (S3).
     sources = table.sort(["source", "image_offset"]).partition_by("source", maintain_order=True)
     images = {uid: data for found in ctx.storage.map_reads(fetch, sources) for uid, data in found.items()}
-    dataset = schema.conform(table.select(schema.DATASET.names).to_arrow(), schema.DATASET, f"dataset/{ctx.name}")
+    columns = schema.DATASET.names + carried_columns(ctx, table.columns)
+    dataset = schema.conform(table.select(columns).to_arrow(), schema.DATASET, f"dataset/{ctx.name}", keep_extra=True)
     with TarWriter(ctx.output_path(layout.dataset_tar(ctx.shard))) as tar:
         for row, ext in zip(dataset.to_pylist(), table["image_ext"], strict=True):
             tar.add(
@@ -325,8 +329,32 @@ def run_manifest(ctx: ShardContext) -> dict:
     return {"rows": built["num_samples"], "shards": len(built["shards"])}
 
 
-INDEX_STAGE = Stage(name=INDEX, plan=plan_index, run_shard=run_index, config_key="shard")
-ROUTE_STAGE = Stage(name=ROUTE, plan=plan_route, run_shard=run_route, config_key="shard")
-SHARD_STAGE = Stage(name="shard", plan=plan_shards, run_shard=run_shard, config_key="shard")
-MANIFEST_STAGE_ = Stage(name=MANIFEST_STAGE, plan=plan_manifest, run_shard=run_manifest, config_key="shard")
+INDEX_STAGE = Stage(
+    name=INDEX,
+    plan=plan_index,
+    run_shard=run_index,
+    config_key="shard",
+    reads=lambda c: Reads(same=("filter", "crawl")),
+)
+ROUTE_STAGE = Stage(
+    name=ROUTE,
+    plan=plan_route,
+    run_shard=run_route,
+    config_key="shard",
+    reads=lambda c: Reads(every=(INDEX,), files=(PLAN,)),
+)
+SHARD_STAGE = Stage(
+    name="shard",
+    plan=plan_shards,
+    run_shard=run_shard,
+    config_key="shard",
+    reads=lambda c: Reads(every=(ROUTE,), files=(PLAN,)),
+)
+MANIFEST_STAGE_ = Stage(
+    name=MANIFEST_STAGE,
+    plan=plan_manifest,
+    run_shard=run_manifest,
+    config_key="shard",
+    reads=lambda c: Reads(every=("shard",)),
+)
 STAGES = (INDEX_STAGE, ROUTE_STAGE, SHARD_STAGE, MANIFEST_STAGE_)

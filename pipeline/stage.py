@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import ClipError, StorageError
 from pipeline.layout import MARKER_DIR, shard_name
 from pipeline.layout import marker as marker_path
+from pipeline.lineage import ReadsOf, shard_identity, staleness
 from pipeline.storage import Storage, file_sha256, parquet_options
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,9 @@ class Stage:
     # Up to this many shards in one Ray task when there are many more shards than task slots:
     # for stages whose shards take tens of milliseconds, where Ray's cost per task is a large share.
     shards_per_task: int = 1
+    # What one shard reads (pipeline.lineage): its marker records those inputs, and a shard whose
+    # inputs changed since is redone. None: the stage's shards depend on its config alone.
+    reads: ReadsOf | None = None
 
     def config_of(self, run: Any) -> Any:
         return getattr(run, self.config_key or self.name, None)
@@ -168,6 +172,7 @@ class ShardOutcome:
     stats: dict
     skipped: bool = False
     error: str | None = None
+    unchanged: bool = False  # redone (its inputs changed) and its outputs came out byte-identical
 
 
 def read_marker(storage: Storage, stage: str, shard: int) -> dict | None:
@@ -175,27 +180,21 @@ def read_marker(storage: Storage, stage: str, shard: int) -> dict | None:
     return storage.read_json(rel) if storage.exists(rel) else None
 
 
-def execute_shard(stage: Stage, shard: int, storage: Storage, run: Any) -> ShardOutcome:
+def execute_shard(stage: Stage, shard: int, storage: Storage, run: Any, inputs: dict | None = None) -> ShardOutcome:
     """Run one shard of `stage` and commit it: outputs whole, then the marker.
 
-    Skips a shard that is already committed with the same config. A ClipError
-    (bad input, told in one line) is returned as an outcome, not raised, so the
-    runner does not retry what cannot succeed; other exceptions propagate and
-    are retried by the runner.
+    Skips a shard that is already committed with the same config and the same `inputs` (see
+    pipeline.lineage); a stale one is redone. When every output of a redone shard comes out
+    byte-identical to the committed one, the outputs are left as they are and only the marker is
+    rewritten (its identity, which readers record, does not change). A ClipError (bad input, told in
+    one line) is returned as an outcome, not raised, so the runner does not retry what cannot
+    succeed; other exceptions propagate and are retried by the runner.
     """
     config = stage.config_of(run)
     config_hash = config_sha256(config)
-    marker = read_marker(storage, stage.name, shard)
-    if marker is not None:
-        if marker.get("config_sha256") != config_hash:
-            return ShardOutcome(
-                shard,
-                {},
-                error=f"{stage.name}/{shard_name(shard)} was committed with another {stage.name} config; "
-                "use a new output location or delete that stage's outputs",
-            )
-        if not stage.redo:
-            return ShardOutcome(shard, marker.get("stats", {}), skipped=True)
+    previous = read_marker(storage, stage.name, shard)
+    if previous is not None and not stage.redo and staleness(previous, config_hash, inputs) is None:
+        return ShardOutcome(shard, previous.get("stats", {}), skipped=True)
 
     staging = Path(tempfile.mkdtemp(prefix=f"clipline-{stage.name.replace('/', '-')}-{shard_name(shard)}-"))
     try:
@@ -212,13 +211,22 @@ def execute_shard(stage: Stage, shard: int, storage: Storage, run: Any) -> Shard
             outputs[rel] = {"bytes": local.stat().st_size}
             if rel not in ctx.work:
                 outputs[rel]["sha256"] = file_sha256(local)
-            storage.move_file(local, rel)
+        old_outputs = (previous or {}).get("outputs") or {}
+        unchanged = bool(outputs) and outputs == old_outputs and all("sha256" in o for o in outputs.values())
+        if not unchanged:
+            for rel, local in ctx.staged.items():
+                storage.move_file(local, rel)
+            for rel in set(old_outputs) - set(outputs):  # what the old version wrote and this one does not
+                storage.delete(rel)
+        recorded = inputs or {}
         storage.write_json(
             marker_path(stage.name, shard),
             {
                 "stage": stage.name,
                 "shard": shard,
                 "config_sha256": config_hash,
+                "inputs": recorded,
+                "identity": shard_identity(outputs, config_hash, recorded),
                 "outputs": outputs,
                 "stats": stats,
                 "duration_s": round(time.time() - started, 3),
@@ -227,12 +235,21 @@ def execute_shard(stage: Stage, shard: int, storage: Storage, run: Any) -> Shard
                 "pid": os.getpid(),
             },
         )
-        return ShardOutcome(shard, stats)
+        return ShardOutcome(shard, stats, unchanged=unchanged)
     except OSError as e:
         raise StorageError(f"{stage.name}/{shard_name(shard)}: {e}") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         release_memory(above=RELEASE_ABOVE)
+
+
+def prune(storage: Storage, stage: str, shard: int) -> None:
+    """Remove a committed shard that its stage no longer plans (a smaller cut, fewer partitions):
+    the marker first, so that nothing counts it as committed while its outputs go."""
+    marker = read_marker(storage, stage, shard)
+    storage.delete(marker_path(stage, shard))
+    for rel in (marker or {}).get("outputs") or {}:
+        storage.delete(rel)
 
 
 # A process holding more than this after a task gives its freed memory back (release_memory).

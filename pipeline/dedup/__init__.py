@@ -41,21 +41,66 @@ pairs fit the budget, from the number of images; it is recorded in
 from __future__ import annotations
 
 from pipeline.dedup.components import plan_components, run_components
-from pipeline.dedup.config import CENTROIDS, COMPONENTS, EMBED, MAP, REDUCE, DedupConfig
+from pipeline.dedup.config import CENTROIDS, COMPONENTS, EMBED, MAP, PLAN, REDUCE, DedupConfig
 from pipeline.dedup.edges import plan_map, plan_reduce, run_map, run_reduce
 from pipeline.dedup.output import plan_dedup, run_dedup
 from pipeline.dedup.semantic import plan_centroids, plan_embed, run_centroids, run_embed
+from pipeline.lineage import Reads
 from pipeline.stage import Stage
 
 __all__ = ["DedupConfig", "STAGES", "COMPONENTS"]
 
+
+def embed_reads(config: DedupConfig) -> Reads:
+    from training.checkpoint import resolve_checkpoint
+
+    checkpoint = (resolve_checkpoint(config.semantic_checkpoint),) if config.semantic_checkpoint else ()
+    return Reads(same=("crawl",), external=checkpoint)
+
+
+def map_reads(config: DedupConfig) -> Reads:
+    if config.semantic:
+        return Reads(same=("crawl", EMBED), every=(CENTROIDS,), files=(PLAN,))
+    return Reads(same=("crawl",), files=(PLAN,))
+
+
 # Map and per-shard steps take ~25 ms a 100k-row crawl shard: several shards a Ray task.
-MAP_STAGE = Stage(name=MAP, plan=plan_map, run_shard=run_map, config_key="dedup", shards_per_task=8)
-REDUCE_STAGE = Stage(name=REDUCE, plan=plan_reduce, run_shard=run_reduce, config_key="dedup")
-COMPONENTS_STAGE = Stage(name=COMPONENTS, plan=plan_components, run_shard=run_components, config_key="dedup")
-STAGE = Stage(name="dedup", plan=plan_dedup, run_shard=run_dedup, config_key="dedup", shards_per_task=8)
-EMBED_STAGE = Stage(
-    name=EMBED, plan=plan_embed, run_shard=run_embed, config_key="dedup", gpu_when=lambda config: config.semantic
+MAP_STAGE = Stage(name=MAP, plan=plan_map, run_shard=run_map, config_key="dedup", shards_per_task=8, reads=map_reads)
+REDUCE_STAGE = Stage(
+    name=REDUCE,
+    plan=plan_reduce,
+    run_shard=run_reduce,
+    config_key="dedup",
+    reads=lambda c: Reads(every=(MAP,), files=(PLAN,)),
 )
-CENTROIDS_STAGE = Stage(name=CENTROIDS, plan=plan_centroids, run_shard=run_centroids, config_key="dedup")
+COMPONENTS_STAGE = Stage(
+    name=COMPONENTS,
+    plan=plan_components,
+    run_shard=run_components,
+    config_key="dedup",
+    reads=lambda c: Reads(every=(REDUCE, "crawl"), files=(PLAN,)),
+)
+STAGE = Stage(
+    name="dedup",
+    plan=plan_dedup,
+    run_shard=run_dedup,
+    config_key="dedup",
+    shards_per_task=8,
+    reads=lambda c: Reads(same=("crawl",), every=(COMPONENTS,)),
+)
+EMBED_STAGE = Stage(
+    name=EMBED,
+    plan=plan_embed,
+    run_shard=run_embed,
+    config_key="dedup",
+    gpu_when=lambda config: config.semantic,
+    reads=embed_reads,
+)
+CENTROIDS_STAGE = Stage(
+    name=CENTROIDS,
+    plan=plan_centroids,
+    run_shard=run_centroids,
+    config_key="dedup",
+    reads=lambda c: Reads(every=(EMBED,)),
+)
 STAGES = (EMBED_STAGE, CENTROIDS_STAGE, MAP_STAGE, REDUCE_STAGE, COMPONENTS_STAGE, STAGE)

@@ -41,7 +41,6 @@ from pipeline.dedup.index import (
     table_keys,
 )
 from pipeline.dedup.semantic import emit_semantic, semantic_edges, semantic_schema, vector_array, vectors_of
-from pipeline.errors import ClipError
 from pipeline.shuffle import map_files, read_partition, write_gathered
 from pipeline.stage import PlanContext, ShardContext, committed_shards
 
@@ -67,12 +66,7 @@ def plan_map(ctx: PlanContext) -> list[int]:
     old = ctx.storage.read_json(PLAN) if ctx.storage.exists(PLAN) else None
     if old is not None and (old.get("crawl_shards"), old["images"]) == (shards, images):
         plan = {**old, "embedding_dim": dim}  # keep the first run's partitioning (resume)
-    elif old is not None and committed_shards(ctx.storage, MAP):
-        raise ClipError(
-            f"the crawl changed since this dedup began ({len(old.get('crawl_shards') or [])} shards and "
-            f"{old['images']} images then, {len(shards)} and {images} now): delete "
-            f"{ctx.storage.url('dedup')} and run dedup again"
-        )
+    # Otherwise the crawl changed (or the settings did): a new plan, and every step that reads it is redone.
     if plan != old:
         ctx.storage.write_json(PLAN, plan)
     return shards

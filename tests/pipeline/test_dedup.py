@@ -401,29 +401,36 @@ def test_same_input_same_output_also_after_a_killed_run(crawled_web, tmp_path):
     assert outputs(first) == outputs(second)
 
 
-def test_a_crawl_that_changed_since_dedup_began_is_refused_in_one_line(tmp_path):
-    from pipeline.errors import ClipError
-
+def test_a_crawl_that_changed_since_dedup_ran_is_deduped_again(tmp_path):
     store = store_with_shards(tmp_path, [[{"uid": "a", "sha": "ab" * 32}], [{"uid": "b", "sha": "ab" * 32}]])
     assert dedup(store)["dup_of"].to_list() == [None, "a"]
     store.write_parquet("crawl/00002.parquet", crawl_rows([{"uid": "c", "sha": "ab" * 32}]))
-    store.write_json(marker_path("crawl", 2), {"stats": {"success": 1}, "config_sha256": "x"})
-    with pytest.raises(ClipError) as e:
-        dedup(store)
-    assert str(e.value) == (
-        f"the crawl changed since this dedup began (2 shards and 2 images then, 3 and 3 now): "
-        f"delete {store.url('dedup')} and run dedup again"
+    store.write_json(marker_path("crawl", 2), {"stats": {"success": 1}, "config_sha256": "x", "identity": "c1"})
+    assert dedup(store)["dup_of"].to_list() == [None, "a", "a"]  # a new plan, every step that reads it redone
+    store.write_json(marker_path("crawl", 2), {"stats": {"success": 0}, "config_sha256": "x", "identity": "c2"})
+    store.write_parquet("crawl/00002.parquet", crawl_rows([{"uid": "c", "sha": "cd" * 32, "status": "not_found"}]))
+    assert dedup(store)["dup_of"].to_list() == [None, "a"]  # the crawl shard redone again: its image is gone
+    fresh = store_with_shards(
+        tmp_path / "fresh",
+        [[{"uid": "a", "sha": "ab" * 32}], [{"uid": "b", "sha": "ab" * 32}], []],
     )
-    shutil.rmtree(store.url("dedup"))
-    assert dedup(store)["dup_of"].to_list() == [None, "a", "a"]
+    dedup(fresh)
+    assert [store.read_bytes(f"dedup/{s:05d}.parquet") for s in (0, 1)] == [
+        fresh.read_bytes(f"dedup/{s:05d}.parquet") for s in (0, 1)
+    ]
 
 
-def test_config_changes_are_not_mixed_in(crawled_web, tmp_path):
+def test_a_changed_config_redoes_dedup_and_mixes_nothing_in(crawled_web, tmp_path):
     store = copy_of(crawled_web[0], tmp_path, "c")
     dedup(store)
     assert config_sha256(DedupConfig()) != config_sha256(replace(DedupConfig(), near_threshold=4))
-    with pytest.raises(Exception, match="committed with another"):
-        dedup(store, near_threshold=4)
+    dedup(store, near_threshold=4)
+    fresh = copy_of(crawled_web[0], tmp_path, "fresh")
+    dedup(fresh, near_threshold=4)
+    shards = committed_shards(store, "dedup")
+    assert shards == committed_shards(fresh, "dedup") and shards
+    for s in shards:
+        assert store.read_bytes(f"dedup/{s:05d}.parquet") == fresh.read_bytes(f"dedup/{s:05d}.parquet")
 
 
 def test_packed_colour_distance_equals_the_string_one():

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import ClipError, StageFailed
+from pipeline.errors import StageFailed
 from pipeline.runner import run_stage
 from pipeline.stage import committed_shards, marker_path
 from pipeline.storage import open_storage
@@ -161,10 +161,15 @@ def test_more_workers_than_shards_and_no_shards_do_not_hang(ray_local, local_sto
     assert run_stage(STAGE, empty, toy_run(empty.uri, shards=0), progress=False).planned == 0
 
 
-def test_outputs_of_another_config_are_not_mixed_in(ray_local, local_store):
-    run_stage(STAGE, local_store, toy_run(local_store.uri, shards=2, seed=1), progress=False)
-    with pytest.raises(ClipError, match="holds shards committed with another toy config"):
-        run_stage(STAGE, local_store, toy_run(local_store.uri, shards=2, seed=2), progress=False)
+def test_a_changed_config_redoes_its_shards_and_prunes_what_it_no_longer_plans(ray_local, local_store, tmp_path):
+    run_stage(STAGE, local_store, toy_run(local_store.uri, shards=4, seed=1), progress=False)
+    report = run_stage(STAGE, local_store, toy_run(local_store.uri, shards=3, seed=2), progress=False)
+    assert report.ran == [0, 1, 2] and report.skipped == [] and report.pruned == [3]
+    assert set(report.stale.values()) == {"its stage config changed"}
+    fresh = open_storage(tmp_path / "fresh")
+    run_stage(STAGE, fresh, toy_run(fresh.uri, shards=3, seed=2), progress=False)
+    assert outputs(local_store) == outputs(fresh)  # nothing of the old config left, nothing mixed in
+    assert committed_shards(local_store, "toy") == [0, 1, 2]
 
 
 def test_shard_without_marker_is_redone_identically(ray_local, local_store):

@@ -22,7 +22,7 @@ from pipeline.shard import STAGES as SHARD_STAGES
 from pipeline.shard import Permutation, ShardConfig
 from pipeline.stage import marker_path
 from pipeline.stats import STAGE as STATS_STAGE
-from pipeline.storage import open_storage
+from pipeline.storage import file_sha256, open_storage
 from pipeline.takedown import takedown
 
 N = 40  # samples per shard
@@ -167,21 +167,26 @@ def test_images_close_together_share_a_ranged_read(tmp_path):
     assert b"".join(got) == data[:4000] and store.reads == [(0, 1600), (1600, 3200), (3200, 4000)]
 
 
-def test_a_changed_kept_set_is_refused_not_cut_with_stale_routes(filtered, tmp_path):
-    from pipeline.errors import SchemaError
-
+def test_a_changed_kept_set_is_cut_again_never_with_stale_routes(filtered, tmp_path):
     store = copy(filtered, tmp_path)
-    shard(store)
-    # filter keeps one sample fewer in crawl shard 3, whose index is then redone
+    first = shard(store)
+    # the filter of crawl shard 3 now keeps one sample fewer (as if redone with another rule)
     path = Path(store.uri) / "filter/00003.parquet"
     frame = pl.read_parquet(path)
     fewer = frame.with_columns(keep=(pl.int_range(pl.len()) != frame["keep"].arg_true()[0]) & pl.col("keep"))
     assert fewer["keep"].sum() == frame["keep"].sum() - 1
     pq.write_table(fewer.to_arrow(), path)
-    for rel in (marker_path("shard/_index", 3), "shard/_index/00003.parquet"):
-        store.delete(rel)
-    with pytest.raises(SchemaError, match=r"shard/_route/00000 was routed for \d+ kept samples, the index now has"):
-        shard(store)
+    marker = store.read_json(marker_path("filter", 3))
+    marker["outputs"]["filter/00003.parquet"] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    marker.pop("identity", None)
+    store.write_json(marker_path("filter", 3), marker)
+    second = shard(store)
+    assert second.data["num_samples"] == first.data["num_samples"] - 1 and verify(second) == []
+    fresh = copy(store, tmp_path, "fresh")
+    for stage in ("shard", "dataset"):
+        shutil.rmtree(Path(fresh.uri) / stage)
+    third = shard(fresh)
+    assert [(s["tar"], s["sha256"]) for s in second.shards] == [(s["tar"], s["sha256"]) for s in third.shards]
 
 
 def test_killed_run_reruns_to_the_same_manifest(filtered, tmp_path):
