@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from pipeline import __version__
 from pipeline.errors import ClipError
-from pipeline.layout import STAGE_ORDER
+from pipeline.layout import CONFIG_FILE, STAGE_ORDER
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
@@ -62,7 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only this stage (repeatable; default: the config's stages, else all)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--dry-run", action="store_true", help="say what a run would redo (stale and missing shards) and exit"
+    )
+    p.add_argument(
+        "--variant",
+        metavar="NAME",
+        help="run the filter, shard and stats stages of this dataset variant (the config's variants.NAME, or the "
+        "config as given) into OUT/variants/NAME/, over the shared ingest, crawl and dedup",
+    )
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="per stage: shards committed, stale (and why) or missing; what a run would redo")
+    p.add_argument("location", metavar="OUT", help="the output location (its config.yaml is read)")
+    p.add_argument("--config", metavar="FILE", help="judge against this config instead of OUT/config.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, as for run")  # fmt: skip
+    p.add_argument("--stage", dest="stages", action="append", default=[], metavar="NAME", help="only this stage")
+    p.add_argument("--variant", metavar="NAME", help="the status of this dataset variant's stages")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
 
     for name in STAGE_ORDER:
         p = sub.add_parser(name, help=f"run the {name} stage alone")
@@ -75,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "of committed shards, and commit new versions of those shards",
             )
         p.set_defaults(func=cmd_stage, stage=name)
+
+    p = sub.add_parser("ablate", help="dataset variants -> shards -> matched-compute training -> eval -> comparison")
+    p.add_argument("--config", metavar="FILE", help="an ablation config (run, train, samples_seen, seeds, eval_*)")
+    p.add_argument("--demo", action="store_true", help="three variants of the tiny synthetic web, in a few minutes")
+    p.add_argument("--out", default="ablate-demo", metavar="DIR", help="with --demo: where (default: ablate-demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value, e.g. --set samples_seen=20000 --set run.out=s3://b/x")  # fmt: skip
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("train", help="CLIP pretraining on a manifest's shards; resumes from OUT if it has a checkpoint")
     p.add_argument("--data", metavar="MANIFEST", help="the dataset's manifest.json (local or s3://)")
@@ -150,39 +177,107 @@ def _load(args) -> RunConfig:
     return load_config(args.config, [*args.overrides, *((k, v) for k, v in flags if v is not None)])
 
 
-def _run_stages(config, names, selected=None) -> int:
+def run_data(config, names, selected=None, variant: str | None = None) -> int:
+    """Run the selected stages; then, or only with `variant`, the variants' own filter, shard and stats."""
     from pipeline import stages as registry
+    from pipeline import variants
+    from pipeline.runner import run_pipeline
     from pipeline.storage import open_storage
 
-    selected = selected or registry.select(names)
-    from pipeline.runner import run_pipeline
-
-    store = open_storage(config.out)
-    for stage in selected:
-        (report,) = run_pipeline([stage], store, config)
-        print(
-            f"{stage.name}: {report.planned} shards ({len(report.ran)} run, {len(report.skipped)} already committed), "
-            f"{report.total('rows')} rows, {report.seconds:.1f}s -> {store.url(stage.name)}"
-        )
+    base = open_storage(config.out)
+    chosen = selected or registry.select(names)
+    own = [s for s in chosen if s.name.split("/")[0] in variants.STAGES]
+    plan = []  # (config, storage, stages), in order: shared stages, then each variant's
+    if variant is None:
+        main_stages = [s for s in chosen if not (s.name == "stats" and config.variants)]
+        plan.append((config, base, main_stages))
+        for name in config.variants:
+            plan.append((variants.variant_config(config, name), variants.VariantStorage(base, name), own))
+        if config.variants and any(s.name == "stats" for s in chosen):  # reports last: each compares them all
+            stats = [s for s in chosen if s.name == "stats"]
+            plan.append((config, base, stats))
+            for name in config.variants:
+                plan.append((variants.variant_config(config, name), variants.VariantStorage(base, name), stats))
+    else:
+        plan.append((variants.variant_config(config, variant), variants.VariantStorage(base, variant), own))
+    written = set()
+    for run, store, stages in plan:
+        if store.url() not in written:  # the config travels with the data (a variant's in its own folder)
+            store.write_bytes(CONFIG_FILE, _dump_config(run).encode())
+            written.add(store.url())
+        for stage in stages:
+            (report,) = run_pipeline([stage], store, run)
+            redone = f", {len(report.stale)} of them stale" if report.stale else ""
+            same = f", {len(report.unchanged)} came out unchanged" if report.unchanged else ""
+            pruned = f", {len(report.pruned)} no longer planned removed" if report.pruned else ""
+            print(
+                f"{stage.name}: {report.planned} shards ({len(report.ran)} run{redone}{same}, "
+                f"{len(report.skipped)} already committed{pruned}), "
+                f"{report.total('rows')} rows, {report.seconds:.1f}s -> {store.url(stage.name)}"
+            )
     return 0
 
 
 def cmd_run(args) -> int:
-    from pipeline.config import dump_config
-
     config = _load(args)
     if args.print_config:
-        print(dump_config(config), end="")
+        print(_dump_config(config), end="")
         return 0
-    return _run_stages(config, args.stages or list(config.stages))
+    names = args.stages or list(config.stages)
+    if args.dry_run:
+        return _print_status(config, names, as_json=False, variant=args.variant)
+    return run_data(config, names, variant=args.variant)
+
+
+def _print_status(config, names, as_json: bool, variant: str | None = None) -> int:
+    import json
+
+    from pipeline import variants
+    from pipeline.status import format_status, status
+    from pipeline.storage import open_storage
+
+    store = open_storage(config.out)
+    if variant is not None:
+        config, store = variants.variant_config(config, variant), variants.VariantStorage(store, variant)
+        names = [n for n in (names or variants.STAGES) if n in variants.STAGES]
+    rows = status(store, config, names)
+    print(json.dumps(rows, indent=1) if as_json else format_status(rows))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from pipeline.config import load_config
+    from pipeline.storage import open_storage
+
+    path = args.config
+    if path is None:
+        store = open_storage(args.location)
+        if not store.exists(CONFIG_FILE):
+            raise ClipError(f"{store.url(CONFIG_FILE)} does not exist: give the run's config with --config FILE")
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / CONFIG_FILE
+            path.write_bytes(store.read_bytes(CONFIG_FILE))
+            config = load_config(path, [*args.overrides, ("out", args.location)])
+    else:
+        config = load_config(path, [*args.overrides, ("out", args.location)])
+    return _print_status(config, args.stages, args.json, args.variant)
+
+
+def _dump_config(config) -> str:
+    from pipeline.config import dump_config
+
+    return dump_config(config)
 
 
 def cmd_stage(args) -> int:
     if getattr(args, "retry_failed", False):
         from pipeline.crawl import RETRY_STAGE
 
-        return _run_stages(_load(args), [], [RETRY_STAGE])
-    return _run_stages(_load(args), [args.stage])
+        return run_data(_load(args), [], [RETRY_STAGE])
+    return run_data(_load(args), [args.stage])
 
 
 def cmd_train(args) -> int:
@@ -197,6 +292,23 @@ def cmd_train(args) -> int:
         shown = {k: result[k] for k in ("step", "epoch", "loss") if k in result}
         print(f"train: {shown} -> {config.out}")
     return 0
+
+
+def cmd_ablate(args) -> int:
+    from pipeline import ablate
+
+    if args.demo == bool(args.config):
+        raise ClipError("ablate: give --config FILE or --demo")
+    results = (
+        ablate.run_demo_ablate(args.out) if args.demo else ablate.run_ablate(ablate.load(args.config, args.overrides))
+    )
+    print(ablate.format_table(results))
+    print(f"ablate: wrote {results_location(results, args)}")
+    return 0
+
+
+def results_location(results: dict, args) -> str:
+    return f"{args.out}/ablate/report.html" if args.demo else "OUT/ablate/report.html and ablate.json"
 
 
 def cmd_eval(args) -> int:

@@ -47,6 +47,9 @@ class RunConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
+    # named dataset variants over the shared ingest, crawl and dedup, each written to OUT/variants/NAME/:
+    # {NAME: {filter: {...}, shard: {...}, stats: {...}}}, overrides of those sections (pipeline/variants.py)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def load_config(path: str | Path | None, overrides: Iterable[str | tuple[str, Any]] = (), cls: type = RunConfig) -> Any:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline import layout
 from pipeline import stages as stage_registry
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, dump_config
 from pipeline.crawl import CrawlConfig
 from pipeline.errors import ConfigError
 from pipeline.ingest import IngestConfig
@@ -100,7 +100,7 @@ def evaluate_demo(train_dir: Path, web_root: Path, out: Path) -> dict:
     return results
 
 
-def _serve(web_root: Path, out_store) -> SyntheticWeb:
+def serve_web(web_root: Path, out_store) -> SyntheticWeb:
     """Serve on the port of the last run, so its committed URLs stay valid; else start the stages afresh."""
     state = web_root / "server.json"
     previous = json.loads(state.read_text())["port"] if state.exists() else 0
@@ -128,8 +128,9 @@ def run_demo(out: str | Path, size: str = "small", storage: str | None = None, p
     config = demo_config(size, storage or str(out), web_root)
     config = replace(config, runtime=replace(config.runtime, progress=progress))
     store = open_storage(config.out)
+    store.write_bytes(layout.CONFIG_FILE, dump_config(config).encode())  # rerun any stage: run --config OUT/config.yaml
     summary: dict = {"size": size, "out": str(out), "storage": config.out, "stages": {}}
-    web = _serve(web_root, store)
+    web = serve_web(web_root, store)
     try:
         summary["web"] = {
             "url_list": str(web.url_list),

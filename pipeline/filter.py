@@ -16,6 +16,7 @@ second pass: it needs a trained clipline checkpoint (``clip_checkpoint``).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -26,10 +27,12 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline import langid, layout, schema
 from pipeline.errors import ConfigError, SchemaError
 from pipeline.formats import read_images
+from pipeline.lineage import Reads
 from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards
 from pipeline.storage import read_hash_lists, split_location
 
@@ -102,6 +105,8 @@ class FilterConfig:
     text_terms: tuple[str, ...] = ()  # terms for text_match (case-insensitive, whole words)
     text_terms_files: tuple[str, ...] = ()  # files of terms, one a line
     clip_checkpoint: str | None = None  # a clipline checkpoint (.pt) for the CLIP-score pass
+    # keep only rows where this holds, over the crawl's and carried columns: `NSFW == "UNLIKELY" and similarity > 0.3`
+    where: str | None = None
     clip_batch_size: int = field(default=256, metadata={IDENTITY: False})  # images per forward pass
     clip_device: str = field(default="auto", metadata={IDENTITY: False})  # auto = cuda when present
 
@@ -285,7 +290,7 @@ def _first_reason(checks: list[tuple[bool, pl.Expr, str | pl.Expr]]) -> pl.Expr:
 
 # --- the stage ---------------------------------------------------------------------------------
 
-CHAIN = ("blocked", "duplicate", "image", "caption", "language", "text_match", "clip_score")
+CHAIN = ("blocked", "duplicate", "where", "image", "caption", "language", "text_match", "clip_score")
 
 
 def filter_table(
@@ -335,9 +340,11 @@ def filter_table(
         kth = max(1, int(np.ceil(frame.height * rules.clip_top_fraction)))
         ranked = np.sort(np.nan_to_num(frame["clip_score"].to_numpy(), nan=-2.0))[::-1]
         clip_threshold = max(clip_threshold, float(ranked[kth - 1]))
+    where = where_expr(config.where, frame.columns) if config.where else pl.lit(True)
     reasons = {
         "blocked": pl.col("blocked"),
         "duplicate": pl.when(pl.col("dup_of").is_not_null() & config.drop_duplicates).then(pl.lit("duplicate")),
+        "where": pl.when(~where.fill_null(False)).then(pl.lit("where")),
         "image": image_reason(rules),
         "caption": caption_reason(rules),
         "language": pl.when(~language_ok).then(pl.lit("language")),
@@ -356,9 +363,92 @@ def filter_table(
     return schema.conform(out, schema.FILTER, "filter", keep_extra=True)
 
 
+_COMPARE = {
+    ast.Eq: lambda a, b: a == b,
+    ast.NotEq: lambda a, b: a != b,
+    ast.Lt: lambda a, b: a < b,
+    ast.LtE: lambda a, b: a <= b,
+    ast.Gt: lambda a, b: a > b,
+    ast.GtE: lambda a, b: a >= b,
+}
+_ARITHMETIC = {ast.Add: "__add__", ast.Sub: "__sub__", ast.Mult: "__mul__", ast.Div: "__truediv__"}
+
+
+def where_expr(text: str, columns: list[str] | None = None) -> pl.Expr:
+    """A `where:` rule as a polars expression: Python's syntax for comparisons (`== != < <= > >=`,
+    `in [..]`, `not in`, `is None`), `and`, `or`, `not`, `+ - * /`, column names and literals. It is
+    translated node by node, never evaluated as Python. A column not in `columns` is a one-line error."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError as e:
+        raise ConfigError(f"filter.where: {text!r} is not an expression ({e.msg})") from None
+
+    def lit(node):
+        if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (str, int, float, bool))):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+            return -node.operand.value
+        raise ConfigError(f"filter.where: {ast.unparse(node)!r}: only literals go in a list")
+
+    def build(node) -> pl.Expr:
+        if isinstance(node, ast.BoolOp):
+            parts = [build(v) for v in node.values]
+            out = parts[0]
+            for part in parts[1:]:
+                out = out & part if isinstance(node.op, ast.And) else out | part
+            return out
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            return ~build(node.operand)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -build(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+            return getattr(build(node.left), _ARITHMETIC[type(node.op)])(build(node.right))
+        if isinstance(node, ast.Compare):
+            out, left = None, node.left
+            for op, right in zip(node.ops, node.comparators, strict=True):
+                if isinstance(op, (ast.In, ast.NotIn)):
+                    if not isinstance(right, (ast.List, ast.Tuple, ast.Set)):
+                        raise ConfigError(f"filter.where: 'in' takes a list of literals: {ast.unparse(node)!r}")
+                    test = build(left).is_in([lit(v) for v in right.elts])
+                    test = ~test if isinstance(op, ast.NotIn) else test
+                elif isinstance(op, (ast.Is, ast.IsNot)) and isinstance(right, ast.Constant) and right.value is None:
+                    test = build(left).is_null() if isinstance(op, ast.Is) else build(left).is_not_null()
+                elif type(op) in _COMPARE:
+                    test = _COMPARE[type(op)](build(left), build(right))
+                else:
+                    raise ConfigError(f"filter.where: {type(op).__name__} is not supported in {text!r}")
+                out = test if out is None else out & test
+                left = right
+            return out
+        if isinstance(node, ast.Name):
+            if columns is not None and node.id not in columns:
+                raise ConfigError(
+                    f"filter.where: no column {node.id!r} (columns here: {', '.join(sorted(columns))}; "
+                    "carry input columns with ingest.carry_columns)"
+                )
+            return pl.col(node.id)
+        if isinstance(node, ast.Constant):
+            return pl.lit(lit(node))
+        raise ConfigError(f"filter.where: {ast.unparse(node)!r} is not supported (comparisons, and/or/not, + - * /)")
+
+    return build(tree)
+
+
+# Columns the filter computes before its rules run: a where: rule may use them beside the crawl's.
+COMPUTED = ("dup_of", "dup_reason", "blocked", "caption_chars", "caption_words", "caption_junk", "language",
+            "language_score", "text_match", "clip_score")  # fmt: skip
+
+
 def plan_filter(ctx: PlanContext) -> list[int]:
     ctx.config.rules()  # a bad preset/override is one error on the driver, before any task
-    return committed_shards(ctx.storage, "crawl")
+    shards = committed_shards(ctx.storage, "crawl")
+    if ctx.config.where:  # and so is a where: rule that is malformed or names a column no crawl shard has
+        columns = None
+        if shards:
+            with ctx.storage.open_seekable(layout.crawl_parquet(shards[0])) as f:
+                columns = [*pq.ParquetFile(f).schema_arrow.names, *COMPUTED]
+        where_expr(ctx.config.where, columns)
+    return shards
 
 
 def run_filter(ctx: ShardContext) -> dict:
@@ -389,6 +479,22 @@ def run_filter(ctx: ShardContext) -> dict:
     }
 
 
+def filter_reads(config: FilterConfig) -> Reads:
+    """The crawl and dedup rows of the shard, and every file the config names, by content."""
+    files = (
+        *config.blocklist_url_sha256,
+        *config.blocklist_domains,
+        *config.blocklist_image_sha256,
+        *config.blocklist_image_md5,
+        *config.text_terms_files,
+    )
+    if config.clip_checkpoint:
+        from training.checkpoint import resolve_checkpoint
+
+        files += (resolve_checkpoint(config.clip_checkpoint),)
+    return Reads(same=("crawl", "dedup") if config.drop_duplicates else ("crawl",), external=files)
+
+
 STAGE = Stage(
     name="filter",
     plan=plan_filter,
@@ -396,4 +502,5 @@ STAGE = Stage(
     config_key="filter",
     rate_key="rows",
     gpu_when=lambda config: bool(config.clip_checkpoint),  # the CLIP-score pass runs the model
+    reads=filter_reads,
 )

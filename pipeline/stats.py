@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from pipeline import layout, schema
+from pipeline import layout, schema, variants
 from pipeline.filter import domain_of
 from pipeline.formats import group_samples, image_member, iter_tar_members
 from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards, read_marker
@@ -293,6 +293,29 @@ def sample_images(store, config: StatsConfig) -> tuple[list, dict[str, list]]:
     return final, dropped
 
 
+def variants_table(stats: dict) -> str:
+    """How this variant differs from the others: final samples and the filter drops that differ most."""
+    others = stats.get("variants") or {}
+    if not others:
+        return ""
+    me = stats.get("variant", "(main)")
+    mine = others.get(me, {"final": 0, "filter_drops": {}})
+    rows = []
+    for name, other in others.items():
+        diff = other["final"] - mine["final"]
+        reasons = set(other["filter_drops"]) | set(mine["filter_drops"])
+        deltas = {r: other["filter_drops"].get(r, 0) - mine["filter_drops"].get(r, 0) for r in reasons}
+        shown = ", ".join(f"{r} {d:+,}" for r, d in sorted(deltas.items(), key=lambda kv: -abs(kv[1]))[:4] if d)
+        rows.append(
+            f"<tr><td>{html.escape(name)}{' (this one)' if name == me else ''}</td><td>{other['final']:,}</td>"
+            f"<td>{diff:+,}</td><td>{html.escape(shown or '-')}</td></tr>"
+        )
+    return (
+        "<h2>Variants over the same crawl</h2><table><tr><th>variant</th><th>final samples</th>"
+        f"<th>vs this one</th><th>filter drops vs this one</th></tr>{''.join(rows)}</table>"
+    )
+
+
 def render_report(stats: dict, final: list, dropped: dict[str, list]) -> str:
     funnel = stats["funnel"]
     domains = "".join(
@@ -321,6 +344,7 @@ def render_report(stats: dict, final: list, dropped: dict[str, list]) -> str:
     name = html.escape(str(stats["manifest"].get("name") or "dataset"))
     version = html.escape(str(stats["manifest"].get("version")))
     cluster_sizes = {f"size {k}": v for k, v in stats["duplicate_clusters"]["sizes"].items()}
+    variants_html = variants_table(stats)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{name}: dataset report</title>
 <style>
@@ -343,6 +367,7 @@ figure {{ margin: 0; width: 110px; font-size: 11px; }} figure img {{ width: 96px
 <div>{svg_bars("Duplicate cluster sizes", cluster_sizes)}</div>
 <div>{svg_bars("Crawl throughput, URLs/s per shard in completion order", throughput)}</div>
 </div>
+{variants_html}
 <h2>Samples</h2>{_grid(final)}
 <h2>Top domains</h2>
 <table><tr><th>domain</th><th>URLs</th><th>fetched</th><th>opted out</th><th>kept</th></tr>{domains}</table>
@@ -360,8 +385,26 @@ def plan_stats(ctx: PlanContext) -> list[int]:
     return [0] if committed_shards(ctx.storage, "crawl") else []
 
 
+def variant_comparison(storage, own: dict) -> dict:
+    """Every dataset variant's final size and filter drop reasons, this one's included; {} with no other variant.
+
+    The unnamed variant (OUT/dataset) is "(main)"; the others are read from OUT/variants/*/dataset/stats."""
+    root = getattr(storage, "base", storage)  # a variant's view reads its siblings from the shared root
+    me = getattr(storage, "variant", "")
+    paths = {"": STATS, **{name: f"{variants.ROOT}/{name}/{STATS}" for name in variants.names(root)}}
+    found = {}
+    for name, rel in paths.items():
+        stats = own if name == me else root.read_json(rel) if root.exists(rel) else None
+        if stats is not None:
+            reasons = {k.split("/", 1)[1]: v for k, v in stats["drop_reasons"].items() if k.startswith("filter/")}
+            found[name or "(main)"] = {"final": stats["funnel"]["final"], "filter_drops": reasons}
+    return found if len(found) > 1 else {}
+
+
 def run_stats(ctx: ShardContext) -> dict:
     stats = collect(ctx.storage, ctx.config)
+    stats["variants"] = variant_comparison(ctx.storage, stats)
+    stats["variant"] = getattr(ctx.storage, "variant", "") or "(main)"
     final, dropped = sample_images(ctx.storage, ctx.config)
     ctx.output_path(STATS).write_text(json.dumps(stats, indent=1) + "\n")
     ctx.output_path(REPORT).write_text(render_report(stats, final, dropped))

@@ -4,7 +4,7 @@
     1 training      training.*   (model loading included)
     2 eval          eval.*
     2 stages        the rest of pipeline: the stages, their machinery (stage, runner, shuffle), config, web
-    3 front door    cli, demo, submit, launch, configdoc
+    3 front door    cli, demo, submit, launch, configdoc, ablate
 
 Eval and the stages stand side by side above training: neither imports the other
 (the filter's CLIP score and semantic dedup load models from training, not from eval).
@@ -38,6 +38,7 @@ FRONT_DOOR = {
     "pipeline.submit",
     "pipeline.launch",
     "pipeline.configdoc",
+    "pipeline.ablate",
 }
 NAMES = ("ground floor", "training", "eval", "stages", "front door")
 RANK = (0, 1, 2, 2, 3)  # eval and stages share a floor

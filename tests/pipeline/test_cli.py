@@ -20,7 +20,7 @@ def clipline(*args, timeout=120):
 def test_help_lists_every_command_of_the_design():
     result = clipline("--help")
     assert result.returncode == 0
-    for command in ("demo", "run", *STAGE_ORDER, "train", "eval", "submit", "web"):
+    for command in ("demo", "run", *STAGE_ORDER, "train", "eval", "submit", "web", "status", "ablate"):
         assert f"    {command}" in result.stdout
 
 
@@ -80,7 +80,7 @@ def test_flags_keep_their_text_whatever_yaml_would_make_of_it():
 
 def test_every_design_command_has_help():
     for command in ("demo", "run", "ingest", "crawl", "dedup", "filter", "shard", "stats", "train", "eval", "submit",
-                    "jobs", "web", "takedown"):  # fmt: skip
+                    "jobs", "web", "takedown", "status", "ablate"):  # fmt: skip
         result = clipline(command, "--help")
         assert result.returncode == 0 and result.stdout.startswith(f"usage: clipline {command}"), command
     result = clipline("run", "--stage", "nonsense")

@@ -139,6 +139,36 @@ def test_blocklists_on_an_empty_shard(tmp_path):
     assert reasons == {} and table.num_rows == 0
 
 
+def test_where_rule_on_carried_columns():
+    rows = [{"uid": f"u{i}", "caption": f"{EN} {i}"} for i in range(6)]
+    crawl = crawl_rows(rows)
+    crawl = crawl.append_column("NSFW", pa.array(["UNLIKELY", "NSFW", "UNLIKELY", "UNSURE", None, "UNLIKELY"]))
+    crawl = crawl.append_column("similarity", pa.array([0.35, 0.9, 0.2, 0.5, 0.8, None]))
+    cfg = FilterConfig(preset="none", where='NSFW == "UNLIKELY" and similarity > 0.3')
+    table = filter_table(crawl, None, cfg, cfg.rules())
+    assert table["drop_reason"].to_pylist() == [None, "where", "where", "where", "where", "where"]  # nulls fail
+    for where, kept in [
+        ("NSFW in ['UNLIKELY', 'UNSURE'] or similarity >= 0.9", [0, 1, 2, 3, 5]),
+        ("not (NSFW is None) and similarity * 2 - 0.1 > 0.65", [1, 3]),  # 0.35 * 2 - 0.1 = 0.6: out
+        ("NSFW is None", [4]),
+        ("NSFW not in ('NSFW',) and caption_words > 7", [0, 2, 3, 5]),  # a column the filter computes
+        ("0.3 < similarity < 0.6", [0, 3]),
+    ]:
+        cfg = FilterConfig(preset="none", where=where)
+        table = filter_table(crawl, None, cfg, cfg.rules())
+        assert [i for i, k in enumerate(table["keep"].to_pylist()) if k] == kept, where
+    for where, message in [
+        ("LICENSE == 'cc-by'", "filter.where: no column 'LICENSE' (columns here: "),
+        ("NSFW ==", "filter.where: 'NSFW ==' is not an expression (invalid syntax)"),
+        ("__import__('os').system('x')", "filter.where: \"__import__('os').system('x')\" is not supported"),
+        ("NSFW in similarity", "filter.where: 'in' takes a list of literals"),
+    ]:
+        cfg = FilterConfig(preset="none", where=where)
+        with pytest.raises(ConfigError) as e:
+            filter_table(crawl, None, cfg, cfg.rules())
+        assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
 def test_duplicates_dropped_unless_told_and_chain_order():
     import pyarrow as pa
 
