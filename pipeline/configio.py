@@ -21,7 +21,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import yaml
 
@@ -48,23 +48,27 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _first_member(tp: Any, value: Any, where: str, read: Callable[[Any, Any, str], Any]) -> Any:
+    """`value` read as the first member type of the Union `tp` that takes it; else the one error there was,
+    or one line naming the whole Union."""
+    errors = []
+    for arg in typing.get_args(tp):
+        if arg is type(None):
+            continue
+        try:
+            return read(value, arg, where)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} is not a valid {type_name(tp)}")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} is not a valid {type_name(tp)}")
+        return None if value is None and type(None) in args else _first_member(tp, value, where, _coerce)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
@@ -137,15 +141,7 @@ def parse_text(raw: str, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if raw.strip().lower() in NULL and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return parse_text(raw, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {raw!r} is not a valid {type_name(tp)}")
+        return _first_member(tp, raw, where, parse_text)
     if tp is str or tp is Any:
         return raw
     if origin is Literal:
