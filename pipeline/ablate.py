@@ -90,13 +90,14 @@ def run_ablate(config: AblateConfig) -> dict:
     arms: dict = {}
     for name in config.run.variants:
         view = variants.VariantStorage(base, name)
-        manifest = view.url(layout.MANIFEST)
-        size = view.read_json(layout.MANIFEST)["num_samples"]
+        manifest = view.read_json(layout.MANIFEST)
+        size = manifest["num_samples"]
         runs = {}
         for seed in config.seeds:
             where = f"{ABLATE}/{name}/seed-{seed}"
-            arm = arm_config(config, name, seed, manifest, base.url(f"{where}/train"))
-            identity = config_sha256({"train": arm, "manifest": view.read_json(layout.MANIFEST).get("created")})
+            arm = arm_config(config, name, seed, view.url(layout.MANIFEST), base.url(f"{where}/train"))
+            # the same training on the same data (its shards' hashes, not the manifest's timestamp)
+            identity = config_sha256({"train": arm, "data": [s["sha256"] for s in manifest["shards"]]})
             done = base.read_json(f"{where}/result.json") if base.exists(f"{where}/result.json") else None
             if done is None or done.get("identity") != identity:
                 started = time.time()

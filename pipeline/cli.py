@@ -189,10 +189,11 @@ def run_data(config, names, selected=None, variant: str | None = None) -> int:
     own = [s for s in chosen if s.name.split("/")[0] in variants.STAGES]
     plan = []  # (config, storage, stages), in order: shared stages, then each variant's
     if variant is None:
-        main_stages = [s for s in chosen if not (s.name == "stats" and config.variants)]
-        plan.append((config, base, main_stages))
+        reports_last = bool(config.variants)  # each report compares all variants: after every dataset is made
+        plan.append((config, base, [s for s in chosen if not (reports_last and s.name == "stats")]))
         for name in config.variants:
-            plan.append((variants.variant_config(config, name), variants.VariantStorage(base, name), own))
+            view = variants.VariantStorage(base, name)
+            plan.append((variants.variant_config(config, name), view, [s for s in own if s.name != "stats"]))
         if config.variants and any(s.name == "stats" for s in chosen):  # reports last: each compares them all
             stats = [s for s in chosen if s.name == "stats"]
             plan.append((config, base, stats))

@@ -40,7 +40,7 @@ class Reads:
     external: tuple[str, ...] = ()  # locations the config names (blocklists, a checkpoint), by content
 
 
-ReadsOf = Callable[[Any], Reads]  # the stage config -> what a shard reads
+ReadsOf = Callable[[Any], "Reads | None"]  # the stage config -> what a shard reads; None: the step does not run
 
 
 def _digest(value: Any) -> str:
@@ -115,9 +115,10 @@ class InputReader:
 
 def expected_inputs(reads_of: ReadsOf | None, config: Any, storage: Storage, shards: Iterable[int]) -> dict[int, dict]:
     """Each shard's inputs for a stage run ({} for a stage that declares no reads)."""
-    if reads_of is None:
+    reads = reads_of(config) if reads_of is not None else None
+    if reads is None:
         return {}
-    reads, reader = reads_of(config), InputReader(storage)
+    reader = InputReader(storage)
     return {shard: reader.inputs(reads, shard) for shard in shards}
 
 

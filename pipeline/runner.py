@@ -155,7 +155,7 @@ def _lost_batch(
     outcomes = []
     for shard in batch:
         marker = None if stage.redo else read_marker(storage, stage.name, shard)
-        if marker is not None and staleness(marker, config_hash, inputs.get(shard) if stage.reads else None) is None:
+        if marker is not None and staleness(marker, config_hash, inputs.get(shard) if inputs else None) is None:
             outcomes.append(ShardOutcome(shard, marker.get("stats", {})))
         else:
             outcomes.append(ShardOutcome(shard, {}, error=f"{stage.name}/{shard_name(shard)}: {error}"))
@@ -190,7 +190,7 @@ def run_stage(
             continue
         if stage.redo:
             continue
-        reason = staleness(marker, expected_hash, inputs.get(shard) if stage.reads else None)
+        reason = staleness(marker, expected_hash, inputs.get(shard) if inputs else None)
         if reason is None:
             report.skipped.append(shard)
             report.stats[shard] = marker.get("stats", {})

@@ -17,8 +17,11 @@ from pipeline.storage import Storage
 
 
 def _expected_shards(stage: Stage, config: Any, storage: Storage, committed: list[int]) -> list[int]:
-    """The shards a run would have: those of the stage read at the same index, else the committed ones."""
+    """The shards a run would have: those of the stage read at the same index, else the committed ones;
+    none for a step its config turns off (its reads are None)."""
     reads = stage.reads(config) if stage.reads else None
+    if stage.reads is not None and reads is None:
+        return []
     if reads is not None and reads.same:
         return sorted(set(committed_shards(storage, reads.same[0])) | set(committed))
     return sorted(set(committed) or ({0} if reads is not None and reads.every else set()))

@@ -378,13 +378,14 @@ class Run:
             self._metrics += (json.dumps(row) + "\n").encode()
             self.run.write_bytes("metrics.jsonl", self._metrics)  # whole-object writes: works on s3:// too
             self._tensorboard(row)
-            log.info(
-                "step %d loss %.4f lr %.2e %.0f samples/s",
-                self.step,
-                metrics.get("loss", float("nan")),
-                row["lr"],
-                metrics.get("samples_per_s", 0),
-            )
+            if "loss" in metrics:  # a training step's line (an eval's row is in metrics.jsonl and TensorBoard)
+                log.info(
+                    "step %d loss %.4f lr %.2e %.0f samples/s",
+                    self.step,
+                    metrics["loss"],
+                    row["lr"],
+                    metrics.get("samples_per_s", 0),
+                )
         return row
 
     def _tensorboard(self, row: dict) -> None:

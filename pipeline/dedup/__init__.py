@@ -51,7 +51,9 @@ from pipeline.stage import Stage
 __all__ = ["DedupConfig", "STAGES", "COMPONENTS"]
 
 
-def embed_reads(config: DedupConfig) -> Reads:
+def embed_reads(config: DedupConfig) -> Reads | None:
+    if not config.semantic:
+        return None  # the step does not run
     from training.checkpoint import resolve_checkpoint
 
     checkpoint = (resolve_checkpoint(config.semantic_checkpoint),) if config.semantic_checkpoint else ()
@@ -101,6 +103,6 @@ CENTROIDS_STAGE = Stage(
     plan=plan_centroids,
     run_shard=run_centroids,
     config_key="dedup",
-    reads=lambda c: Reads(every=(EMBED,)),
+    reads=lambda c: Reads(every=(EMBED,)) if c.semantic else None,
 )
 STAGES = (EMBED_STAGE, CENTROIDS_STAGE, MAP_STAGE, REDUCE_STAGE, COMPONENTS_STAGE, STAGE)
