@@ -17,6 +17,7 @@ from pipeline.runner import run_pipeline
 from pipeline.shard import ShardConfig
 from pipeline.status import status
 from pipeline.storage import open_storage
+from pipeline.variants import VariantStorage, variant_config
 from tests.pipeline.test_crawl import run_config
 
 AFTER_CRAWL = ["dedup", "filter", "shard", "stats"]
@@ -242,3 +243,25 @@ def test_variants_side_by_side_over_one_crawl_carry_columns_to_the_dataset(ray_l
     err = capsys.readouterr().err
     assert err.startswith("clipline: error: filter.where: no column 'LICENSE' (columns here: NSFW, attempts,")
     assert len(err.splitlines()) == 1
+
+
+def test_a_variant_over_the_s3_endpoint_has_its_own_lineage(crawled_web, s3_store, tmp_path):
+    local = copy_crawl(crawled_web, tmp_path)
+    web_root = Path(crawled_web[0].uri).parent / "web"
+    run(local, config_for(local, web_root), names=["dedup"])
+    for path in sorted(Path(local.uri).rglob("*")):  # the shared crawl and dedup, committed, on S3
+        if path.is_file() and path.relative_to(Path(local.uri)).parts[0] in ("ingest", "crawl", "dedup"):
+            s3_store.put_file(path, str(path.relative_to(Path(local.uri))))
+    config = replace(config_for(s3_store, web_root), variants={"loose": {"filter": {"preset": "none"}}})
+    from pipeline.cli import run_data
+
+    assert run_data(config, ["filter", "shard", "stats"], variant="loose") == 0
+    manifest = read_manifest(f"{s3_store.uri}/variants/loose/{layout.MANIFEST}")
+    assert verify(manifest) == [] and manifest.data["num_samples"] > 0
+    assert s3_store.exists("variants/loose/config.yaml") and s3_store.exists(
+        "variants/loose/filter/_committed/00000.json"
+    )
+    assert not s3_store.exists(layout.MANIFEST) and not s3_store.list("filter")  # the unnamed variant untouched
+    rows = {r["stage"]: r for r in status(VariantStorage(s3_store, "loose"), variant_config(config, "loose"))}
+    assert all(r["would_run"] == [] for step, r in rows.items() if step in ("filter", "shard", "shard/_manifest"))
+    assert rows["dedup"]["committed"] == 4  # read from the shared OUT/dedup
