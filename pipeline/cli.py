@@ -187,20 +187,19 @@ def run_data(config, names, selected=None, variant: str | None = None) -> int:
     base = open_storage(config.out)
     chosen = selected or registry.select(names)
     own = [s for s in chosen if s.name.split("/")[0] in variants.STAGES]
-    plan = []  # (config, storage, stages), in order: shared stages, then each variant's
-    if variant is None:
-        reports_last = bool(config.variants)  # each report compares all variants: after every dataset is made
-        plan.append((config, base, [s for s in chosen if not (reports_last and s.name == "stats")]))
-        for name in config.variants:
-            view = variants.VariantStorage(base, name)
-            plan.append((variants.variant_config(config, name), view, [s for s in own if s.name != "stats"]))
-        if config.variants and any(s.name == "stats" for s in chosen):  # reports last: each compares them all
-            stats = [s for s in chosen if s.name == "stats"]
-            plan.append((config, base, stats))
-            for name in config.variants:
-                plan.append((variants.variant_config(config, name), variants.VariantStorage(base, name), stats))
+
+    def arm(name: str, stages: list) -> tuple:
+        return variants.variant_config(config, name), variants.VariantStorage(base, name), stages
+
+    if variant is not None:
+        plan = [arm(variant, own)]  # (config, storage, stages) in order
     else:
-        plan.append((variants.variant_config(config, variant), variants.VariantStorage(base, variant), own))
+        # With variants, every report comes last: each compares all the variants' datasets.
+        reports = [s for s in chosen if s.name == "stats"] if config.variants else []
+        plan = [(config, base, [s for s in chosen if s not in reports])]
+        plan += [arm(name, [s for s in own if s not in reports]) for name in config.variants]
+        if reports:
+            plan += [(config, base, reports), *(arm(name, reports) for name in config.variants)]
     written = set()
     for run, store, stages in plan:
         if store.url() not in written:  # the config travels with the data (a variant's in its own folder)
