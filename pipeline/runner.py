@@ -182,13 +182,11 @@ def run_stage(
     expected_hash = config_sha256(config)
     inputs = expected_inputs(stage.reads, config, storage, shards)
     planned = set(shards)
-    for shard, marker in _committed_markers(storage, stage).items():
+    # A redo stage runs every shard it plans, a subset on purpose (retry-failed, stats): its markers decide nothing.
+    for shard, marker in ({} if stage.redo else _committed_markers(storage, stage)).items():
         if shard not in planned:
-            if not stage.redo:  # a redo stage plans a subset on purpose (retry-failed, stats)
-                prune(storage, stage.name, shard)
-                report.pruned.append(shard)
-            continue
-        if stage.redo:
+            prune(storage, stage.name, shard)
+            report.pruned.append(shard)
             continue
         reason = staleness(marker, expected_hash, inputs.get(shard) if inputs else None)
         if reason is None:
