@@ -185,7 +185,7 @@ def run_stage(
     # A redo stage runs every shard it plans, a subset on purpose (retry-failed, stats): its markers decide nothing.
     for shard, marker in ({} if stage.redo else _committed_markers(storage, stage)).items():
         if shard not in planned:
-            prune(storage, stage.name, shard)
+            prune(storage, stage.name, shard, marker)
             report.pruned.append(shard)
             continue
         reason = staleness(marker, expected_hash, inputs.get(shard) if inputs else None)

@@ -243,12 +243,11 @@ def execute_shard(stage: Stage, shard: int, storage: Storage, run: Any, inputs: 
         release_memory(above=RELEASE_ABOVE)
 
 
-def prune(storage: Storage, stage: str, shard: int) -> None:
-    """Remove a committed shard that its stage no longer plans (a smaller cut, fewer partitions):
-    the marker first, so that nothing counts it as committed while its outputs go."""
-    marker = read_marker(storage, stage, shard)
+def prune(storage: Storage, stage: str, shard: int, marker: dict) -> None:
+    """Remove a committed shard (its `marker` read already) that its stage no longer plans (a smaller
+    cut, fewer partitions): the marker first, so that nothing counts it as committed while its outputs go."""
     storage.delete(marker_path(stage, shard))
-    for rel in (marker or {}).get("outputs") or {}:
+    for rel in marker.get("outputs") or {}:
         storage.delete(rel)
 
 
