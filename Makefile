@@ -31,6 +31,8 @@ $(STAMP): pyproject.toml Makefile
 	@# torch first, pinned: the local CPU wheel; a bare `torch` would pull GBs of CUDA.
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	@# OpenAI's reference tokenizer for the tests, from the OpenCLIP wheel; without its dependencies (torchvision)
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps open-clip-torch==3.3.0
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

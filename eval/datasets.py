@@ -47,9 +47,9 @@ class EvalSet:
 
 
 def _decode(data: bytes, size: int) -> torch.Tensor:
-    from pipeline.decode import decode_image
+    from pipeline.decode import clip_preprocess
 
-    return decode_image(data, size, rng=None)
+    return clip_preprocess(data, size)
 
 
 def image_folder(root: str | Path, name: str | None = None) -> EvalSet:

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="MANIFEST", help="the dataset's manifest.json (local or s3://)")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory: checkpoints, metrics.jsonl, tokenizer.json")
     p.add_argument("--config", metavar="FILE", help="YAML training config (training.trainer.TrainConfig)")
+    p.add_argument("--init-from", metavar="CKPT",
+                   help="fine-tune from a checkpoint: a clipline run or .pt, an OpenAI/OpenCLIP file or directory, "
+                   "a Hugging Face CLIPModel directory (local or s3://)")  # fmt: skip
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training config value, e.g. --set lr=1e-3 --set loader.batch_size=128")  # fmt: skip
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="DDP over N local processes (torchrun)")
@@ -115,13 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="zero-shot, retrieval and linear probe of a checkpoint -> eval.json")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint .pt or a run directory")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="a run directory or .pt, an OpenAI/OpenCLIP file or directory, a Hugging Face CLIPModel "
+                   "directory (local or s3://)")  # fmt: skip
     p.add_argument("--task", default="zeroshot,retrieval,linear", help="comma-separated tasks")
     p.add_argument("--dataset", dest="datasets", action="append", default=[], metavar="[NAME=]PATH",
                    help="heldout=DIR, fashion-mnist, an image folder or a manifest.json (repeatable)")  # fmt: skip
-    p.add_argument("--out", metavar="FILE", help="where eval.json goes (default: RUN_DIR/../eval/eval.json)")
+    p.add_argument("--out", metavar="FILE",
+                   help="where eval.json goes (default: RUN_DIR/../eval/eval.json for a run, "
+                   "else ./eval.json)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a checkpoint as an OpenCLIP or Hugging Face model directory")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="any checkpoint eval takes")
+    p.add_argument("--format", required=True, choices=["open_clip", "hf"])
+    p.add_argument("--out", required=True, metavar="DIR", help="the model directory to write (local or s3://)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("submit", help="run any clipline command as a Ray job on a cluster, streaming its logs")
     p.add_argument("--address", required=True, metavar="URL", help="the cluster's job API, e.g. http://HEAD:8265")
@@ -285,7 +298,8 @@ def cmd_train(args) -> int:
     from pipeline.launch import launch
     from training.trainer import TrainConfig
 
-    flags = [(k, v) for k, v in (("data", args.data), ("out", args.out)) if v is not None]
+    given = (("data", args.data), ("out", args.out), ("init_from", args.init_from))
+    flags = [(k, v) for k, v in given if v is not None]
     config = configio.load(TrainConfig, args.config, [*args.overrides, *flags])
     result = launch(config, nproc=args.nproc, ray_workers=args.ray_workers, address=args.address)
     if result is not None:
@@ -319,10 +333,30 @@ def cmd_eval(args) -> int:
 
     if not args.datasets:
         raise ClipError("eval: give at least one --dataset (heldout=DIR, fashion-mnist, an image folder, a manifest)")
-    out = args.out or str(Path(resolve_checkpoint(args.checkpoint)).parent.parent.parent / "eval" / "eval.json")
+    resolved = Path(resolve_checkpoint(args.checkpoint))
+    beside_run = "://" not in args.checkpoint and resolved.parent.name == "checkpoints"
+    out = args.out or str(resolved.parent.parent.parent / "eval" / "eval.json" if beside_run else "eval.json")
     results = main_eval(args.checkpoint, [t for t in args.task.split(",") if t], args.datasets, out, args.device)
     print(format_table(results))
     print(f"eval: wrote {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import tempfile
+
+    from pipeline.storage import open_storage
+    from training.checkpoint import load_model
+    from training.pretrained import export
+
+    model, tokenizer = load_model(args.checkpoint)
+    target = open_storage(args.out)
+    with tempfile.TemporaryDirectory(prefix="clipline-export-") as tmp:
+        written = export(model, tokenizer, args.format, tmp)
+        for name in written:
+            target.put_file(f"{tmp}/{name}", name)
+    print(f"export: {args.format} model ({model.describe()['parameters']:,} parameters) -> {target.url()}: "
+          f"{', '.join(written)}")  # fmt: skip
     return 0
 
 

@@ -1,10 +1,12 @@
-"""CLIP score for the filter (cosine similarity of each image with its caption under a clipline checkpoint),
-and image embeddings for semantic dedup.
+"""CLIP score for the filter (cosine similarity of each image with its caption), and image embeddings for
+semantic dedup, under any checkpoint `training.checkpoint.load_model` reads (OpenAI's ViT-B-32.pt too).
 
-The second filtering pass (LAION and DataComp filter at CLIP ViT-B/32 cosine
->= 0.28 / top 30%): images are decoded from the crawl tar, centre-cropped to
-the model's size and scored in batches; on a GPU when there is one (with bf16
-autocast), else on the CPU. The model is loaded once per worker process.
+The CLIP score as LAION defines it: the cosine of the L2-normalised image and
+text embeddings, the image preprocessed as the checkpoint expects (shorter side
+resized to its input size with bicubic, centre crop, its mean and std). LAION
+and DataComp filter at OpenAI ViT-B/32 cosine >= 0.28 / top 30%. Images are
+decoded from the crawl tar and scored in batches; on a GPU when there is one
+(bf16 autocast), else on the CPU. The model is loaded once per worker process.
 """
 
 from __future__ import annotations
@@ -17,9 +19,17 @@ import torch
 
 @functools.lru_cache(maxsize=2)
 def _model(checkpoint: str, device: str):
-    from training.checkpoint import load_model, resolve_checkpoint
+    from training.checkpoint import load_model
 
-    return load_model(resolve_checkpoint(checkpoint), device)
+    return load_model(checkpoint, device)
+
+
+def architecture(checkpoint: str) -> str:
+    """'OpenAI ViT-B/32' and the like: what a checkpoint is, in words."""
+    from training.pretrained import architecture as name
+
+    model, tokenizer = _model(checkpoint, "cpu")
+    return name(model.config, tokenizer.kind)
 
 
 def pick_device(setting: str) -> str:
@@ -34,13 +44,13 @@ def _autocast(device: str):
 
 def _decoded_batches(images: list[bytes], size: int, batch_size: int):
     """(rows, pixels) per batch of the images that decode; the rest are left out."""
-    from pipeline.decode import decode_image
+    from pipeline.decode import clip_preprocess
 
     for start in range(0, len(images), batch_size):
         decoded, rows = [], []
         for i in range(start, min(len(images), start + batch_size)):
             try:
-                decoded.append(decode_image(images[i], size, rng=None))
+                decoded.append(clip_preprocess(images[i], size))
                 rows.append(i)
             except Exception:  # noqa: BLE001 - an undecodable image has no features
                 continue

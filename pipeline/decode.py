@@ -42,3 +42,26 @@ def decode_image(data: bytes, size: int, rng: np.random.Generator | None, scale=
     batch = crop[None].contiguous(memory_format=torch.channels_last)
     resized = torch.nn.functional.interpolate(batch, size=(size, size), mode="bicubic", antialias=True)
     return resized[0]  # (3, size, size) uint8, channels-last in memory: the batch's stack copies it anyway
+
+
+def clip_preprocess(data: bytes, size: int) -> torch.Tensor:
+    """OpenAI CLIP's evaluation transform, as public checkpoints expect it: the full image in RGB, the shorter side
+    resized to `size` with PIL's bicubic filter, then a centre crop of size x size; uint8 (3, size, size).
+
+    The CLIP score LAION filtered with and the features OpenCLIP, CLIP_benchmark and transformers'
+    CLIPImageProcessor compute come from this transform; `decode_image` (draft-mode decode, crop, then
+    resize) is faster and close, and is what training uses.
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        short, long = (w, h) if w <= h else (h, w)
+        if short != size:
+            other = int(size * long / short)
+            im = im.resize((size, other) if w <= h else (other, size), Image.BICUBIC)
+        w, h = im.size
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        pixels = np.asarray(im.crop((left, top, left + size, top + size)))
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()

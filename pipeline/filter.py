@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -35,6 +36,8 @@ from pipeline.formats import read_images
 from pipeline.lineage import Reads
 from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards
 from pipeline.storage import read_hash_lists, split_location
+
+log = logging.getLogger(__name__)
 
 # --- rules and presets ---------------------------------------------------------------------
 
@@ -73,6 +76,8 @@ PRESETS: dict[str, Rules] = {
     # DataComp "text-based": English and the caption mentions a class name (ImageNet-21k there: text_terms)
     "datacomp-text": Rules(languages=("en",), text_match=True),
 }  # fmt: skip
+# the model a preset's CLIP-score threshold was set with (its scores mean something else under any other model)
+CALIBRATED_FOR = {"laion": "OpenAI ViT-B/32"}
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,9 @@ class FilterConfig:
     blocklist_image_md5: tuple[str, ...] = ()  # files of md5(image bytes) hex lines
     text_terms: tuple[str, ...] = ()  # terms for text_match (case-insensitive, whole words)
     text_terms_files: tuple[str, ...] = ()  # files of terms, one a line
-    clip_checkpoint: str | None = None  # a clipline checkpoint (.pt) for the CLIP-score pass
+    # the CLIP-score model: a clipline run or .pt, an OpenAI/OpenCLIP file or directory (OpenAI's ViT-B-32.pt),
+    # a Hugging Face CLIPModel directory; local or s3://
+    clip_checkpoint: str | None = None
     # keep only rows where this holds, over the crawl's and carried columns: `NSFW == "UNLIKELY" and similarity > 0.3`
     where: str | None = None
     clip_batch_size: int = field(default=256, metadata={IDENTITY: False})  # images per forward pass
@@ -124,7 +131,7 @@ class FilterConfig:
         if (rules.min_clip_score or rules.clip_top_fraction) and not self.clip_checkpoint:
             raise ConfigError(
                 f"filter: preset '{self.preset}' scores with CLIP and needs filter.clip_checkpoint "
-                "(a trained clipline checkpoint); or set filter.min_clip_score: 0"
+                f"(calibrated for {CALIBRATED_FOR.get(self.preset, 'a CLIP model')}); or set filter.min_clip_score: 0"
             )
         return rules
 
@@ -441,6 +448,7 @@ COMPUTED = ("dup_of", "dup_reason", "blocked", "caption_chars", "caption_words",
 
 def plan_filter(ctx: PlanContext) -> list[int]:
     ctx.config.rules()  # a bad preset/override is one error on the driver, before any task
+    check_calibration(ctx.config)
     shards = committed_shards(ctx.storage, "crawl")
     if ctx.config.where:  # and so is a where: rule that is malformed or names a column no crawl shard has
         columns = None
@@ -449,6 +457,24 @@ def plan_filter(ctx: PlanContext) -> list[int]:
                 columns = [*pq.ParquetFile(f).schema_arrow.names, *COMPUTED]
         where_expr(ctx.config.where, columns)
     return shards
+
+
+def check_calibration(config: FilterConfig) -> str | None:
+    """Warn (once, on the driver) when a preset's CLIP-score threshold meets a model it was not set for."""
+    calibrated = CALIBRATED_FOR.get(config.preset)
+    if not (calibrated and config.clip_checkpoint and config.min_clip_score is None):
+        return None
+    from pipeline.clip_score import architecture
+
+    found = architecture(config.clip_checkpoint)
+    if found == calibrated:
+        return None
+    message = (
+        f"filter: preset '{config.preset}' sets min_clip_score {PRESETS[config.preset].min_clip_score} for "
+        f"{calibrated}, but {config.clip_checkpoint} is a {found}: set filter.min_clip_score for this model"
+    )
+    log.warning(message)
+    return message
 
 
 def run_filter(ctx: ShardContext) -> dict:
@@ -489,9 +515,9 @@ def filter_reads(config: FilterConfig) -> Reads:
         *config.text_terms_files,
     )
     if config.clip_checkpoint:
-        from training.checkpoint import resolve_checkpoint
+        from training.checkpoint import checkpoint_files
 
-        files += (resolve_checkpoint(config.clip_checkpoint),)
+        files += checkpoint_files(config.clip_checkpoint)
     return Reads(same=("crawl", "dedup") if config.drop_duplicates else ("crawl",), external=files)
 
 

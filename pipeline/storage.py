@@ -154,6 +154,10 @@ class Storage:
         """A streaming binary reader (the object is not loaded whole)."""
         raise NotImplementedError
 
+    def version(self, rel: str) -> str:
+        """A string that changes when the object's content does: S3's ETag and size, a local file's size and mtime."""
+        raise NotImplementedError
+
     def open_seekable(self, rel: str) -> IO[bytes]:
         """A seekable binary reader, for formats read by offset (parquet footers and row groups)."""
         raise NotImplementedError
@@ -294,6 +298,13 @@ class LocalStorage(Storage):
             return self._path(rel).stat().st_size
         except FileNotFoundError as e:
             raise StorageError(f"{self.url(rel)}: not found") from e
+
+    def version(self, rel: str) -> str:
+        try:
+            st = self._path(rel).stat()
+        except FileNotFoundError as e:
+            raise StorageError(f"{self.url(rel)}: not found") from e
+        return f"{st.st_size}:{st.st_mtime_ns}"
 
     def list(self, prefix: str = "", suffix: str = "") -> list[str]:
         base = self._path(prefix)
@@ -494,6 +505,13 @@ class S3Storage(Storage):
             return int(self.client.head_object(Bucket=self.bucket, Key=self._key(rel))["ContentLength"])
         except Exception as e:
             raise _s3_error(e, self.url(rel)) from e
+
+    def version(self, rel: str) -> str:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
+        except Exception as e:
+            raise _s3_error(e, self.url(rel)) from e
+        return f"{head['ContentLength']}:{head.get('ETag', '').strip(chr(34))}"
 
     def list(self, prefix: str = "", suffix: str = "") -> list[str]:
         base = self._key(prefix)

@@ -20,9 +20,9 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def normalisation() -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift), each (1, 3, 1, 1): CLIP's (x / 255 - mean) / std as x * scale + shift."""
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+def normalisation(mean=MEAN, std=STD) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (1, 3, 1, 1): (x / 255 - mean) / std as x * scale + shift (CLIP's mean and std)."""
+    mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     return 1 / (255 * std), -mean / std
 
 
@@ -53,6 +53,10 @@ class ModelConfig:
     vocab_size: int = 4096
     embed_dim: int = 128
     grad_checkpointing: bool = False
+    activation: str = "gelu"  # "quick_gelu" for OpenAI's weights (x * sigmoid(1.702 x))
+    layer_norm_eps: float = 1e-5
+    image_mean: tuple[float, float, float] = MEAN  # the normalisation the weights were trained with
+    image_std: tuple[float, float, float] = STD
 
 
 SIZES: dict[str, dict] = {
@@ -77,17 +81,27 @@ def model_config(size: str = "tiny", **overrides) -> ModelConfig:
     return ModelConfig(**{**SIZES[size], **overrides})
 
 
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's activation, x * sigmoid(1.702 x): its weights give other features under exact GELU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
 class Block(nn.Module):
     """Pre-LN transformer block; attention through scaled_dot_product_attention (flash/mem-efficient on CUDA)."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, activation: str = "gelu", eps: float = 1e-5):
         super().__init__()
         self.heads = heads
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), ACTIVATIONS[activation](), nn.Linear(4 * width, width))
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         b, n, w = x.shape  # (batch, tokens, width)
@@ -98,10 +112,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, grad_checkpointing: bool = False):
+    def __init__(self, width: int, layers: int, heads: int, c: ModelConfig):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
-        self.grad_checkpointing = grad_checkpointing
+        self.blocks = nn.ModuleList(Block(width, heads, c.activation, c.layer_norm_eps) for _ in range(layers))
+        self.grad_checkpointing = c.grad_checkpointing
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         for block in self.blocks:
@@ -121,9 +135,9 @@ class VisionTransformer(nn.Module):
         grid = (c.image_size // c.patch_size) ** 2
         self.cls = nn.Parameter(torch.randn(c.vision_width) * c.vision_width**-0.5)
         self.pos = nn.Parameter(torch.randn(grid + 1, c.vision_width) * 0.01)
-        self.ln_pre = nn.LayerNorm(c.vision_width)
-        self.transformer = Transformer(c.vision_width, c.vision_layers, c.vision_heads, c.grad_checkpointing)
-        self.ln_post = nn.LayerNorm(c.vision_width)
+        self.ln_pre = nn.LayerNorm(c.vision_width, eps=c.layer_norm_eps)
+        self.transformer = Transformer(c.vision_width, c.vision_layers, c.vision_heads, c)
+        self.ln_post = nn.LayerNorm(c.vision_width, eps=c.layer_norm_eps)
         self.head = nn.Linear(c.vision_width, c.embed_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,8 +189,8 @@ class TextTransformer(nn.Module):
         self.eot_id = eot_id
         self.token = nn.Embedding(c.vocab_size, c.text_width)
         self.pos = nn.Parameter(torch.randn(c.context_length, c.text_width) * 0.01)
-        self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads, c.grad_checkpointing)
-        self.ln_final = nn.LayerNorm(c.text_width)
+        self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads, c)
+        self.ln_final = nn.LayerNorm(c.text_width, eps=c.layer_norm_eps)
         self.head = nn.Linear(c.text_width, c.embed_dim, bias=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -197,7 +211,7 @@ class CLIP(nn.Module):
         init = math.log(10) if siglip else LOGIT_SCALE_INIT
         self.logit_scale = nn.Parameter(torch.tensor(init))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if siglip else None
-        scale, shift = normalisation()
+        scale, shift = normalisation(config.image_mean, config.image_std)
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("shift", shift, persistent=False)
 

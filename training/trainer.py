@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Literal
 
 import torch
@@ -42,7 +42,10 @@ class TrainConfig:
 
     data: str = ""  # the dataset's manifest.json (local or s3://)
     out: str = "train"  # the run directory (local or s3://): checkpoints, metrics, tokenizer
-    model: str = "tiny"  # a training.model.SIZES name
+    model: str = "tiny"  # a training.model.SIZES name (ignored with init_from: the checkpoint's architecture)
+    # fine-tune: start from this checkpoint's weights, tokenizer and image size (a clipline run or .pt, an
+    # OpenAI/OpenCLIP file or directory, a Hugging Face CLIPModel directory; local or s3://)
+    init_from: str | None = None
     loss: Literal["clip", "siglip"] = "clip"  # clip: symmetric InfoNCE; siglip: SigLIP's sigmoid loss
     epochs: int = 1  # passes over the dataset
     max_steps: int = 0  # stop after this many steps in all (0: epochs decide)
@@ -116,10 +119,11 @@ def pick_device(config: TrainConfig, ctx: Dist) -> torch.device:
     return torch.device(kind)
 
 
-def ensure_tokenizer(config: TrainConfig, run, manifest, ctx: Dist) -> Tokenizer:
-    """The run's tokenizer: loaded from RUN/tokenizer.json, or trained on the captions by rank 0 first."""
+def ensure_tokenizer(config: TrainConfig, run, manifest, ctx: Dist, given: Tokenizer | None = None) -> Tokenizer:
+    """The run's tokenizer: loaded from RUN/tokenizer.json, or (rank 0 first) the `given` one of the checkpoint
+    it fine-tunes, or one trained on the captions."""
     if ctx.main and not run.exists("tokenizer.json"):
-        tokenizer = Tokenizer.train(manifest_captions(manifest), config.vocab_size, config.context_length)
+        tokenizer = given or Tokenizer.train(manifest_captions(manifest), config.vocab_size, config.context_length)
         run.write_bytes("tokenizer.json", tokenizer.to_bytes())
     ctx.barrier()
     return Tokenizer.from_bytes(run.read_bytes("tokenizer.json"))
@@ -175,17 +179,26 @@ class Run:
         if config.precision == "fp16" and self.device.type != "cuda":
             raise ClipError("train: precision fp16 needs CUDA (use bf16 on CPU)")
         self.run = open_storage(config.out)
+        start = checkpoint.load_model(config.init_from) if config.init_from else None
+        if start is not None:  # the checkpoint decides the input size: its preprocessing, not the loader default's
+            config = replace(config, loader=replace(config.loader, image_size=start[0].config.image_size))
+            self.config = config
         self.manifest = open_manifest(config.data, config.loader)
-        self.tokenizer = ensure_tokenizer(config, self.run, self.manifest, self.ctx)
+        self.tokenizer = ensure_tokenizer(config, self.run, self.manifest, self.ctx, start[1] if start else None)
         torch.manual_seed(config.seed)
-        mc = model_config(
-            config.model,
-            vocab_size=self.tokenizer.vocab_size,
-            context_length=config.context_length,
-            image_size=config.loader.image_size,
-            grad_checkpointing=config.grad_checkpointing,
-        )
+        if start is None:
+            mc = model_config(
+                config.model,
+                vocab_size=self.tokenizer.vocab_size,
+                context_length=config.context_length,
+                image_size=config.loader.image_size,
+                grad_checkpointing=config.grad_checkpointing,
+            )
+        else:
+            mc = replace(start[0].config, grad_checkpointing=config.grad_checkpointing)
         self.model = CLIP(mc, eot_id=self.tokenizer.eot_id, siglip=config.loss == "siglip").to(self.device)
+        if start is not None:
+            self._init_from(start[0])
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps
         )
@@ -211,6 +224,15 @@ class Run:
         self.loss_fn = LOSSES[config.loss]
 
     # -- checkpoints
+
+    def _init_from(self, source: torch.nn.Module) -> None:
+        """Copy a loaded checkpoint's weights in; a SigLIP loss on a CLIP checkpoint starts its bias at -10."""
+        result = self.model.load_state_dict(source.state_dict(), strict=False)
+        extra = [k for k in (*result.missing_keys, *result.unexpected_keys) if k != "logit_bias"]
+        if extra:
+            raise ClipError(f"train: --init-from {self.config.init_from}: weights do not fit ({extra[0]})")
+        if self.ctx.main:
+            log.info("initialised from %s (%d parameters)", self.config.init_from, self.model.describe()["parameters"])
 
     def _resume(self) -> None:
         rel = checkpoint.latest(self.run)
@@ -424,7 +446,7 @@ def train(config: TrainConfig, evaluator: Evaluator | None = None) -> dict:
     """Run (or resume) training; returns the final metrics. Launchers (torchrun, Ray Train) are in pipeline.launch."""
     run = Run(config, evaluator)
     if run.ctx.main:
-        run.run.write_bytes("config.json", json.dumps(asdict(config), indent=1, default=str).encode())
+        run.run.write_bytes("config.json", json.dumps(asdict(run.config), indent=1, default=str).encode())
     try:
         return run.fit()
     finally:

@@ -54,9 +54,9 @@ __all__ = ["DedupConfig", "STAGES", "COMPONENTS"]
 def embed_reads(config: DedupConfig) -> Reads | None:
     if not config.semantic:
         return None  # the step does not run
-    from training.checkpoint import resolve_checkpoint
+    from training.checkpoint import checkpoint_files
 
-    checkpoint = (resolve_checkpoint(config.semantic_checkpoint),) if config.semantic_checkpoint else ()
+    checkpoint = checkpoint_files(config.semantic_checkpoint) if config.semantic_checkpoint else ()
     return Reads(same=("crawl",), external=checkpoint)
 
 

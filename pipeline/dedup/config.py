@@ -46,8 +46,9 @@ class DedupConfig:
     max_caption_group: int = 2000  # bigger same-caption groups ("photo") are not compared, but counted
     keep_different_captions: bool = False  # True: a duplicate image with another caption is kept
     keep: Literal["largest", "lowest_uid"] = "largest"  # largest resolution (then lowest uid), or lowest uid
-    semantic: bool = False  # SemDeDup-style, over image embeddings of a trained clipline checkpoint
-    semantic_checkpoint: str | None = None  # a run directory (its latest checkpoint) or a .pt file
+    semantic: bool = False  # SemDeDup-style, over image embeddings of a CLIP checkpoint
+    # a clipline run or .pt, an OpenAI/OpenCLIP file or directory, a Hugging Face CLIPModel directory; or s3://
+    semantic_checkpoint: str | None = None
     semantic_threshold: float = 0.95  # cosine similarity at or above which two images are semantic duplicates
     semantic_cluster_size: int = 10_000  # k-means clusters = images / this; pairs are compared within one
     semantic_sample: int = 200_000  # embeddings k-means is fitted on (sampled from every shard)

@@ -28,7 +28,10 @@ def plan_embed(ctx: PlanContext) -> list[int]:
     if not config.semantic:
         return []
     if not config.semantic_checkpoint:
-        raise ConfigError("dedup.semantic needs dedup.semantic_checkpoint: a trained clipline run directory or .pt")
+        raise ConfigError(
+            "dedup.semantic needs dedup.semantic_checkpoint: a clipline run or .pt, OpenAI/OpenCLIP weights "
+            "or a Hugging Face CLIPModel directory"
+        )
     if not 0 < config.semantic_threshold <= 1:
         raise ConfigError(f"dedup.semantic_threshold must be a cosine in (0, 1], not {config.semantic_threshold}")
     from training.checkpoint import resolve_checkpoint

@@ -471,7 +471,7 @@ def clusters_of(out: pl.DataFrame) -> set[frozenset]:
 def test_semantic_dedup_on_the_synthetic_web(crawled_web, checkpoint, tmp_path):
     import torch
 
-    from pipeline.decode import decode_image
+    from pipeline.decode import clip_preprocess
     from pipeline.dedup.semantic import vectors_of
     from pipeline.formats import read_images
     from training.checkpoint import load_model, resolve_checkpoint
@@ -490,7 +490,7 @@ def test_semantic_dedup_on_the_synthetic_web(crawled_web, checkpoint, tmp_path):
         rows = embedded["gid"].to_numpy() & 0xFFFFFFFF
         images = read_images(store, f"crawl/{s:05d}.tar")
         with torch.no_grad():
-            pixels = torch.stack([decode_image(images[k], 32, None) for k in crawl["key"].take(rows).to_pylist()])
+            pixels = torch.stack([clip_preprocess(images[k], 32) for k in crawl["key"].take(rows).to_pylist()])
             expected = model.encode_image(pixels).numpy()
         x = vectors_of(embedded["embedding"])
         assert np.abs(x - expected).max() < 2e-3
@@ -620,3 +620,48 @@ def test_exact_edges_agree_with_a_group_by(key_range):
     got = exact_edges(frame)
     assert got.height == expected.height > 0
     assert got.sort(["a", "reason"]).rows() == expected.sort(["a", "reason"]).rows()
+
+
+def test_a_public_checkpoint_on_s3_scores_embeds_and_evaluates(crawled_web, tmp_path, s3, monkeypatch):
+    """OpenAI-named weights on the S3 endpoint: semantic dedup's embeddings, the filter's CLIP score and eval."""
+    import torch
+
+    pytest.importorskip("transformers")
+    from eval.run import main_eval
+    from pipeline.decode import clip_preprocess
+    from pipeline.filter import STAGE as FILTER
+    from pipeline.filter import FilterConfig
+    from pipeline.formats import read_images
+    from tests.conftest import BUCKET
+    from tests.training.helpers import image_bytes
+    from tests.training.test_pretrained import hf_reference, openai_state_dict
+    from training.checkpoint import cache_root, load_model
+
+    monkeypatch.setenv("CLIPLINE_CACHE", str(tmp_path / "cache"))
+    torch.save(openai_state_dict(hf_reference(seed=4)), tmp_path / "ViT-tiny.pt")
+    url = f"s3://{BUCKET}/models-{tmp_path.name}/ViT-tiny.pt"
+    open_storage(url.rsplit("/", 1)[0]).put_file(tmp_path / "ViT-tiny.pt", "ViT-tiny.pt")
+    store = copy_of(crawled_web[0], tmp_path, "public")
+    only = dict(exact_bytes=False, exact_pixels=False, near=False, caption=False)
+    run = RunConfig(out=store.uri, dedup=DedupConfig(semantic=True, semantic_checkpoint=url, **only),
+                    filter=FilterConfig(preset="none", drop_duplicates=False, clip_checkpoint=url))  # fmt: skip
+    run_pipeline([EMBED_STAGE, FILTER], store, run, executor="inline", progress=False)
+    assert len(list(cache_root().glob("*/ViT-tiny.pt"))) == 1  # fetched once for both steps
+    model, tokenizer = load_model(url)
+    crawl = store.read_parquet("crawl/00000.parquet").to_pandas().set_index("uid")
+    images = read_images(store, "crawl/00000.tar")
+    scored = store.read_parquet("filter/00000.parquet").to_pandas()
+    assert len(scored) >= 5 and scored["clip_score"].notna().all()
+    with torch.no_grad():
+        pixels = torch.stack([clip_preprocess(images[crawl.loc[u, "key"]], 32) for u in scored["uid"]])
+        expected = (model.encode_image(pixels) * model.encode_text(tokenizer(list(scored["caption"])))).sum(1)
+    assert np.abs(scored["clip_score"].to_numpy() - expected.numpy()).max() < 1e-4
+    embedded = store.read_parquet("dedup/_embed/00000.parquet")
+    assert embedded.num_rows == int((crawl["status"] == "success").sum())
+    folder = tmp_path / "folder"
+    for c in ("red", "blue"):
+        (folder / c).mkdir(parents=True)
+        for i in range(3):
+            (folder / c / f"{i}.jpg").write_bytes(image_bytes(c, i))
+    results = main_eval(url, ["zeroshot"], [str(folder)], str(tmp_path / "eval.json"))
+    assert set(results["zeroshot"]["folder"]) >= {"top1"}

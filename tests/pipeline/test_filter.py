@@ -337,7 +337,7 @@ def test_clip_score_pass_with_a_trained_checkpoint(tmp_path):
     import numpy as np
     import torch
 
-    from pipeline.decode import decode_image
+    from pipeline.decode import clip_preprocess
     from tests.training.helpers import image_bytes, make_dataset
     from training.checkpoint import load_model
     from training.data import DataConfig
@@ -356,7 +356,7 @@ def test_clip_score_pass_with_a_trained_checkpoint(tmp_path):
     got = table["clip_score"].to_numpy(zero_copy_only=False)
     model, tokenizer = load_model(str(tmp_path / "run" / "checkpoints" / "step-00000002.pt"))
     with torch.no_grad():
-        pixels = torch.stack([decode_image(images[f"u{i}"], 32, None) for i in range(5)])
+        pixels = torch.stack([clip_preprocess(images[f"u{i}"], 32) for i in range(5)])
         expected = (model.encode_image(pixels) * model.encode_text(tokenizer([r["caption"] for r in rows[:5]]))).sum(1)
     assert np.allclose(got[:5], expected.numpy(), atol=1e-5) and np.isnan(got[5])
     kept = table["keep"].to_pylist()

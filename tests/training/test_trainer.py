@@ -5,6 +5,7 @@ import os
 import pickle
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -156,3 +157,32 @@ def test_local_runs_write_tensorboard_events(tmp_path):
     manifest = make_dataset(tmp_path / "data", [8])
     Run(config(manifest, tmp_path / "run", num_workers=0)).fit()
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_fine_tuning_from_public_weights_learns_and_resumes(tmp_path):
+    """train --init-from an OpenAI-named file: its architecture, tokenizer and image size; loss falls; resume works."""
+    from tests.training.test_pretrained import hf_reference, openai_state_dict
+    from training.checkpoint import load_model
+
+    pytest.importorskip("transformers")
+    torch.save(openai_state_dict(hf_reference(seed=2)), tmp_path / "ViT-tiny.pt")
+    manifest = make_dataset(tmp_path / "data", [24, 24])
+    tune = dict(init_from=str(tmp_path / "ViT-tiny.pt"), lr=2e-3, warmup_steps=1, save_every=6, epochs=3)
+    base = config(manifest, tmp_path / "run", num_workers=0)
+    run = Run(replace(base, **tune, max_steps=6))
+    assert run.tokenizer.kind == "openai" and run.config.loader.image_size == 32
+    assert run.model.config.activation == "quick_gelu" and run.model.config.vision_layers == 3
+    start, _ = load_model(str(tmp_path / "ViT-tiny.pt"))
+    expected = start.state_dict()
+    assert run.model.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in run.model.state_dict().items())
+    run.fit()
+    resumed = Run(replace(base, **tune, max_steps=30))
+    assert resumed.step == 6  # the run's checkpoint wins over --init-from
+    resumed.fit()
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(x)]  # fmt: skip
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
+    model, tokenizer = load_model(str(tmp_path / "run"))
+    assert tokenizer.kind == "openai" and model.config.image_size == 32
