@@ -425,3 +425,6 @@ def test_cli_export_and_eval_take_public_weights(tmp_path):
     bad = subprocess.run([*env_python, "export", "--checkpoint", str(tmp_path / "nope.pt"), "--format", "hf",
                           "--out", str(tmp_path / "x")], capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no such checkpoint" in bad.stderr
+    bad = subprocess.run([*env_python, "train", "--data", str(tmp_path / "m.json"), "--out", str(tmp_path / "run"),
+                          "--init-from", str(tmp_path / "nope.pt")], capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
