@@ -47,10 +47,12 @@ $(BENCH_STAMP): pyproject.toml Makefile
 	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BENCH_VENV)/bin/pip install -q --disable-pip-version-check -e '.[bench]'
+	@# OpenAI's own tokenizer, the peer of bench/tokenizer.py (without OpenCLIP's torchvision dependency)
+	$(BENCH_VENV)/bin/pip install -q --disable-pip-version-check --no-deps open-clip-torch==3.3.0
 	@rm -f $(BENCH_VENV)/.installed-*
 	@touch $@
 
-BENCHES := crawl langid dedup
+BENCHES := crawl langid dedup curation tokenizer
 
 bench-quick: $(BENCH_STAMP)
 	for b in $(BENCHES); do NO_ALBUMENTATIONS_UPDATE=1 $(BENCH_VENV)/bin/python bench/$$b.py --quick || exit 1; done

@@ -232,11 +232,23 @@ evaluated on {html.escape(", ".join(results["eval_datasets"]))}.</p>
 
 
 def demo_config(out: str | Path, web_root: Path, seeds: tuple[int, ...] = (0, 1)) -> AblateConfig:
-    """`clipline ablate --demo` on the tiny web: no filter, the basic filter, the basic filter keeping duplicates."""
+    """`clipline ablate --demo` on the tiny web: no filter, the basic filter, the basic filter keeping duplicates,
+    and CLIP's curation (`clip-wit`: metadata matching and balancing) with a list built from the web's own text."""
+    import pyarrow.parquet as pq
+
+    from pipeline.curation import build_metadata
     from pipeline.demo import demo_config as demo_run
     from pipeline.demo import train_config
 
     run = demo_run("tiny", str(out), web_root)
+    # CLIP-style queries for the synthetic web: its frequent words and high-PMI bigrams (colours, shapes, "red
+    # circle"...), built as `clipline metadata --corpus` builds them; balanced to 5% of the pool per entry
+    corpus = Path(out) / "web-captions.txt"
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    captions = pq.read_table(web_root / "catalog.parquet", columns=["caption"])["caption"].to_pylist()
+    corpus.write_text("\n".join(c for c in captions if c) + "\n")
+    metadata = Path(out) / "clip-wit-metadata.txt"
+    metadata.write_text("\n".join(build_metadata(None, [str(corpus)], 5, 5, 2.0)) + "\n")
     run = replace(
         run,
         name="ablate-demo",
@@ -244,6 +256,7 @@ def demo_config(out: str | Path, web_root: Path, seeds: tuple[int, ...] = (0, 1)
             "none": {"filter": {"preset": "none"}},
             "basic": {"filter": {"preset": "basic"}},
             "basic-with-duplicates": {"filter": {"preset": "basic", "drop_duplicates": False}},
+            "clip-wit": {"filter": {"preset": "clip-wit", "metadata": str(metadata), "balance_per_entry": 0.05}},
         },
     )
     train = train_config("tiny", "", Path(out))

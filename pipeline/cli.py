@@ -130,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("metadata", help="build a CLIP-style metadata list (filter.metadata) from WordNet and a corpus")
+    p.add_argument("--wordnet", metavar="DIR", help="WordNet's index.* files (Debian wordnet-base: /usr/share/wordnet)")
+    p.add_argument("--corpus", action="append", default=[], metavar="FILE", help="a UTF-8 text file (repeatable)")
+    p.add_argument("--min-count", type=int, default=100, help="a corpus word becomes an entry at this many occurrences")
+    p.add_argument("--bigram-min-count", type=int, default=30, help="... and a bigram at this many")
+    p.add_argument("--min-pmi", type=float, default=3.0, help="... whose pointwise mutual information is at least this")
+    p.add_argument("--out", required=True, metavar="FILE", help="the list, one entry a line (local or s3://)")
+    p.set_defaults(func=cmd_metadata)
+
     p = sub.add_parser("export", help="write a checkpoint as an OpenCLIP or Hugging Face model directory")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="any checkpoint eval takes")
     p.add_argument("--format", required=True, choices=["open_clip", "hf"])
@@ -339,6 +348,17 @@ def cmd_eval(args) -> int:
     results = main_eval(args.checkpoint, [t for t in args.task.split(",") if t], args.datasets, out, args.device)
     print(format_table(results))
     print(f"eval: wrote {out}")
+    return 0
+
+
+def cmd_metadata(args) -> int:
+    from pipeline.curation import build_metadata
+    from pipeline.storage import split_location
+
+    entries = build_metadata(args.wordnet, args.corpus, args.min_count, args.bigram_min_count, args.min_pmi)
+    store, rel = split_location(args.out)
+    store.write_bytes(rel, ("\n".join(entries) + "\n").encode())
+    print(f"metadata: {len(entries):,} entries -> {store.url(rel)}")
     return 0
 
 

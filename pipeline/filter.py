@@ -60,6 +60,8 @@ class Rules:
     text_match: bool = False  # keep only captions that mention a term of text_terms
     min_clip_score: float = 0.0  # 0 = off
     clip_top_fraction: float = 0.0  # keep the best fraction by CLIP score per shard; 0 = off
+    metadata_match: bool = False  # keep only captions that contain an entry of the metadata list (CLIP/MetaCLIP)
+    balance_per_entry: float = 0.0  # t: keep min(1, t / count) of each entry's rows; < 1: a fraction of the pool
 
 
 PRESETS: dict[str, Rules] = {
@@ -75,6 +77,10 @@ PRESETS: dict[str, Rules] = {
                             max_aspect_ratio=3.0),
     # DataComp "text-based": English and the caption mentions a class name (ImageNet-21k there: text_terms)
     "datacomp-text": Rules(languages=("en",), text_match=True),
+    # CLIP's WIT as MetaCLIP describes it: captions matching a metadata entry, balanced to t = 20,000 per entry
+    # (CLIP's figure at 400M), with the basic caption and image rules
+    "clip-wit": Rules(min_caption_chars=5, max_caption_chars=2000, min_caption_words=1, caption_junk=True,
+                      min_image_side=32, max_aspect_ratio=6.0, metadata_match=True, balance_per_entry=20000),
 }  # fmt: skip
 # the model a preset's CLIP-score threshold was set with (its scores mean something else under any other model)
 CALIBRATED_FOR = {"laion": "OpenAI ViT-B/32"}
@@ -85,7 +91,7 @@ class FilterConfig:
     """A preset plus overrides; None means 'as the preset says'. Blocklists and terms are files (local/s3)."""
 
     # the rule set; every rule below overrides it when set
-    preset: Literal["none", "basic", "laion", "datacomp-basic", "datacomp-text"] = "basic"
+    preset: Literal["none", "basic", "laion", "datacomp-basic", "datacomp-text", "clip-wit"] = "basic"
     # fast: langdetect re-implemented, deterministic; langdetect; fasttext (bench extra)
     language_backend: Literal["fast", "langdetect", "fasttext"] = "fast"
     languages: tuple[str, ...] | None = None  # langdetect codes to keep, e.g. [en, de]; [] = any
@@ -102,6 +108,9 @@ class FilterConfig:
     text_match: bool | None = None  # keep only captions that name a term of text_terms (DataComp text filter)
     min_clip_score: float | None = None  # cosine of image and caption embeddings under clip_checkpoint
     clip_top_fraction: float | None = None  # keep the best fraction of each shard by CLIP score
+    metadata_match: bool | None = None  # keep captions containing an entry of `metadata` (no_metadata_match)
+    # balance to t rows per metadata entry (>= 1), or t as a fraction of the pool (< 1); 0 = off (balanced_out)
+    balance_per_entry: float | None = None
     drop_duplicates: bool = True  # drop rows dedup marked (dup_of set); needs the dedup stage's outputs
     blocklist_url_sha256: tuple[str, ...] = ()  # files of sha256(normalised URL) hex lines
     blocklist_domains: tuple[str, ...] = ()  # files of domains, one a line; subdomains are blocked too
@@ -112,6 +121,9 @@ class FilterConfig:
     # the CLIP-score model: a clipline run or .pt, an OpenAI/OpenCLIP file or directory (OpenAI's ViT-B-32.pt),
     # a Hugging Face CLIPModel directory; local or s3://
     clip_checkpoint: str | None = None
+    metadata: str | None = None  # the metadata list (one entry a line, UTF-8; local or s3://): CLIP-style curation
+    metadata_ignore_case: bool = False  # MetaCLIP matches case-sensitively; true lower-cases captions and entries
+    metadata_partitions: int = 16  # reduce tasks of the global entry counts (each holds 1/N of the entries)
     # keep only rows where this holds, over the crawl's and carried columns: `NSFW == "UNLIKELY" and similarity > 0.3`
     where: str | None = None
     clip_batch_size: int = field(default=256, metadata={IDENTITY: False})  # images per forward pass
@@ -128,6 +140,12 @@ class FilterConfig:
             raise ConfigError(f"filter.languages: unknown language code(s) {', '.join(unknown)} (langdetect codes)")
         if rules.text_match and not (self.text_terms or self.text_terms_files):
             raise ConfigError("filter: text_match needs filter.text_terms or filter.text_terms_files")
+        if rules.metadata_match and not self.metadata:
+            raise ConfigError(f"filter: preset '{self.preset}' matches metadata and needs filter.metadata (a file)")
+        if rules.balance_per_entry and not rules.metadata_match:
+            raise ConfigError("filter: balance_per_entry balances metadata entries and needs metadata_match: true")
+        if rules.balance_per_entry < 0 or self.metadata_partitions < 1:
+            raise ConfigError("filter: balance_per_entry must be >= 0 and metadata_partitions >= 1")
         if (rules.min_clip_score or rules.clip_top_fraction) and not self.clip_checkpoint:
             raise ConfigError(
                 f"filter: preset '{self.preset}' scores with CLIP and needs filter.clip_checkpoint "
@@ -297,7 +315,7 @@ def _first_reason(checks: list[tuple[bool, pl.Expr, str | pl.Expr]]) -> pl.Expr:
 
 # --- the stage ---------------------------------------------------------------------------------
 
-CHAIN = ("blocked", "duplicate", "where", "image", "caption", "language", "text_match", "clip_score")
+CHAIN = ("blocked", "duplicate", "where", "image", "caption", "language", "text_match", "metadata", "clip_score")
 
 
 def filter_table(
@@ -326,6 +344,11 @@ def filter_table(
         else pl.lit(None, pl.Boolean),
         clip_score=pl.lit(None, pl.Float32),
     )  # fmt: skip
+    if rules.metadata_match:
+        from pipeline import curation
+
+        entries = curation.load_metadata(config.metadata)
+        frame = frame.with_columns(curation.match(frame["caption"], entries, config.metadata_ignore_case))
     if config.clip_checkpoint:
         from pipeline import clip_score
 
@@ -358,6 +381,9 @@ def filter_table(
         "text_match": pl.when(pl.lit(rules.text_match) & ~pl.col("text_match").fill_null(False)).then(
             pl.lit("no_text_match")
         ),
+        "metadata": pl.when(pl.col("metadata_ids").list.len() == 0).then(pl.lit("no_metadata_match"))
+        if rules.metadata_match
+        else pl.lit(None, pl.Utf8),
         "clip_score": pl.when(
             pl.lit(clip_active) & ((pl.col("clip_score") < clip_threshold) | pl.col("clip_score").is_nan())
         ).then(pl.lit("clip_score")),
@@ -365,7 +391,7 @@ def filter_table(
     frame = frame.with_columns(drop_reason=pl.coalesce([reasons[name] for name in CHAIN]))
     frame = frame.with_columns(keep=pl.col("drop_reason").is_null())
     extra = ["url", "caption", "dup_of", "dup_reason", "blocked", "caption_chars", "caption_words", "caption_junk",
-             "text_match"]  # fmt: skip
+             "text_match", *(["metadata_ids"] if rules.metadata_match else [])]  # fmt: skip
     out = frame.select([f.name for f in schema.FILTER] + extra).to_arrow()
     return schema.conform(out, schema.FILTER, "filter", keep_extra=True)
 
@@ -477,9 +503,8 @@ def check_calibration(config: FilterConfig) -> str | None:
     return message
 
 
-def run_filter(ctx: ShardContext) -> dict:
-    config: FilterConfig = ctx.config
-    rules = config.rules()
+def unbalanced_table(ctx: ShardContext, config: FilterConfig, rules: Rules) -> pa.Table:
+    """The filter rows of `ctx.shard` under every rule but the balancing (which needs every shard's counts)."""
     crawl = ctx.read_table(layout.crawl_parquet(ctx.shard))
     if "md5" not in crawl.column_names:  # crawls made before md5 was recorded
         crawl = crawl.append_column("md5", pa.nulls(crawl.num_rows, pa.string()))
@@ -493,7 +518,106 @@ def run_filter(ctx: ShardContext) -> dict:
     images = None
     if config.clip_checkpoint:
         images = read_images(ctx.storage, layout.crawl_tar(ctx.shard))
-    table = filter_table(crawl, dedup, config, rules, images)
+    return filter_table(crawl, dedup, config, rules, images)
+
+
+def balancing(config: FilterConfig) -> bool:
+    return bool(config.rules().balance_per_entry)
+
+
+# --- balancing: match (per shard) → counts (per entry partition) → filter (per shard) ------------------
+
+MATCH = "filter/_match"
+COUNTS = "filter/_counts"
+COUNT_SCHEMA = pa.schema([pa.field("entry", pa.int32()), pa.field("count", pa.int64())])
+
+
+def match_parquet(shard: int) -> str:
+    return f"{MATCH}/{layout.shard_name(shard)}.parquet"
+
+
+def match_counts(shard: int) -> str:
+    return f"{MATCH}/{layout.shard_name(shard)}.counts.arrow"
+
+
+def plan_match(ctx: PlanContext) -> list[int]:
+    if not balancing(ctx.config):
+        return []
+    return plan_filter(ctx)
+
+
+def run_match(ctx: ShardContext) -> dict:
+    """Every rule but the balancing, and this shard's count of each metadata entry among the rows it keeps,
+    partitioned by entry id (the pool size rides along as entry POOL in partition 0)."""
+    from pipeline import curation
+    from pipeline.shuffle import write_partitioned
+
+    config: FilterConfig = ctx.config
+    table = unbalanced_table(ctx, config, config.rules())
+    ctx.write_table(match_parquet(ctx.shard), table)
+    kept = pl.from_arrow(table.select(["keep", "metadata_ids"])).filter("keep")["metadata_ids"]
+    counts = curation.entry_counts(kept).to_arrow().cast(COUNT_SCHEMA)
+    parts = np.maximum(counts["entry"].to_numpy(), 0) % config.metadata_partitions
+    write_partitioned(ctx, match_counts(ctx.shard), counts, parts, config.metadata_partitions)
+    return {"rows": table.num_rows, "pool": len(kept), "entries": counts.num_rows - 1}
+
+
+def plan_counts(ctx: PlanContext) -> list[int]:
+    return list(range(ctx.config.metadata_partitions)) if balancing(ctx.config) else []
+
+
+def run_counts(ctx: ShardContext) -> dict:
+    """The global count of every entry in partition `ctx.shard` (entry id mod partitions): a sum over every shard."""
+    from pipeline.shuffle import map_files, read_partition
+
+    rels = map_files(ctx.storage, MATCH)
+    from pipeline import curation
+
+    names = curation.load_metadata(ctx.config.metadata)
+    pieces = pl.from_arrow(read_partition(ctx.storage, rels, ctx.shard, COUNT_SCHEMA))
+    total = pieces.group_by("entry").agg(pl.col("count").sum()).sort("entry")
+    total = total.with_columns(  # the report shows entries by name
+        name=pl.col("entry").map_elements(lambda e: names[e] if e >= 0 else None, return_dtype=pl.Utf8)
+    )
+    ctx.write_table(f"{COUNTS}/{layout.shard_name(ctx.shard)}.parquet", total.to_arrow())
+    return {"entries": int((total["entry"] >= 0).sum()), "rows": int(total.filter(pl.col("entry") >= 0)["count"].sum())}
+
+
+def global_counts(storage, entries: int) -> tuple[np.ndarray, int]:
+    """(count per entry id, pool size) from the counts step's files."""
+    from pipeline import curation
+
+    counts = np.zeros(entries, dtype=np.int64)
+    pool = 0
+    for rel in storage.list(COUNTS, suffix=".parquet"):
+        part = storage.read_frame(rel)
+        pool += int(part.filter(pl.col("entry") == curation.POOL)["count"].sum())
+        part = part.filter(pl.col("entry") >= 0)
+        counts[part["entry"].to_numpy()] = part["count"].to_numpy()
+    return counts, pool
+
+
+def run_filter(ctx: ShardContext) -> dict:
+    config: FilterConfig = ctx.config
+    rules = config.rules()
+    if not rules.balance_per_entry:
+        table = unbalanced_table(ctx, config, rules)
+        extra = {}
+    else:
+        from pipeline import curation
+
+        table = ctx.read_table(match_parquet(ctx.shard))
+        counts, pool = global_counts(ctx.storage, len(curation.load_metadata(config.metadata)))
+        t = curation.threshold(rules.balance_per_entry, pool)
+        frame = pl.from_arrow(table)
+        sampled = curation.balanced(frame["uid"], frame["metadata_ids"], counts, t)
+        out = frame["keep"].to_numpy() & ~sampled
+        frame = frame.with_columns(
+            drop_reason=pl.when(pl.Series(out)).then(pl.lit("balanced_out")).otherwise(pl.col("drop_reason")),
+            keep=pl.col("keep") & pl.Series(sampled),
+        )
+        table = schema.conform(frame.to_arrow(), schema.FILTER, "filter", keep_extra=True)
+        extra = {"balance_t": t, "pool": pool}
     ctx.write_table(layout.filter_parquet(ctx.shard), table)
     reasons = pl.from_arrow(table.select(["drop_reason"])).drop_nulls()["drop_reason"].value_counts(sort=True)
     languages = pl.from_arrow(table.select(["language"]))["language"].value_counts()
@@ -502,17 +626,26 @@ def run_filter(ctx: ShardContext) -> dict:
         "kept": int(pc.sum(table["keep"].cast(pa.int64())).as_py() or 0),
         "drop_reasons": {r: int(n) for r, n in sorted(reasons.iter_rows())},
         "languages": {lang: int(n) for lang, n in sorted(languages.iter_rows())},
+        **extra,
     }
 
 
 def filter_reads(config: FilterConfig) -> Reads:
-    """The crawl and dedup rows of the shard, and every file the config names, by content."""
+    """The crawl and dedup rows of the shard, and every file the config names, by content; with balancing,
+    the shard's matched rows and every entry count instead (they carry the rest)."""
+    if balancing(config):
+        return Reads(same=(MATCH,), every=(COUNTS,))
+    return match_reads(config)
+
+
+def match_reads(config: FilterConfig) -> Reads:
     files = (
         *config.blocklist_url_sha256,
         *config.blocklist_domains,
         *config.blocklist_image_sha256,
         *config.blocklist_image_md5,
         *config.text_terms_files,
+        *((config.metadata,) if config.metadata else ()),
     )
     if config.clip_checkpoint:
         from training.checkpoint import checkpoint_files
@@ -521,12 +654,30 @@ def filter_reads(config: FilterConfig) -> Reads:
     return Reads(same=("crawl", "dedup") if config.drop_duplicates else ("crawl",), external=files)
 
 
+MATCH_STAGE = Stage(
+    name=MATCH,
+    plan=plan_match,
+    run_shard=run_match,
+    config_key="filter",
+    rate_key="rows",
+    gpu_when=lambda config: bool(config.clip_checkpoint),
+    reads=lambda config: match_reads(config) if balancing(config) else None,
+)
+COUNTS_STAGE = Stage(
+    name=COUNTS,
+    plan=plan_counts,
+    run_shard=run_counts,
+    config_key="filter",
+    reads=lambda config: Reads(every=(MATCH,)) if balancing(config) else None,
+)
 STAGE = Stage(
     name="filter",
     plan=plan_filter,
     run_shard=run_filter,
     config_key="filter",
     rate_key="rows",
-    gpu_when=lambda config: bool(config.clip_checkpoint),  # the CLIP-score pass runs the model
+    # the CLIP-score pass runs the model (in the match step when balancing)
+    gpu_when=lambda config: bool(config.clip_checkpoint) and not balancing(config),
     reads=filter_reads,
 )
+STAGES = (MATCH_STAGE, COUNTS_STAGE, STAGE)

@@ -16,7 +16,7 @@ STAGES: dict[str, str] = {
     "ingest": "pipeline.ingest:STAGES",
     "crawl": "pipeline.crawl:STAGE",
     "dedup": "pipeline.dedup:STAGES",
-    "filter": "pipeline.filter:STAGE",
+    "filter": "pipeline.filter:STAGES",
     "shard": "pipeline.shard:STAGES",
     "stats": "pipeline.stats:STAGE",
 }

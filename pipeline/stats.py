@@ -91,6 +91,7 @@ def _crawl_shard(store, s: int, acc: dict) -> None:
         acc["funnel"]["kept_by_filter"] += filt.filter(pl.col("keep")).height
         acc["reasons"] += _counts(filt["drop_reason"])
         kept = filt.filter(pl.col("keep"))["uid"]
+        _entries_after(store, layout.filter_parquet(s), acc)
     dedup = _read(store, layout.dedup_parquet(s), ["dup_of", "dup_reason", "cluster_size"])
     if dedup is not None:
         acc["dup_reasons"] += _counts(dedup["dup_reason"])
@@ -118,6 +119,52 @@ def _crawl_shard(store, s: int, acc: dict) -> None:
     )
 
 
+def _entries_after(store, rel: str, acc: dict) -> None:
+    """Count the metadata entries of the kept rows (a filter that matched metadata writes metadata_ids)."""
+    import pyarrow.parquet as pq
+
+    with store.open_seekable(rel) as f:
+        if "metadata_ids" not in pq.ParquetFile(f).schema_arrow.names:
+            return
+    rows = _read(store, rel, ["keep", "metadata_ids"]).filter(pl.col("keep"))
+    counts = rows.select(pl.col("metadata_ids").explode().drop_nulls().value_counts()).unnest("metadata_ids")
+    acc["entries_after"].update(dict(zip(counts[counts.columns[0]].to_list(), counts["count"].to_list(), strict=True)))
+    acc["metadata"] = True
+
+
+def curve(counts: list[int], points: int = 120) -> list[list[int]]:
+    """(rank, count) of counts sorted in decreasing order, at up to `points` ranks spaced evenly in log(rank)."""
+    ordered = sorted((c for c in counts if c > 0), reverse=True)
+    if not ordered:
+        return []
+    ranks = np.unique(np.geomspace(1, len(ordered), num=min(points, len(ordered))).round().astype(int))
+    return [[int(r), int(ordered[r - 1])] for r in ranks]
+
+
+def metadata_balance(store, after: Counter, head: int = 12) -> dict:
+    """The metadata entries' distribution before balancing (the counts step) and after (the kept rows)."""
+    before, names = Counter(), {}
+    for rel in store.list("filter/_counts", suffix=".parquet"):
+        part = store.read_frame(rel).filter(pl.col("entry") >= 0)
+        before.update(dict(zip(part["entry"].to_list(), part["count"].to_list(), strict=True)))
+        if "name" in part.columns:
+            names.update(dict(zip(part["entry"].to_list(), part["name"].to_list(), strict=True)))
+    name = lambda e: names.get(e, f"#{e}")  # noqa: E731
+
+    def ends(counts: Counter) -> dict:
+        ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        return {
+            "head": [[name(e), int(n)] for e, n in ordered[:head]],
+            "tail": [[name(e), int(n)] for e, n in ordered[-head:]] if len(ordered) > head else [],
+        }
+
+    return {
+        "entries_matched": {"before": len(before), "after": len(after)},
+        "before": {**ends(before), "curve": curve(list(before.values()))} if before else None,
+        "after": {**ends(after), "curve": curve(list(after.values()))},
+    }
+
+
 def collect(store, config: StatsConfig) -> dict:
     """Every aggregate of stats.json, one shard at a time."""
     acc = {
@@ -128,6 +175,8 @@ def collect(store, config: StatsConfig) -> dict:
         "clusters": Counter(),
         "domains": {},
         "crawl": [],
+        "entries_after": Counter(),
+        "metadata": False,
     }
     acc["funnel"]["input_rows"] = _marker_total(store, "ingest/_map", "rows")
     for s in committed_shards(store, "crawl"):
@@ -172,6 +221,7 @@ def collect(store, config: StatsConfig) -> dict:
             "by_reason": dict(sorted(acc["dup_reasons"].items())),
         },
         "crawl": sorted(acc["crawl"], key=lambda r: (r["finished_at"] or 0, r["shard"])),
+        "metadata": metadata_balance(store, acc["entries_after"]) if acc["metadata"] else None,
         "manifest": {
             **{k: manifest.get(k) for k in ("name", "version", "num_samples", "config_sha256")},
             "removed_by_takedowns": sum(int(t.get("removed", 0)) for t in manifest.get("takedowns") or []),
@@ -316,6 +366,53 @@ def variants_table(stats: dict) -> str:
     )
 
 
+def svg_loglog(title: str, curves: dict[str, list[list[int]]], width: int = 460, height: int = 260) -> str:
+    """Count against rank, both on log scales, one polyline per curve (inline SVG)."""
+    colours = ["#4c78a8", "#e45756", "#54a24b"]
+    points = [p for c in curves.values() for p in c]
+    if not points:
+        return f"<h3>{html.escape(title)}</h3><p>nothing to show</p>"
+    lx = np.log10(max(p[0] for p in points) or 1) or 1
+    ly = np.log10(max(p[1] for p in points) or 1) or 1
+    pad = 40
+    parts = [f'<svg width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">',
+             f'<line x1="{pad}" y1="{height - pad}" x2="{width - 10}" y2="{height - pad}" stroke="#888"/>',
+             f'<line x1="{pad}" y1="10" x2="{pad}" y2="{height - pad}" stroke="#888"/>',
+             f'<text x="{width - 10}" y="{height - 8}" text-anchor="end" font-size="11">entry rank (log)</text>',
+             f'<text x="4" y="20" font-size="11">count (log), max {10 ** ly:,.0f}</text>']  # fmt: skip
+    x = lambda r: pad + (width - pad - 10) * np.log10(r) / lx  # noqa: E731
+    y = lambda n: height - pad - (height - pad - 20) * np.log10(n) / ly  # noqa: E731
+    for i, (label, c) in enumerate(curves.items()):
+        xy = " ".join(f"{x(r):.1f},{y(n):.1f}" for r, n in c)
+        parts.append(f'<polyline points="{xy}" fill="none" stroke="{colours[i % 3]}" stroke-width="2"/>')
+        parts.append(f'<text x="{width - 10}" y="{30 + 14 * i}" text-anchor="end" font-size="12" '
+                     f'fill="{colours[i % 3]}">{html.escape(label)}</text>')  # fmt: skip
+    parts.append("</svg>")
+    return f"<h3>{html.escape(title)}</h3>" + "".join(parts)
+
+
+def metadata_html(meta: dict | None) -> str:
+    """The metadata entries before and after balancing: head, tail, and the sorted counts on log-log axes."""
+    if not meta:
+        return ""
+    sides = {k: meta[k] for k in ("before", "after") if meta.get(k)}
+
+    def rows(pairs):
+        return "".join(f"<tr><td>{html.escape(str(n))}</td><td>{c:,}</td></tr>" for n, c in pairs)
+
+    tables = "".join(
+        f"<div><h3>{side} balancing: head</h3><table>{rows(v['head'])}</table>"
+        f"<h3>{side} balancing: tail</h3><table>{rows(v['tail']) or '<tr><td>-</td></tr>'}</table></div>"
+        for side, v in sides.items()
+    )
+    plot = svg_loglog("Rows per metadata entry, sorted", {f"{k} balancing": v["curve"] for k, v in sides.items()})
+    matched = meta["entries_matched"]
+    return (
+        f"<h2>Metadata entries (CLIP-style curation)</h2><p>{matched['before']:,} entries matched before "
+        f'balancing, {matched["after"]:,} in the kept rows.</p><div class="cols"><div>{plot}</div>{tables}</div>'
+    )
+
+
 def render_report(stats: dict, final: list, dropped: dict[str, list]) -> str:
     funnel = stats["funnel"]
     domains = "".join(
@@ -344,7 +441,7 @@ def render_report(stats: dict, final: list, dropped: dict[str, list]) -> str:
     name = html.escape(str(stats["manifest"].get("name") or "dataset"))
     version = html.escape(str(stats["manifest"].get("version")))
     cluster_sizes = {f"size {k}": v for k, v in stats["duplicate_clusters"]["sizes"].items()}
-    variants_html = variants_table(stats)
+    variants_html = variants_table(stats) + metadata_html(stats.get("metadata"))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{name}: dataset report</title>
 <style>

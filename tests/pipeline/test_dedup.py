@@ -271,7 +271,7 @@ def test_semantic_dedup_says_what_it_needs(tmp_path):
         dedup(store, semantic=True)
     with pytest.raises(ConfigError, match="semantic_threshold must be a cosine"):
         dedup(store, semantic=True, semantic_checkpoint="x", semantic_threshold=1.5)
-    with pytest.raises(Exception, match="no-such-run: a run directory without checkpoints/latest.json"):
+    with pytest.raises(Exception, match="no-such-run: a directory without checkpoints/latest.json, config.json"):
         (tmp_path / "no-such-run").mkdir()
         dedup(store, semantic=True, semantic_checkpoint=str(tmp_path / "no-such-run"))
     assert not store.list("dedup/_embed")  # refused on the driver, before any task
@@ -665,3 +665,44 @@ def test_a_public_checkpoint_on_s3_scores_embeds_and_evaluates(crawled_web, tmp_
             (folder / c / f"{i}.jpg").write_bytes(image_bytes(c, i))
     results = main_eval(url, ["zeroshot"], [str(folder)], str(tmp_path / "eval.json"))
     assert set(results["zeroshot"]["folder"]) >= {"top1"}
+
+
+def test_clip_wit_preset_end_to_end_on_the_synthetic_web(crawled_web, tmp_path):
+    """filter: {preset: clip-wit, metadata: FILE}: matched, counted over every shard, balanced, reported."""
+    from pipeline.curation import build_metadata, match
+    from pipeline.filter import STAGES as FILTER_STAGES
+    from pipeline.filter import FilterConfig
+    from pipeline.stats import STAGE as STATS
+
+    store = copy_of(crawled_web[0], tmp_path, "wit")
+    crawled = pl.concat([pl.from_arrow(store.read_parquet(f"crawl/{s:05d}.parquet")) for s in range(4)])
+    corpus = tmp_path / "captions.txt"
+    corpus.write_text("\n".join(c for c in crawled["caption"].to_list() if c) + "\n")
+    entries = build_metadata(None, [str(corpus)], 5, 5, 2.0)
+    (tmp_path / "meta.txt").write_text("\n".join(entries) + "\n")
+    config = FilterConfig(preset="clip-wit", metadata=str(tmp_path / "meta.txt"), balance_per_entry=0.05,
+                          drop_duplicates=False)  # fmt: skip
+    run = RunConfig(out=store.uri, filter=config)
+    run_pipeline([*FILTER_STAGES, STATS], store, run, executor="inline", progress=False)
+    out = pl.concat([pl.from_arrow(store.read_parquet(f"filter/{s:05d}.parquet")) for s in range(4)])
+    fetched = crawled.filter(pl.col("status") == "success")
+    assert sorted(out["uid"].to_list()) == sorted(fetched["uid"].to_list())
+    expected_ids = match(out["caption"], tuple(entries))
+    assert out["metadata_ids"].to_list() == expected_ids.to_list()
+    reasons = dict(out["drop_reason"].value_counts().iter_rows())
+    unmatched = out.filter(pl.col("metadata_ids").list.len() == 0)
+    assert not unmatched["keep"].any()  # unmatched: dropped, by an earlier rule or as no_metadata_match
+    assert (unmatched["drop_reason"] == "no_metadata_match").sum() == reasons["no_metadata_match"] > 0
+    assert reasons.get("balanced_out", 0) > 0 and out["keep"].sum() > 0
+    pool = out.filter(pl.col("drop_reason").is_null() | (pl.col("drop_reason") == "balanced_out"))
+    t = max(1.0, 0.05 * pool.height)
+    kept = out.filter("keep").select(pl.col("metadata_ids").explode()).to_series().value_counts()
+    before = pool.select(pl.col("metadata_ids").explode()).to_series().value_counts()
+    before = dict(before.iter_rows())
+    for entry, n in kept.iter_rows():  # no entry keeps many more than t of its rows unless others keep them too
+        assert n <= before[entry]
+    assert max(n for _, n in kept.iter_rows()) < max(before.values())  # the head was cut
+    report = store.read_json("dataset/stats/stats.json")
+    assert report["metadata"]["before"]["head"][0][1] == max(before.values())
+    assert report["drop_reasons"]["filter/balanced_out"] == reasons["balanced_out"]
+    assert t < max(before.values())
