@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="DDP over N local processes (torchrun)")
     p.add_argument("--ray-workers", type=int, default=0, metavar="N", help="DDP over N Ray Train workers instead")
     p.add_argument("--address", metavar="ADDR", help="Ray cluster address for --ray-workers")
+    p.add_argument("--ray-wait", action="store_true",
+                   help="with --ray-workers on an autoscaling cluster: wait for nodes (reported every 30 s) "
+                   "instead of failing when the cluster is too small")  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="zero-shot, retrieval and linear probe of a checkpoint -> eval.json")
@@ -310,9 +313,10 @@ def cmd_train(args) -> int:
     given = (("data", args.data), ("out", args.out), ("init_from", args.init_from))
     flags = [(k, v) for k, v in given if v is not None]
     config = configio.load(TrainConfig, args.config, [*args.overrides, *flags])
-    result = launch(config, nproc=args.nproc, ray_workers=args.ray_workers, address=args.address)
+    result = launch(config, nproc=args.nproc, ray_workers=args.ray_workers, address=args.address,
+                    wait_for_resources=args.ray_wait)  # fmt: skip
     if result is not None:
-        shown = {k: result[k] for k in ("step", "epoch", "loss") if k in result}
+        shown = {k: result[k] for k in ("workers", "processes", "step", "epoch", "loss") if k in result}
         print(f"train: {shown} -> {config.out}")
     return 0
 

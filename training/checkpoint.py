@@ -23,6 +23,7 @@ import logging
 import os
 import pickle
 import tempfile
+import threading
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -41,18 +42,57 @@ class CheckpointError(ClipError):
     """A checkpoint that cannot or must not be loaded."""
 
 
-def save(storage: Storage, state: dict, step: int, keep: int = 3) -> str:
-    """Write `state` as the checkpoint of `step` and point latest.json at it; keep the last `keep`."""
+def save(storage: Storage, state: dict | bytes, step: int, keep: int = 3) -> str:
+    """Write `state` (or its torch.save bytes) as the checkpoint of `step`, point latest.json at it, and keep
+    the last `keep`. The pointer is written after the file: a crash in between leaves the previous one."""
     rel = f"{DIR}/step-{step:08d}.pt"
     with tempfile.TemporaryDirectory(prefix="clipline-ckpt-") as tmp:
         local = Path(tmp) / "checkpoint.pt"
-        torch.save(state, local)
+        if isinstance(state, bytes):
+            local.write_bytes(state)
+        else:
+            torch.save(state, local)
         storage.put_file(local, rel)  # local: temp name + rename; s3: one whole-object upload
     storage.write_json(LATEST, {"checkpoint": rel, "step": step})
     for old in sorted(storage.list(DIR, suffix=".pt"))[:-keep]:
         if old != rel:
             storage.delete(old)
     return rel
+
+
+class BackgroundSaver:
+    """Checkpoints written while training goes on: the state is serialised in the caller (a copy the next
+    step cannot change), then written and uploaded by a thread. One write at a time: a new save waits
+    for the previous one; `wait()` (end of training, or an error) lets the last one finish and
+    raises what a write raised."""
+
+    def __init__(self, storage: Storage, keep: int):
+        self.storage, self.keep = storage, keep
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def save(self, state: dict, step: int) -> None:
+        self.wait()
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+
+        def write() -> None:
+            try:
+                save(self.storage, data, step, self.keep)
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
+                self.error = e
+
+        self.thread = threading.Thread(target=write, name=f"checkpoint-{step}", daemon=True)
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 def latest(storage: Storage) -> str | None:

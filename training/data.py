@@ -72,6 +72,7 @@ class Unit:
     shard: int  # index into the manifest's shards
     start: int  # sample range within the shard
     stop: int
+    skip: int = 0  # samples of its seeded order already trained on (a unit left over from another world size)
 
 
 def epoch_units(counts: list[int], consumers: int, epoch: int, seed: int, shuffle: bool) -> list[list[Unit]]:
@@ -85,6 +86,30 @@ def epoch_units(counts: list[int], consumers: int, epoch: int, seed: int, shuffl
         order = np.random.default_rng([seed, epoch, 1]).permutation(len(units))
         units = [units[i] for i in order]
     return [units[c::consumers] for c in range(consumers)]
+
+
+def plan_units(plan: list, consumers: int) -> list[list[Unit]]:
+    """An epoch's remaining units, [[shard, start, stop, skip], ...], dealt round-robin to `consumers`."""
+    units = [Unit(*map(int, p)) for p in plan]
+    return [units[c::consumers] for c in range(consumers)]
+
+
+def remaining_plan(per_consumer: list[list[Unit]], positions: dict[int, tuple[int, int]]) -> list[list[int]]:
+    """What is left of an epoch, as units with the samples already trained on skipped, from every consumer's
+    position (its unit, and the offset in that unit's seeded order). The samples of a unit keep their
+    order whoever reads them, so another number of consumers (ranks x workers) continues the epoch
+    with no sample repeated and none skipped. Units are taken round-robin across the consumers, the
+    order they were being read in."""
+    left = []
+    for consumer, units in enumerate(per_consumer):
+        at, offset = positions.get(consumer, (0, 0))
+        mine = []
+        for u, unit in enumerate(units):
+            skip = unit.skip if u > at else max(unit.skip, offset) if u == at else None
+            if skip is not None and skip < unit.stop - unit.start:
+                mine.append([unit.shard, unit.start, unit.stop, skip])
+        left.append(mine)
+    return [mine[k] for k in range(max(map(len, left), default=0)) for mine in left if k < len(mine)]
 
 
 def _uid_seed(uid: str) -> int:
@@ -112,12 +137,15 @@ class ManifestDataset(IterableDataset):
         state = state or {}
         self.positions = {int(k): tuple(v) for k, v in state.get("positions", {}).items()}
         self.rotation = int(state.get("next_worker", 0))
+        self.plan = state.get("plan")  # the rest of an epoch begun under another world size, if any
 
     @property
     def consumers(self) -> int:
         return self.world_size * self.workers
 
     def units(self) -> list[list[Unit]]:
+        if self.plan is not None:
+            return plan_units(self.plan, self.consumers)
         counts = [int(s["num_samples"]) for s in self.manifest.shards]
         return epoch_units(counts, self.consumers, self.epoch, self.config.seed, self.config.shuffle)
 
@@ -177,7 +205,7 @@ class ManifestDataset(IterableDataset):
         batch, counts = [], Counter()
         for u in range(start_unit, len(units)):
             samples = self.unit_samples(units[u], counts)
-            for offset in range(start_offset if u == start_unit else 0, len(samples)):
+            for offset in range(max(units[u].skip, start_offset if u == start_unit else 0), len(samples)):
                 key, sample = samples[offset]
                 rng = np.random.default_rng([self.config.seed, self.epoch, _uid_seed(key)])
                 try:

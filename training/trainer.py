@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Literal
@@ -24,7 +25,15 @@ import torch.distributed as dist
 from pipeline.errors import ClipError
 from pipeline.storage import open_storage
 from training import checkpoint
-from training.data import DataConfig, ManifestDataset, loader, manifest_captions, next_worker, open_manifest
+from training.data import (
+    DataConfig,
+    ManifestDataset,
+    loader,
+    manifest_captions,
+    next_worker,
+    open_manifest,
+    remaining_plan,
+)
 from training.loss import LOSSES
 from training.model import CLIP, model_config
 from training.tokenizer import Tokenizer
@@ -55,6 +64,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW
     eps: float = 1e-6  # AdamW
     grad_clip: float = 1.0  # max gradient norm; 0 = off
+    # micro-batches per optimiser step (OpenCLIP's --accum-freq): the loss sees all of them as negatives
+    accum_steps: int = 1
+    progress: bool = True  # a progress bar on rank 0 (samples/s, loss, ETA); off in logs and tests
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16: autocast on CPU or CUDA; fp16: CUDA + scaler
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
     compile: bool = False  # torch.compile the model
@@ -64,6 +76,7 @@ class TrainConfig:
     seed: int = 0  # model initialisation
     log_every: int = 10  # steps between metrics.jsonl lines
     save_every: int = 200  # steps; a checkpoint is also saved at the end of every epoch
+    keep_checkpoints: int = 3  # the newest checkpoints kept in RUN/checkpoints (local or s3://)
     eval_every: int = 0  # steps; 0 = only at the end
     eval_tasks: tuple[str, ...] = ()  # "zeroshot", "retrieval", "linear" (eval/run.py)
     eval_datasets: tuple[str, ...] = ()  # "heldout=DIR", "fashion-mnist", an image folder, a manifest.json
@@ -162,6 +175,39 @@ def autocast(config: TrainConfig, device: torch.device):
 # --- the run ------------------------------------------------------------------------------------------
 
 
+def accumulated_backward(net, loss_fn, inputs: list, autocast_ctx, backward) -> torch.Tensor:
+    """Gradients of the contrastive loss over all micro-batches in `inputs` [(images, text), ...] taken together,
+    with activations for one micro-batch at a time (OpenCLIP's --accum-freq); returns the loss.
+
+    First every micro-batch's features without gradients; then, micro-batch by micro-batch, its
+    features again with gradients, the loss over the whole accumulated batch (the others' features
+    as constants) and a backward. The sum of those backwards is the big batch's gradient: each
+    feature's gradient comes from the pass that recomputes it, and the temperature (and SigLIP bias)
+    takes its gradient in the last pass only. Under DDP the gradients are reduced once, at the last.
+    """
+    if len(inputs) == 1:
+        with autocast_ctx():
+            image_f, text_f, scale, bias = net(*inputs[0])
+            loss = loss_fn(image_f, text_f, scale, bias)
+        backward(loss)
+        return loss.detach()
+    with torch.no_grad(), autocast_ctx():
+        cached = [net(images, text)[:2] for images, text in inputs]
+    last = len(inputs) - 1
+    for j, (images, text) in enumerate(inputs):
+        sync = contextlib.nullcontext() if j == last or not hasattr(net, "no_sync") else net.no_sync()
+        with sync:
+            with autocast_ctx():
+                image_j, text_j, scale, bias = net(images, text)
+                if j != last:
+                    scale, bias = scale.detach(), None if bias is None else bias.detach()
+                image_f = torch.cat([image_j if i == j else c[0] for i, c in enumerate(cached)])
+                text_f = torch.cat([text_j if i == j else c[1] for i, c in enumerate(cached)])
+                loss = loss_fn(image_f, text_f, scale, bias)
+            backward(loss)
+    return loss.detach()
+
+
 class Run:
     """One training run: everything set up, then `fit()`."""
 
@@ -202,7 +248,9 @@ class Run:
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps
         )
-        global_batch = config.loader.batch_size * self.ctx.world_size
+        if config.accum_steps < 1:
+            raise ClipError(f"train: accum_steps must be >= 1, not {config.accum_steps}")
+        global_batch = config.loader.batch_size * self.ctx.world_size * config.accum_steps
         self.steps_per_epoch = max(1, self.manifest.data["num_samples"] // global_batch)
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -214,6 +262,7 @@ class Run:
         self._metrics: bytes | None = None
         self.last_loss = float("nan")
         self._tb = None
+        self.saver = checkpoint.BackgroundSaver(self.run, config.keep_checkpoints)
         self._resume()
         self.net = self.model
         if config.compile:
@@ -244,11 +293,6 @@ class Run:
                 f"train: {self.run.url(rel)} was trained on another version of the data "
                 f"(manifest changed, e.g. by a takedown); start a new run directory"
             )
-        if state["world"] != [self.ctx.world_size, self.config.loader.num_workers]:
-            raise ClipError(
-                f"train: resuming needs the same ranks x workers as the checkpoint ({state['world'][0]} x "
-                f"{state['world'][1]}, now {self.ctx.world_size} x {self.config.loader.num_workers})"
-            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -257,8 +301,25 @@ class Run:
         self.step, self.epoch, self.data_state = state["step"], state["epoch"], state["data"]
         self.samples_seen = int(state.get("samples_seen", 0))
         self.counts = dict(state.get("counts", {}))
+        now = [self.ctx.world_size, self.config.loader.num_workers]
+        if state["world"] != now:
+            self.data_state = self._replan(state["world"], self.data_state)
         if self.ctx.main:
             log.info("resumed from %s at step %d (epoch %d)", rel, self.step, self.epoch)
+
+    def _replan(self, world: list[int], data: dict) -> dict:
+        """The data state of a run resumed onto another world size: the rest of the epoch as units with what was
+        trained on skipped, dealt afresh to this run's ranks x workers (training/data.py `remaining_plan`)."""
+        before = ManifestDataset(self.manifest, self.config.loader, None, 0, world[0], self.epoch,
+                                 {"plan": data.get("plan")})  # fmt: skip
+        before.workers = max(1, world[1])
+        positions = {int(k): tuple(v) for k, v in data.get("positions", {}).items()}
+        plan = remaining_plan(before.units(), positions) if positions or data.get("plan") else None
+        if self.ctx.main:
+            left = "the epoch from its start" if plan is None else f"{len(plan)} units of the epoch left"
+            log.info("resuming %d x %d (ranks x workers) as %d x %d: %s", *world, self.ctx.world_size,
+                     self.config.loader.num_workers, left)  # fmt: skip
+        return {} if plan is None else {"plan": plan, "positions": {}, "next_worker": [0] * self.ctx.world_size}
 
     def save(self, positions: dict, next_workers: int, epoch_done: bool) -> None:
         """Gather every rank's data position; rank 0 writes the checkpoint."""
@@ -270,6 +331,8 @@ class Run:
         if not self.ctx.main:
             return
         data = {"positions": {}, "next_worker": [r["next_worker"] for r in everyone]}
+        if (self.data_state or {}).get("plan") is not None:  # the epoch continues a plan made on a resize
+            data["plan"] = self.data_state["plan"]
         for r in everyone:
             data["positions"].update(r["positions"])
         if epoch_done:
@@ -289,22 +352,23 @@ class Run:
             "model_config": asdict(self.model.config),
             "train_config": json.dumps(asdict(self.config), default=str),
         }
-        checkpoint.save(self.run, state, self.step)
+        self.saver.save(state, self.step)  # written and uploaded in the background
 
     # -- the loop
 
-    def train_step(self, batch: dict) -> float:
-        images = batch["images"].to(self.device, non_blocking=True)
-        text = batch["text"].to(self.device, non_blocking=True)
-        with autocast(self.config, self.device):
-            image_f, text_f, scale, bias = self.net(images, text)
-            loss = self.loss_fn(image_f, text_f, scale, bias)
+    def train_step(self, batch: dict | list[dict]) -> float:
+        """One optimiser step over a batch, or over a group of micro-batches accumulated as one batch."""
+        group = batch if isinstance(batch, list) else [batch]
+        inputs = [
+            (b["images"].to(self.device, non_blocking=True), b["text"].to(self.device, non_blocking=True))
+            for b in group
+        ]
         self.optimizer.zero_grad(set_to_none=True)
+        backward = (lambda loss: self.scaler.scale(loss).backward()) if self.scaler else (lambda loss: loss.backward())
+        precision = lambda: autocast(self.config, self.device)  # noqa: E731
+        loss = accumulated_backward(self.net, self.loss_fn, inputs, precision, backward)
         if self.scaler:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         if self.scaler:
@@ -318,10 +382,13 @@ class Run:
     def fit(self, on_step=None) -> dict:
         """Train to the configured end; returns the last metrics. `on_step(run, batch)` is a test hook."""
         last: dict = {}
-        while self.epoch < self.config.epochs and not self._done():
-            finished, last = self.run_epoch(on_step)
-            if not finished:
-                break
+        try:
+            while self.epoch < self.config.epochs and not self._done():
+                finished, last = self.run_epoch(on_step)
+                if not finished:
+                    break
+        finally:
+            self.saver.wait()  # the last checkpoint is complete before fit returns or raises
         final = self.evaluate() if self.config.eval_tasks else {}
         return {**last, **final, "loss": self.last_loss, "step": self.step, "epoch": self.epoch}
 
@@ -330,6 +397,7 @@ class Run:
         config, state, last = self.config, self.data_state or {}, {}
         workers = max(1, config.loader.num_workers)
         rank_state = {
+            "plan": state.get("plan"),
             "positions": state.get("positions", {}),
             "next_worker": (state.get("next_worker") or [0] * self.ctx.world_size)[self.ctx.rank],
         }
@@ -340,40 +408,71 @@ class Run:
         batches, started, seen, finished = iter(loader(dataset)), time.time(), 0, False
         sync_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         waited = 0.0  # seconds spent waiting for data since the epoch (or resume) started
+        bar, first_step = self.progress_bar(), self.step
         while not self._done():
-            asked = time.time()
-            batch = next(batches, None)
-            while batch is not None and not batch["uids"]:  # bookkeeping only: fault counts at a stream's end
+            asked, group = time.time(), []
+            while len(group) < config.accum_steps:  # one batch, or the micro-batches of one accumulated step
+                batch = next(batches, None)
+                while batch is not None and not batch["uids"]:  # bookkeeping only: fault counts at a stream's end
+                    self._account(batch, positions)
+                    next_w = next_worker(batch["consumer"], workers)
+                    batch = next(batches, None)
+                if not self.ctx.all_have(batch is not None, sync_device):
+                    finished = True
+                    break
+                group.append(batch)
+            waited += time.time() - asked
+            if not group:  # an epoch that ends inside a group still steps on the micro-batches it has
+                break
+            loss = self.last_loss = self.train_step(group)
+            self.step += 1
+            for batch in group:
+                seen += len(batch["uids"])
+                self.samples_seen += len(batch["uids"]) * self.ctx.world_size
                 self._account(batch, positions)
                 next_w = next_worker(batch["consumer"], workers)
-                batch = next(batches, None)
-            waited += time.time() - asked
-            if not self.ctx.all_have(batch is not None, sync_device):
-                finished = True
-                break
-            loss = self.last_loss = self.train_step(batch)
-            self.step += 1
-            seen += len(batch["uids"])
-            self.samples_seen += len(batch["uids"]) * self.ctx.world_size
-            self._account(batch, positions)
-            next_w = next_worker(batch["consumer"], workers)
-            if on_step:
-                on_step(self, batch)
+                if on_step:
+                    on_step(self, batch)
+            elapsed = max(1e-9, time.time() - started)
+            rate = seen * self.ctx.world_size / elapsed
+            bar.update(1)
+            bar.set_postfix({"loss": f"{loss:.3f}", "samples/s": f"{rate:.1f}"}, refresh=False)
             if self.step % config.log_every == 0 or self.step == 1:
-                elapsed = max(1e-9, time.time() - started)
-                rate = seen * self.ctx.world_size / elapsed
                 last = self.log(
-                    {"loss": loss, "samples_per_s": round(rate, 1), "data_wait": round(waited / elapsed, 3)}
+                    {
+                        "loss": loss,
+                        "samples_per_s": round(rate, 1),
+                        "data_wait": round(waited / elapsed, 3),
+                        "data_wait_ms_per_step": round(1000 * waited / max(1, self.step - first_step), 2),
+                    }  # fmt: skip
                 )
             if config.eval_every and self.step % config.eval_every == 0:
                 last.update(self.evaluate())
             if config.save_every and self.step % config.save_every == 0:
                 self.save(positions, next_w, epoch_done=False)
+            if finished:  # the data ran out inside an accumulation group, which has just been stepped
+                break
+        bar.close()
         self.save(positions, next_w, epoch_done=finished)
         if finished:
             self.epoch += 1
             self.data_state = {}
         return finished, last
+
+    def progress_bar(self):
+        """The stages' kind of bar for the steps: samples/s, loss and an ETA, on rank 0 only."""
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=f"train epoch {self.epoch}",
+            unit="step",
+            disable=not (self.config.progress and self.ctx.main),
+            file=sys.stderr,
+            mininterval=1.0,
+            dynamic_ncols=True,
+        )
 
     def _account(self, batch: dict, positions: dict) -> None:
         positions[batch["consumer"]] = batch["position"]

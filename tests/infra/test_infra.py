@@ -1,6 +1,7 @@
 """infra/: the files users apply to real clusters parse, and mean what they say."""
 
 import json
+import re
 
 import boto3
 import yaml
@@ -29,7 +30,15 @@ def test_cluster_launcher_and_rayjob_describe_cpu_and_gpu_workers_with_token_aut
         e["name"] for e in job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
     }
     assert {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "AWS_ACCESS_KEY_ID"} <= env
-    assert "FROM rayproject/ray:2.60.0" in (INFRA / "Dockerfile").read_text()
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    assert "ARG RAY_IMAGE=rayproject/ray:2.60.0-py311" in dockerfile and "FROM ${RAY_IMAGE}" in dockerfile
+    assert 'if [ "$VARIANT" = gpu ]' in dockerfile and "-t clipline:gpu" in dockerfile
+    # every image the cluster files run is one the Dockerfile builds: clipline:latest (CPU) or clipline:gpu
+    images = re.findall(
+        r"image:\s*(\S+)", (INFRA / "ray-cluster-aws.yaml").read_text() + (INFRA / "rayjob.yaml").read_text()
+    )
+    assert images and {i.rsplit("/", 1)[-1] for i in images} == {"clipline:latest", "clipline:gpu"}
+    assert cluster["available_node_types"]["gpu-worker"]["docker"]["worker_image"].endswith("clipline:gpu")
 
 
 def test_the_lifecycle_rule_is_accepted_by_the_s3_endpoint(s3):

@@ -222,3 +222,39 @@ def test_a_node_lost_mid_crawl_and_the_job_still_completes(web, tmp_path):
     assert crawl.height == crawl["uid"].n_unique() == 411  # every ingested row exactly one status row
     assert_statuses(crawl.to_arrow(), web)
     assert len(store.list("crawl/_committed")) == result["planned"]  # no shard twice, none missing
+
+
+def test_ray_train_never_waits_in_silence(ray_head, tmp_path):
+    """A 2-CPU head: 2 Ray Train workers (and the trainer's own CPU) can never be placed: one line, at once;
+    1 worker trains, checkpoints and says what it trained."""
+    from tests.training.helpers import make_dataset
+
+    address, env = ray_head
+    manifest = make_dataset(tmp_path / "data", [16, 16])
+    train = ["train", "--data", str(manifest), "--set", "vocab_size=300", "--set", "context_length=16",
+             "--set", "loader.batch_size=4", "--set", "loader.num_workers=0", "--set", "loader.image_size=32",
+             "--set", "max_steps=3", "--set", "save_every=2", "--set", "progress=off"]  # fmt: skip
+    started = time.time()
+    done = clipline("submit", "--address", address, "--", *train, "--out", str(tmp_path / "two"),
+                    "--ray-workers", "2", env=env, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and time.time() - started < 90
+    message = "train: --ray-workers needs 3 CPU (1 CPU for Ray Train's trainer), the cluster has 2 CPU"
+    assert message in done.stdout + done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
+    done = clipline("submit", "--address", address, "--", *train, "--out", str(tmp_path / "one"),
+                    "--ray-workers", "1", env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "train: {'workers': 1, 'step': 3," in done.stdout
+    pointer = json.loads((tmp_path / "one" / "checkpoints" / "latest.json").read_text())
+    assert pointer["step"] == 3 and (tmp_path / "one" / pointer["checkpoint"]).exists()
+    assert (tmp_path / "one" / "ray-train").is_dir()  # Ray Train's storage is the run's, not a driver temp dir
+
+
+def test_resource_check_names_what_is_asked_and_what_is_there():
+    from pipeline.errors import ClipError
+    from pipeline.launch import check_resources, ray_needs
+
+    assert ray_needs(8, use_gpu=True) == {"CPU": 9, "GPU": 8}
+    assert check_resources({"CPU": 3}, {"CPU": 4.0}, wait=False) is None
+    with pytest.raises(ClipError, match=r"needs 9 CPU, 8 GPU .* the cluster has 16 CPU, 4 GPU"):
+        check_resources({"CPU": 9, "GPU": 8}, {"CPU": 16.0, "GPU": 4.0}, wait=False)
+    assert "the cluster has 2 CPU" in check_resources({"CPU": 3}, {"CPU": 2.0}, wait=True)

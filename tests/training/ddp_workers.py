@@ -37,3 +37,24 @@ def loss_worker(rank: int, world: int, port: int, loss_name: str, out_dir: str) 
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def elastic_worker(rank: int, world: int, port: int, config_json: str, out_dir: str) -> None:
+    """One rank of a training run (gloo) that records the uids of every batch it trained on."""
+    import json
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
+    from pipeline import configio
+    from training.trainer import Run, TrainConfig
+
+    seen: list[str] = []
+    run = Run(configio.from_dict(TrainConfig, json.loads(config_json)))
+    run.fit(on_step=lambda r, b: seen.extend(b["uids"]))
+    with open(f"{out_dir}/seen-{world}-{rank}.json", "w") as f:
+        json.dump(seen, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ from pipeline.manifest import SupersededManifest
 from tests.training.helpers import make_dataset
 from training import checkpoint
 from training.checkpoint import CheckpointError
-from training.data import DataConfig
+from training.data import DataConfig, open_manifest
 from training.trainer import Run, TrainConfig
 
 
@@ -141,15 +142,24 @@ def test_streams_from_the_s3_endpoint_and_keeps_the_run_there(tmp_path, s3_store
             s3_store.put_file(path, f"data/{path.relative_to(tmp_path / 'data')}")
     out = f"{s3_store.uri}/run"
     cfg = config(f"{s3_store.uri}/data/manifest.json", out, num_workers=1)
-    cfg = TrainConfig(**{**cfg.__dict__, "max_steps": 3})
+    cfg = TrainConfig(**{**cfg.__dict__, "max_steps": 3, "save_every": 1, "keep_checkpoints": 2})
     seen = []
     Run(cfg).fit(on_step=lambda run, b: seen.append(b["uids"]))
     run_store = _store(out)
     state = checkpoint.load(run_store, checkpoint.latest(run_store))
     assert state["step"] == 3 and state["samples_seen"] == 12 and len(seen) == 3
+    # saved in the background every step, the newest 2 kept; a new run resumes from the endpoint
+    assert run_store.list("checkpoints", suffix=".pt") == [
+        "checkpoints/step-00000002.pt",
+        "checkpoints/step-00000003.pt",
+    ]
+    resumed = Run(replace(cfg, max_steps=4))
+    assert resumed.step == 3
+    resumed.fit()
+    assert checkpoint.load(run_store, checkpoint.latest(run_store))["step"] == 4
     assert run_store.exists("tokenizer.json") and run_store.exists("metrics.jsonl")
     rows = [json.loads(x) for x in run_store.read_bytes("metrics.jsonl").decode().splitlines()]
-    assert rows[-1]["step"] == 3 and 0 <= rows[-1]["data_wait"] <= 1 and rows[-1]["samples_seen"] == 12
+    assert rows[-1]["step"] == 4 and 0 <= rows[-1]["data_wait"] <= 1 and rows[-1]["samples_seen"] == 16
     assert manifest.exists()
 
 
@@ -186,3 +196,88 @@ def test_fine_tuning_from_public_weights_learns_and_resumes(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
     model, tokenizer = load_model(str(tmp_path / "run"))
     assert tokenizer.kind == "openai" and model.config.image_size == 32
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_accumulated_gradients_equal_one_big_batch(loss):
+    """OpenCLIP's --accum-freq semantics: 4 micro-batches of 4 give the gradients of one batch of 16."""
+    import contextlib
+    import copy
+
+    from training.loss import LOSSES
+    from training.model import CLIP, model_config
+    from training.trainer import accumulated_backward
+
+    torch.manual_seed(0)
+    model = CLIP(model_config("tiny", vocab_size=300, context_length=16, image_size=32), eot_id=2,
+                 siglip=loss == "siglip")  # fmt: skip
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    text = torch.randint(3, 300, (16, 16))
+    text[:, 0] = 1
+    text[torch.arange(16), torch.randint(2, 16, (16,))] = 2
+    grads = {}
+    for name, parts in (("big", [(images, text)]), ("accumulated", [(images[i : i + 4], text[i : i + 4])
+                                                                    for i in range(0, 16, 4)])):  # fmt: skip
+        net = copy.deepcopy(model)
+        value = accumulated_backward(net, LOSSES[loss], parts, contextlib.nullcontext, lambda x: x.backward())
+        grads[name] = (value, {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    (big_loss, big), (acc_loss, acc) = grads["big"], grads["accumulated"]
+    assert big.keys() == acc.keys() and len(big) > 20
+    assert abs(float(big_loss) - float(acc_loss)) < 1e-5
+    for name in big:
+        assert torch.allclose(big[name], acc[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_accumulation_steps_count_micro_batches_and_show_progress(tmp_path, capfd):
+    manifest = make_dataset(tmp_path / "data", [16, 16])
+    cfg = replace(config(manifest, tmp_path / "run", num_workers=0), accum_steps=2, max_steps=0, progress=True)
+    run = Run(cfg)
+    assert run.steps_per_epoch == 4  # 32 samples, batches of 4, 2 a step
+    out = run.fit()
+    assert out["step"] == 4 and run.samples_seen == 32
+    err = capfd.readouterr().err
+    assert "train epoch 0" in err and "samples/s" in err and "4/4" in err
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "data_wait_ms_per_step" in rows[-1]
+
+
+def test_resume_onto_other_world_sizes_repeats_and_skips_nothing(tmp_path):
+    """2 ranks x 2 workers, then 1 x 3, then 4 x 1 within one epoch (gloo processes): every sample is trained
+    on at most once, and what was trained on plus what the last checkpoint has left is the whole epoch."""
+    from collections import Counter
+
+    import torch.multiprocessing as mp
+
+    from pipeline import configio
+    from tests.conftest import free_port
+    from tests.training import ddp_workers
+    from training.data import ManifestDataset, Unit, remaining_plan
+
+    manifest = make_dataset(tmp_path / "data", [12, 12, 12, 12])
+    base = replace(config(manifest, tmp_path / "run"), save_every=100, progress=False,
+                   loader=DataConfig(batch_size=2, num_workers=2, image_size=32))  # fmt: skip
+    seen: list[str] = []
+    record = seen.extend
+    for world, workers, steps in ((2, 2, 3), (1, 3, 6), (4, 1, 8)):
+        cfg = replace(base, max_steps=steps, loader=replace(base.loader, num_workers=workers))
+        if world == 1:
+            Run(cfg).fit(on_step=lambda r, b: record(b["uids"]))
+        else:
+            args = (world, free_port(), json.dumps(configio.to_dict(cfg)), str(tmp_path))
+            mp.spawn(ddp_workers.elastic_worker, args=args, nprocs=world, join=True)
+            for rank in range(world):
+                record(json.loads((tmp_path / f"seen-{world}-{rank}.json").read_text()))
+        state = checkpoint.load(tmp_path / "run" / checkpoint.latest(_store(tmp_path / "run")))
+        assert state["world"] == [world, workers] and state["step"] == steps and state["epoch"] == 0
+    assert len(seen) == 3 * 2 * 2 + 3 * 2 + 2 * 4 * 2 == 34  # steps x ranks x batch, phase by phase
+    assert not [u for u, n in Counter(seen).items() if n > 1]  # nothing repeated across the resizes
+    # what the last checkpoint leaves: its plan, less what its consumers read
+    after = ManifestDataset(open_manifest(str(manifest), base.loader), replace(base.loader, num_workers=1), None, 0,
+                            4, 0, {"plan": state["data"]["plan"]})  # fmt: skip
+    positions = {int(k): tuple(v) for k, v in state["data"]["positions"].items()}
+    left = []
+    for shard, start, stop, skip in remaining_plan(after.units(), positions):
+        left += [key for key, _ in after.unit_samples(Unit(shard, start, stop), Counter())[skip:]]
+    every = [u for s in range(4) for u in pq.read_table(tmp_path / "data" / "shards" / f"{s:05d}.parquet")["uid"]
+             .to_pylist()]  # fmt: skip
+    assert not set(seen) & set(left) and sorted(seen + left) == sorted(every)  # nothing skipped either
