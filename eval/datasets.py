@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.errors import ClipError
+from pipeline.evaldata import KINDS, EvalDataError  # noqa: F401 - EvalDataError is this module's error too
 
 FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                    "ankle boot")  # fmt: skip
@@ -25,10 +25,6 @@ FASHION_DIRS = (
     Path("/usr/share/datasets/fashion-mnist"),
     Path(__file__).resolve().parents[1] / ".cache/datasets/usr/share/datasets/fashion-mnist",
 )
-
-
-class EvalDataError(ClipError):
-    """An evaluation dataset is missing or malformed."""
 
 
 @dataclass
@@ -163,8 +159,21 @@ def manifest_captions(location: str, max_samples: int = 5000) -> EvalSet:
 
 
 def load(spec: str) -> EvalSet:
-    """'name=PATH' or 'PATH': heldout, fashion-mnist, a manifest.json, or an image folder."""
+    """'name=PATH' or 'PATH': heldout, fashion-mnist, a manifest.json, an image folder, a CLIP_benchmark
+    webdataset directory; or '[NAME=]clip_benchmark:PATH', 'folders:PATH', 'karpathy:JSON:IMAGES'."""
+    from eval.benchmark import eval_set
+    from pipeline.evaldata import read_spec
+
+    head = spec.split(":", 1)[0].rpartition("=")[2]
+    if head in KINDS:
+        return eval_set(read_spec(spec))
     name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+    if (
+        "://" not in path
+        and (Path(path) / "test").is_dir()
+        and any((Path(path) / f).exists() for f in ("classnames.txt", "dataset_type.txt"))
+    ):
+        return eval_set(read_spec({"kind": "clip_benchmark", "path": path, "name": name or None}))
     if name == "fashion-mnist" or (not name and path == "fashion-mnist"):
         return fashion_mnist(None if path == "fashion-mnist" else path)
     if name == "heldout" or (Path(path) / "labels.parquet").exists():

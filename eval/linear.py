@@ -35,6 +35,16 @@ def accuracy(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
     return float(((xb @ w).argmax(dim=1) == y).float().mean())
 
 
+def top5_and_recall(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, classes: int) -> tuple[float, float]:
+    """Top-5 accuracy and mean per-class recall (CLIP_benchmark's lp_acc5 and lp_mean_per_class_recall)."""
+    logits = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1) @ w
+    top = logits.topk(min(5, classes), dim=1).indices
+    top5 = float((top == y[:, None]).any(dim=1).float().mean())
+    hit = (top[:, 0] == y).float()
+    recalls = [float(hit[y == c].mean()) for c in range(classes) if (y == c).any()]
+    return top5, float(np.mean(recalls)) if recalls else 0.0
+
+
 def probe(train_x, train_y, test_x, test_y, classes: int, seed: int = 0, val_fraction: float = 0.2) -> dict:
     """Sweep L2 on a validation split of the training set; refit; test accuracy. Inputs are float features."""
     train_x, test_x = train_x.double(), test_x.double()
@@ -49,8 +59,11 @@ def probe(train_x, train_y, test_x, test_y, classes: int, seed: int = 0, val_fra
     }
     best = max(sweep, key=lambda l2: (sweep[l2], l2))  # ties: the stronger regularisation
     w = fit(train_x, train_y, classes, best)
+    top5, per_class = top5_and_recall(w, test_x, test_y, classes)
     return {
         "top1": accuracy(w, test_x, test_y),
+        "top5": top5,
+        "mean_per_class_recall": per_class,
         "l2": best,
         "validation_top1": sweep[best],
         "sweep": {f"{k:g}": v for k, v in sweep.items()},

@@ -12,8 +12,11 @@ checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +38,74 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
 
+# Set by evaluate() for the image encodings it runs: a progress bar; the checkpoint's identity (features are
+# cached per checkpoint, dataset and preprocessing when it is known); DataLoader workers (None: by size).
+_RUN = {"progress": False, "checkpoint": None, "workers": None}
+FEATURES_FORMAT = "clip_preprocess/1"  # bump when the preprocessing changes: cached features are then stale
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, evalset, indices, size: int):
+        self.evalset, self.indices, self.size = evalset, indices, size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.evalset.load_image(int(self.indices[i]), self.size)
+
+
+def _features_path(model, evalset, indices) -> Path | None:
+    """Where the image features of (checkpoint, dataset, preprocessing, images) are cached, if they can be."""
+    from training.checkpoint import cache_root
+
+    if not _RUN["checkpoint"] or not evalset.meta.get("identity"):
+        return None
+    c = model.config
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                _RUN["checkpoint"],
+                evalset.meta["identity"],
+                FEATURES_FORMAT,
+                c.image_size,
+                list(c.image_mean),
+                list(c.image_std),
+                np.asarray(indices).tolist(),
+            ]
+        ).encode()
+    )
+    return cache_root().parent / "features" / f"{key.hexdigest()[:40]}.pt"  # fmt: skip
+
+
 @torch.no_grad()
 def encode_images(model, evalset, indices, device, batch: int = 256) -> torch.Tensor:
-    size = model.config.image_size
+    """Unit image features of `indices`, batched through DataLoader workers (autocast on CUDA), cached when the
+    checkpoint and the dataset have identities."""
+    from tqdm import tqdm
+
+    cached = _features_path(model, evalset, indices)
+    if cached is not None and cached.exists():
+        return torch.load(cached, weights_only=True)
+    workers = _RUN["workers"] if _RUN["workers"] is not None else (min(8, os.cpu_count() or 1) if len(indices) >= 2048
+                                                                   else 0)  # fmt: skip
+    batches = torch.utils.data.DataLoader(_Images(evalset, indices, model.config.image_size), batch_size=batch,
+                                          num_workers=workers, collate_fn=torch.stack)  # fmt: skip
     out = []
-    for start in range(0, len(indices), batch):
-        images = evalset.images(indices[start : start + batch], size).to(device)
+    bar = tqdm(total=len(indices), desc=f"eval {evalset.name}", unit="img", disable=not _RUN["progress"],
+               file=sys.stderr, mininterval=1.0, dynamic_ncols=True)  # fmt: skip
+    for images in batches if len(indices) else ():
         with _autocast(device):
-            out.append(model.encode_image(images).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, model.config.embed_dim)
+            out.append(model.encode_image(images.to(device)).float().cpu())
+        bar.update(len(images))
+    bar.close()
+    features = torch.cat(out) if out else torch.zeros(0, model.config.embed_dim)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(features, tmp)
+        tmp.replace(cached)
+    return features
 
 
 @torch.no_grad()
@@ -58,10 +120,10 @@ def encode_texts(model, tokenizer, texts: list[str], device, batch: int = 512) -
 def run_zeroshot(model, tokenizer, evalset, device) -> dict:
     test = np.flatnonzero(evalset.split == "test") if evalset.split is not None else np.arange(evalset.count)
     features = encode_images(model, evalset, test, device)
-    weights = zeroshot.classifier(
-        lambda texts: encode_texts(model, tokenizer, texts, device), evalset.classnames, templates_for(evalset.name)
-    )
-    return zeroshot.scores(features, evalset.labels[test], weights)
+    templates = evalset.meta.get("templates") or templates_for(evalset.name)
+    weights = zeroshot.classifier(lambda texts: encode_texts(model, tokenizer, texts, device), evalset.classnames,
+                                  templates)  # fmt: skip
+    return zeroshot.scores(features, evalset.labels[test], weights, evalset.classnames)
 
 
 def run_retrieval(model, tokenizer, evalset, device) -> dict:
@@ -98,18 +160,26 @@ def supports(task: str, evalset) -> bool:
     return evalset.captions is not None if task == "retrieval" else evalset.labels is not None
 
 
-def evaluate(model, tokenizer, tasks, datasets, device="cpu") -> dict:
-    """Every task on every dataset that supports it, in eval.json's shape."""
+def evaluate(model, tokenizer, tasks, datasets, device="cpu", progress: bool = False, checkpoint: str | None = None,
+             workers: int | None = None) -> dict:  # fmt: skip
+    """Every task on every dataset that supports it, in eval.json's shape. `datasets`: specs, EvalSets, or
+    (EvalSet, its tasks) pairs (a suite). `progress`: a bar (images/s, ETA) per dataset's image features;
+    `checkpoint`: the model's identity, under which image features are cached."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ClipError(f"eval: unknown task(s) {', '.join(unknown)} (tasks: {', '.join(TASKS)})")
     model.eval()
     results: dict = {task: {} for task in tasks}
-    sets = [eval_datasets.load(spec) if isinstance(spec, str) else spec for spec in datasets]
-    for task in tasks:
-        for evalset in sets:
-            if supports(task, evalset):
-                results[task][evalset.name] = RUNNERS[task](model, tokenizer, evalset, device)
+    sets = [d if isinstance(d, tuple) else (eval_datasets.load(d) if isinstance(d, str) else d, None)
+            for d in datasets]  # fmt: skip
+    _RUN.update(progress=progress, checkpoint=checkpoint, workers=workers)
+    try:
+        for task in tasks:
+            for evalset, only in sets:
+                if supports(task, evalset) and (only is None or task in only):
+                    results[task][evalset.name] = RUNNERS[task](model, tokenizer, evalset, device)
+    finally:
+        _RUN.update(progress=False, checkpoint=None, workers=None)
     results["templates"] = VERSION
     return results
 
@@ -125,10 +195,28 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main_eval(checkpoint_location: str, tasks, datasets, out: str | None, device: str = "cpu") -> dict:
+def checkpoint_identity(location: str) -> str:
+    """The files that make the model at `location`, by path, size and modification time (the feature cache's key)."""
+    from training.checkpoint import checkpoint_files
+
+    stats = [(f, Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in checkpoint_files(location)]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:32]
+
+
+def main_eval(checkpoint_location: str, tasks, datasets, out: str | None, device: str = "cpu",
+              progress: bool = False, suite: str | None = None, workers: int | None = None) -> dict:  # fmt: skip
+    """`clipline eval`: eval.json at `out`, and beside it one CLIP_benchmark-style JSON per (dataset, task) and
+    eval.html. With `suite`, the suite file's datasets (each with its tasks) instead of `datasets`."""
+    from eval.benchmark import load_suite, report_html, suite_sets, write_benchmark_jsons
+
+    if suite:
+        datasets, tasks = suite_sets(load_suite(suite)), list(tasks or TASKS)
     model, tokenizer = load_model(resolve_checkpoint(checkpoint_location), device)
-    results = evaluate(model, tokenizer, tasks, datasets, device)
+    results = evaluate(model, tokenizer, tasks, datasets, device, progress=progress,
+                       checkpoint=checkpoint_identity(checkpoint_location), workers=workers)  # fmt: skip
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(results, indent=1) + "\n")
+        write_benchmark_jsons(results, checkpoint_location, Path(out).parent)
+        (Path(out).parent / "eval.html").write_text(report_html(results, checkpoint_location))
     return results

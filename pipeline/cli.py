@@ -126,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory (local or s3://)")  # fmt: skip
     p.add_argument("--task", default="zeroshot,retrieval,linear", help="comma-separated tasks")
     p.add_argument("--dataset", dest="datasets", action="append", default=[], metavar="[NAME=]PATH",
-                   help="heldout=DIR, fashion-mnist, an image folder or a manifest.json (repeatable)")  # fmt: skip
+                   help="heldout=DIR, fashion-mnist, an image folder, a manifest.json, clip_benchmark:DIR, "
+                   "folders:DIR, karpathy:JSON:IMAGES (repeatable)")  # fmt: skip
+    p.add_argument("--suite", metavar="FILE", help="a suite file (eval/suites/*.yaml or your own): every dataset it "
+                   "lists, each with its tasks")  # fmt: skip
     p.add_argument("--out", metavar="FILE",
                    help="where eval.json goes (default: RUN_DIR/../eval/eval.json for a run, "
                    "else ./eval.json)")  # fmt: skip
@@ -344,12 +347,14 @@ def cmd_eval(args) -> int:
     from eval.run import format_table, main_eval
     from training.checkpoint import resolve_checkpoint
 
-    if not args.datasets:
-        raise ClipError("eval: give at least one --dataset (heldout=DIR, fashion-mnist, an image folder, a manifest)")
+    if not args.datasets and not args.suite:
+        raise ClipError("eval: give --suite FILE or at least one --dataset (heldout=DIR, fashion-mnist, an image "
+                        "folder, a manifest, clip_benchmark:DIR, folders:DIR, karpathy:JSON:IMAGES)")  # fmt: skip
     resolved = Path(resolve_checkpoint(args.checkpoint))
     beside_run = "://" not in args.checkpoint and resolved.parent.name == "checkpoints"
     out = args.out or str(resolved.parent.parent.parent / "eval" / "eval.json" if beside_run else "eval.json")
-    results = main_eval(args.checkpoint, [t for t in args.task.split(",") if t], args.datasets, out, args.device)
+    results = main_eval(args.checkpoint, [t for t in args.task.split(",") if t], args.datasets, out, args.device,
+                        progress=True, suite=args.suite)  # fmt: skip
     print(format_table(results))
     print(f"eval: wrote {out}")
     return 0

@@ -124,6 +124,11 @@ class FilterConfig:
     metadata: str | None = None  # the metadata list (one entry a line, UTF-8; local or s3://): CLIP-style curation
     metadata_ignore_case: bool = False  # MetaCLIP matches case-sensitively; true lower-cases captions and entries
     metadata_partitions: int = 16  # reduce tasks of the global entry counts (each holds 1/N of the entries)
+    # evaluation datasets whose images (exact, pixel-equal or near copies) are dropped as eval_overlap:
+    # clip_benchmark:DIR, folders:DIR, karpathy:JSON:IMAGES (pipeline/evaldata.py)
+    decontaminate: tuple[str, ...] = ()
+    decontaminate_near_bits: int = 8  # max pHash Hamming distance of a near copy (-1: exact and pixel copies only)
+    decontaminate_colour_tolerance: int = 1  # max colour-grid channel difference of a near copy
     # keep only rows where this holds, over the crawl's and carried columns: `NSFW == "UNLIKELY" and similarity > 0.3`
     where: str | None = None
     clip_batch_size: int = field(default=256, metadata={IDENTITY: False})  # images per forward pass
@@ -315,11 +320,17 @@ def _first_reason(checks: list[tuple[bool, pl.Expr, str | pl.Expr]]) -> pl.Expr:
 
 # --- the stage ---------------------------------------------------------------------------------
 
-CHAIN = ("blocked", "duplicate", "where", "image", "caption", "language", "text_match", "metadata", "clip_score")
+CHAIN = ("blocked", "eval_overlap", "duplicate", "where", "image", "caption", "language", "text_match", "metadata",
+         "clip_score")  # fmt: skip
 
 
 def filter_table(
-    crawl: pa.Table, dedup: pa.Table | None, config: FilterConfig, rules: Rules, images: dict[str, bytes] | None = None
+    crawl: pa.Table,
+    dedup: pa.Table | None,
+    config: FilterConfig,
+    rules: Rules,
+    images: dict[str, bytes] | None = None,
+    evalsigs: pl.DataFrame | None = None,
 ) -> pa.Table:
     """The filter rows (one per successful crawl row) for one shard's crawl and dedup tables.
 
@@ -344,6 +355,12 @@ def filter_table(
         else pl.lit(None, pl.Boolean),
         clip_score=pl.lit(None, pl.Float32),
     )  # fmt: skip
+    if config.decontaminate:
+        from pipeline.decontaminate import SCHEMA, overlaps
+
+        sigs = evalsigs if evalsigs is not None else pl.from_arrow(SCHEMA.empty_table())
+        near = config.decontaminate_near_bits
+        frame = frame.with_columns(overlaps(frame, sigs, near, config.decontaminate_colour_tolerance))
     if rules.metadata_match:
         from pipeline import curation
 
@@ -373,6 +390,9 @@ def filter_table(
     where = where_expr(config.where, frame.columns) if config.where else pl.lit(True)
     reasons = {
         "blocked": pl.col("blocked"),
+        "eval_overlap": pl.when(pl.col("eval_overlap").is_not_null()).then(pl.lit("eval_overlap"))
+        if config.decontaminate
+        else pl.lit(None, pl.Utf8),
         "duplicate": pl.when(pl.col("dup_of").is_not_null() & config.drop_duplicates).then(pl.lit("duplicate")),
         "where": pl.when(~where.fill_null(False)).then(pl.lit("where")),
         "image": image_reason(rules),
@@ -391,7 +411,8 @@ def filter_table(
     frame = frame.with_columns(drop_reason=pl.coalesce([reasons[name] for name in CHAIN]))
     frame = frame.with_columns(keep=pl.col("drop_reason").is_null())
     extra = ["url", "caption", "dup_of", "dup_reason", "blocked", "caption_chars", "caption_words", "caption_junk",
-             "text_match", *(["metadata_ids"] if rules.metadata_match else [])]  # fmt: skip
+             "text_match", *(["metadata_ids"] if rules.metadata_match else []),
+             *(["eval_overlap"] if config.decontaminate else [])]  # fmt: skip
     out = frame.select([f.name for f in schema.FILTER] + extra).to_arrow()
     return schema.conform(out, schema.FILTER, "filter", keep_extra=True)
 
@@ -518,7 +539,12 @@ def unbalanced_table(ctx: ShardContext, config: FilterConfig, rules: Rules) -> p
     images = None
     if config.clip_checkpoint:
         images = read_images(ctx.storage, layout.crawl_tar(ctx.shard))
-    return filter_table(crawl, dedup, config, rules, images)
+    evalsigs = None
+    if config.decontaminate:
+        from pipeline.decontaminate import load_signatures
+
+        evalsigs = load_signatures(ctx.storage)
+    return filter_table(crawl, dedup, config, rules, images, evalsigs)
 
 
 def balancing(config: FilterConfig) -> bool:
@@ -651,9 +677,18 @@ def match_reads(config: FilterConfig) -> Reads:
         from training.checkpoint import checkpoint_files
 
         files += checkpoint_files(config.clip_checkpoint)
-    return Reads(same=("crawl", "dedup") if config.drop_duplicates else ("crawl",), external=files)
+    every = ("filter/_evalsig",) if config.decontaminate else ()
+    return Reads(same=("crawl", "dedup") if config.drop_duplicates else ("crawl",), every=every, external=files)
 
 
+def _evalsig_stage() -> Stage:
+    from pipeline.decontaminate import EVALSIG, plan_evalsig, run_evalsig
+
+    return Stage(name=EVALSIG, plan=plan_evalsig, run_shard=run_evalsig, config_key="filter",
+                 reads=lambda config: Reads() if config.decontaminate else None)  # fmt: skip
+
+
+EVALSIG_STAGE = _evalsig_stage()
 MATCH_STAGE = Stage(
     name=MATCH,
     plan=plan_match,
@@ -680,4 +715,4 @@ STAGE = Stage(
     gpu_when=lambda config: bool(config.clip_checkpoint) and not balancing(config),
     reads=filter_reads,
 )
-STAGES = (MATCH_STAGE, COUNTS_STAGE, STAGE)
+STAGES = (EVALSIG_STAGE, MATCH_STAGE, COUNTS_STAGE, STAGE)

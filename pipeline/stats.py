@@ -120,12 +120,16 @@ def _crawl_shard(store, s: int, acc: dict) -> None:
 
 
 def _entries_after(store, rel: str, acc: dict) -> None:
-    """Count the metadata entries of the kept rows (a filter that matched metadata writes metadata_ids)."""
+    """Count the metadata entries of the kept rows (a filter that matched metadata writes metadata_ids), and the
+    rows dropped as copies of each evaluation dataset (a decontaminating filter writes eval_overlap)."""
     import pyarrow.parquet as pq
 
     with store.open_seekable(rel) as f:
-        if "metadata_ids" not in pq.ParquetFile(f).schema_arrow.names:
-            return
+        names = pq.ParquetFile(f).schema_arrow.names
+    if "eval_overlap" in names:
+        acc["eval_overlap"] += _counts(_read(store, rel, ["eval_overlap"])["eval_overlap"])
+    if "metadata_ids" not in names:
+        return
     rows = _read(store, rel, ["keep", "metadata_ids"]).filter(pl.col("keep"))
     counts = rows.select(pl.col("metadata_ids").explode().drop_nulls().value_counts()).unnest("metadata_ids")
     acc["entries_after"].update(dict(zip(counts[counts.columns[0]].to_list(), counts["count"].to_list(), strict=True)))
@@ -177,6 +181,7 @@ def collect(store, config: StatsConfig) -> dict:
         "crawl": [],
         "entries_after": Counter(),
         "metadata": False,
+        "eval_overlap": Counter(),
     }
     acc["funnel"]["input_rows"] = _marker_total(store, "ingest/_map", "rows")
     for s in committed_shards(store, "crawl"):
@@ -222,6 +227,7 @@ def collect(store, config: StatsConfig) -> dict:
         },
         "crawl": sorted(acc["crawl"], key=lambda r: (r["finished_at"] or 0, r["shard"])),
         "metadata": metadata_balance(store, acc["entries_after"]) if acc["metadata"] else None,
+        "eval_overlap": dict(sorted(acc["eval_overlap"].items())),
         "manifest": {
             **{k: manifest.get(k) for k in ("name", "version", "num_samples", "config_sha256")},
             "removed_by_takedowns": sum(int(t.get("removed", 0)) for t in manifest.get("takedowns") or []),
@@ -442,6 +448,8 @@ def render_report(stats: dict, final: list, dropped: dict[str, list]) -> str:
     version = html.escape(str(stats["manifest"].get("version")))
     cluster_sizes = {f"size {k}": v for k, v in stats["duplicate_clusters"]["sizes"].items()}
     variants_html = variants_table(stats) + metadata_html(stats.get("metadata"))
+    if stats.get("eval_overlap"):
+        variants_html += svg_bars("Copies of evaluation images dropped, by dataset", stats["eval_overlap"])
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{name}: dataset report</title>
 <style>

@@ -30,6 +30,7 @@ GROUND = {
     "pipeline.decode",
     "pipeline.schema",
     "pipeline.layout",
+    "pipeline.evaldata",  # evaluation datasets as bytes: read by eval and by the filter's decontamination
 }
 FRONT_DOOR = {
     "pipeline.cli",

@@ -534,7 +534,12 @@ class Run:
             return {}
         was_training = self.model.training
         results = self.evaluator(
-            self.model, self.tokenizer, self.config.eval_tasks, self.config.eval_datasets, self.device
+            self.model,
+            self.tokenizer,
+            self.config.eval_tasks,
+            self.config.eval_datasets,
+            self.device,
+            progress=self.config.progress,
         )
         self.model.train(was_training)
         self.log({"eval": results})

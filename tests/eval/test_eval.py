@@ -86,7 +86,7 @@ def test_fashion_mnist_from_the_debian_package():
     assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and int(image.max()) > 100
 
 
-def test_in_loop_numbers_equal_offline_ones(tmp_path, web_root):
+def test_in_loop_numbers_equal_offline_ones(tmp_path, web_root, capfd):
     from tests.training.helpers import make_dataset
     from training.data import DataConfig
     from training.trainer import Run, TrainConfig
@@ -98,7 +98,10 @@ def test_in_loop_numbers_equal_offline_ones(tmp_path, web_root):
                          context_length=16, eval_every=2, eval_tasks=tasks, eval_datasets=datasets,
                          loader=DataConfig(batch_size=8, num_workers=0, image_size=32))  # fmt: skip
     in_loop = Run(config, evaluator=evaluate).fit()["eval"]
-    offline = main_eval(str(tmp_path / "run"), ["zeroshot", "retrieval", "linear"], datasets, str(tmp_path / "e.json"))
+    offline = main_eval(str(tmp_path / "run"), ["zeroshot", "retrieval", "linear"], datasets, str(tmp_path / "e.json"),
+                        progress=True)  # fmt: skip
+    shown = capfd.readouterr().err
+    assert "eval heldout" in shown and "img/s" in shown  # the in-loop evaluation and clipline eval show progress
     assert json.loads((tmp_path / "e.json").read_text()) == offline
     assert in_loop == offline
     assert set(offline) == {"zeroshot", "retrieval", "linear", "templates"}

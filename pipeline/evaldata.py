@@ -1,0 +1,265 @@
+"""Evaluation datasets as stored bytes (ground floor): what `clipline eval` scores and what the filter's
+decontamination keeps out of training sets, read the same way by both.
+
+Layouts (local or s3://):
+
+- **CLIP_benchmark's webdataset layout**: ``classnames.txt``,
+  ``zeroshot_classification_templates.txt`` (optional), ``dataset_type.txt``
+  (``retrieval`` for caption sets; classification otherwise) and
+  ``test/*.tar`` whose samples hold an image (``.webp``, ``.png``, ``.jpg``,
+  ``.jpeg``) and a ``.cls`` label (classification) or ``.txt`` captions, one a
+  line (retrieval). ``train/*.tar`` beside it, when present, is the linear
+  probe's training split.
+- **ImageNet-style class folders** (``root/CLASS/*.JPEG``): 1,000 WordNet-id
+  folders (``n01440764``...) are ImageNet-1k, named with OpenAI's class names
+  and its 80 prompt templates (from the CLIP release, as CLIP_benchmark ships
+  them: ``eval/data/``); any other folder names its classes in a
+  ``classnames.txt`` (one a line, in sorted folder order) or by its folder names.
+- **COCO / Flickr30k retrieval**: a Karpathy-split JSON (``images[].filename``,
+  ``filepath``, ``split``, ``sentences[].raw``) and the image folder; the
+  ``test`` split, 5 captions an image.
+
+A dataset is named by a spec: ``clip_benchmark:PATH``, ``folders:PATH``,
+``karpathy:JSON:IMAGES``, each optionally ``NAME=`` first, or a suite entry
+(a dict with ``kind``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipeline.errors import ClipError
+
+DATA = Path(__file__).resolve().parents[1] / "eval" / "data"
+IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
+WNID = re.compile(r"n\d{8}")
+KINDS = ("clip_benchmark", "folders", "karpathy")
+
+
+class EvalDataError(ClipError):
+    """An evaluation dataset is missing or malformed."""
+
+
+@dataclass
+class RawSet:
+    """An evaluation dataset's images as bytes, with its labels or captions."""
+
+    name: str
+    count: int
+    read: Callable[[int], bytes]  # image i's stored bytes
+    labels: np.ndarray | None = None
+    classnames: tuple[str, ...] = ()
+    captions: list[list[str]] | None = None
+    templates: tuple[str, ...] | None = None  # the dataset's own prompt templates ("a photo of a {}.")
+    split: np.ndarray | None = None  # "train"/"test" per image, when the layout has a train split
+    identity: str = ""  # changes when the stored dataset does (the feature cache's key)
+    meta: dict = field(default_factory=dict)
+
+
+def imagenet_classnames() -> tuple[str, ...]:
+    return tuple((DATA / "imagenet1k_classnames.txt").read_text().splitlines())
+
+
+def imagenet_templates() -> tuple[str, ...]:
+    return tuple(t.replace("{c}", "{}") for t in (DATA / "imagenet1k_templates.txt").read_text().splitlines())
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+
+
+def _text(store, rel: str) -> str | None:
+    return store.read_bytes(rel).decode("utf-8") if store.exists(rel) else None
+
+
+def _samples(store, tars: list[str]):
+    """(key, {ext: bytes}) of every sample of the tars, in order (webdataset's grouping by key)."""
+    for rel in tars:
+        with store.open_read(rel) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            current, members = None, {}
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, _, ext = info.name.rpartition("/")[2].partition(".")
+                if key != current and members:
+                    yield current, members
+                    members = {}
+                current = key
+                members[ext.lower()] = tar.extractfile(info).read()
+            if members:
+                yield current, members
+
+
+def clip_benchmark_wds(location: str, name: str | None = None, split: str = "test") -> RawSet:
+    """A dataset in CLIP_benchmark's webdataset layout; `split` test (and train, for the linear probe)."""
+    from pipeline.storage import open_storage
+
+    store = open_storage(location)
+    name = name or location.rstrip("/").rsplit("/", 1)[-1].removeprefix("wds_")
+    kind = (_text(store, "dataset_type.txt") or "classification").strip().lower()
+    tars = sorted(store.list(split, suffix=".tar"))
+    if not tars:
+        raise EvalDataError(f"{location}: no {split}/*.tar (CLIP_benchmark's webdataset layout)")
+    classnames: tuple[str, ...] = ()
+    templates = None
+    if kind != "retrieval":
+        text = _text(store, "classnames.txt")
+        if text is None:
+            raise EvalDataError(f"{location}: classnames.txt is missing (a classification set needs it)")
+        classnames = tuple(line.strip() for line in text.splitlines() if line.strip())
+        found = _text(store, "zeroshot_classification_templates.txt")
+        if found:
+            templates = tuple(t.strip().replace("{c}", "{}") for t in found.splitlines() if t.strip())
+    images, labels, captions = [], [], []
+    for key, members in _samples(store, tars):
+        image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        if image is None:
+            continue
+        if kind == "retrieval":
+            captions.append([c for c in members.get("txt", b"").decode("utf-8").splitlines() if c.strip()])
+        else:
+            if "cls" not in members:
+                raise EvalDataError(f"{location}: sample {key} has no .cls label")
+            label = int(members["cls"].decode().strip())
+            if not 0 <= label < len(classnames):
+                raise EvalDataError(
+                    f"{location}: sample {key} has class {label}, outside classnames.txt's {len(classnames)}"
+                )
+            labels.append(label)
+        images.append(image)
+    identity = _digest("clip_benchmark", location, split, [(t, store.version(t)) for t in tars])
+    return RawSet(name, len(images), images.__getitem__, np.array(labels, dtype=np.int64) if labels else None,
+                  classnames, captions if kind == "retrieval" else None, templates, identity=identity,
+                  meta={"layout": "clip_benchmark", "location": location})  # fmt: skip
+
+
+def with_train_split(test: RawSet, location: str) -> RawSet:
+    """The test set plus CLIP_benchmark's train/ tars when the layout has them: the linear probe's splits."""
+    from pipeline.storage import open_storage
+
+    if test.labels is None or not open_storage(location).list("train", suffix=".tar"):
+        return test
+    train = clip_benchmark_wds(location, test.name, split="train")
+    n = train.count
+    return RawSet(test.name, n + test.count, lambda i: train.read(i) if i < n else test.read(i - n),
+                  np.concatenate([train.labels, test.labels]), test.classnames, None, test.templates,
+                  np.array(["train"] * n + ["test"] * test.count), _digest(train.identity, test.identity),
+                  test.meta)  # fmt: skip
+
+
+def class_folders(root: str | Path, name: str | None = None) -> RawSet:
+    """ImageNet-style class folders: ImageNet-1k's names and templates for its 1,000 WordNet-id folders; else the
+    names of classnames.txt, or of the folders."""
+    root = Path(root)
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not folders:
+        raise EvalDataError(f"{root}: no class folders")
+    templates = None
+    if len(folders) == 1000 and all(WNID.fullmatch(f) for f in folders):
+        classnames, templates, name = imagenet_classnames(), imagenet_templates(), name or "imagenet1k"
+    elif (root / "classnames.txt").exists():
+        classnames = tuple(x.strip() for x in (root / "classnames.txt").read_text().splitlines() if x.strip())
+        if len(classnames) != len(folders):
+            raise EvalDataError(f"{root}: classnames.txt names {len(classnames)} classes, there are {len(folders)}")
+    else:
+        classnames = tuple(f.replace("_", " ") for f in folders)
+    files, labels = [], []
+    for label, folder in enumerate(folders):
+        for path in sorted((root / folder).iterdir()):
+            if path.suffix.lower().lstrip(".") in IMAGE_EXTS:
+                files.append(path)
+                labels.append(label)
+    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    identity = _digest("folders", str(root.resolve()), stats)
+    return RawSet(name or root.name, len(files), lambda i: files[i].read_bytes(), np.array(labels, dtype=np.int64),
+                  classnames, None, templates, identity=identity, meta={"layout": "folders"})  # fmt: skip
+
+
+def karpathy(json_path: str | Path, images: str | Path, name: str | None = None, split: str = "test") -> RawSet:
+    """COCO / Flickr30k retrieval: a Karpathy-split JSON and its image folder (the `split` images and captions)."""
+    json_path = Path(json_path)
+    if not json_path.exists():
+        raise EvalDataError(f"{json_path}: no such Karpathy-split JSON")
+    data = json.loads(json_path.read_text())
+    files, captions = [], []
+    for entry in data.get("images", []):
+        if entry.get("split") != split:
+            continue
+        files.append(Path(images) / entry.get("filepath", "") / entry["filename"])
+        captions.append([s["raw"].strip() for s in entry.get("sentences", [])])
+    if not files:
+        raise EvalDataError(f"{json_path}: no images in the '{split}' split")
+    missing = [f for f in files if not f.exists()]
+    if missing:
+        raise EvalDataError(f"{json_path}: {len(missing)} images not found under {images}, e.g. {missing[0]}")
+    identity = _digest("karpathy", str(json_path.resolve()), json_path.stat().st_mtime_ns,
+                       [(str(f), f.stat().st_size) for f in files])  # fmt: skip
+    return RawSet(name or json_path.stem.removeprefix("dataset_"), len(files), lambda i: files[i].read_bytes(),
+                  captions=captions, identity=identity, meta={"layout": "karpathy"})  # fmt: skip
+
+
+def parse_spec(spec: str | dict) -> dict:
+    """'[NAME=]KIND:PATH' (karpathy: 'KIND:JSON:IMAGES') or a suite entry, as a suite entry."""
+    if isinstance(spec, dict):
+        return spec
+    name, _, rest = spec.partition("=") if "=" in spec.split(":", 1)[0] else ("", "", spec)
+    kind, _, path = rest.partition(":")
+    if kind not in KINDS or not path:
+        raise EvalDataError(f"dataset spec {spec!r}: expected [NAME=]{{{'|'.join(KINDS)}}}:PATH")
+    entry = {"kind": kind, "name": name or None}
+    if kind == "karpathy":
+        json_path, _, images = path.partition(":")
+        entry.update(json=json_path, images=images)
+    else:
+        entry["path"] = path
+    return entry
+
+
+def read_spec(spec: str | dict) -> RawSet:
+    """The dataset a spec names (see the module docstring)."""
+    entry = parse_spec(spec)
+    kind, name = entry.get("kind"), entry.get("name")
+    if kind == "clip_benchmark":
+        return with_train_split(clip_benchmark_wds(entry["path"], name), entry["path"])
+    if kind == "folders":
+        return class_folders(entry["path"], name)
+    if kind == "karpathy":
+        return karpathy(entry["json"], entry["images"], name, entry.get("split", "test"))
+    raise EvalDataError(f"dataset {name!r}: unknown kind {kind!r} ({', '.join(KINDS)})")
+
+
+def write_clip_benchmark_wds(root: str | Path, splits: dict[str, list[tuple[bytes, str, int | list[str]]]],
+                             classnames: tuple[str, ...] = (), templates: tuple[str, ...] = ()) -> Path:  # fmt: skip
+    """Write a dataset in CLIP_benchmark's webdataset layout: per split, samples (image bytes, extension, class
+    index or captions) into SPLIT/0.tar with nshards.txt; classnames.txt and templates ("{}" written as "{c}");
+    dataset_type.txt says retrieval when the samples carry captions."""
+    import io
+
+    root = Path(root)
+    retrieval = any(isinstance(s[2], list) for samples in splits.values() for s in samples)
+    for split, samples in splits.items():
+        (root / split).mkdir(parents=True, exist_ok=True)
+        with tarfile.open(root / split / "0.tar", "w") as tar:
+            for i, (image, ext, target) in enumerate(samples):
+                label = "\n".join(target) if isinstance(target, list) else str(target)
+                for suffix, data in ((ext, image), ("txt" if retrieval else "cls", label.encode())):
+                    info = tarfile.TarInfo(f"s{i:07d}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        (root / split / "nshards.txt").write_text("1\n")
+    if retrieval:
+        (root / "dataset_type.txt").write_text("retrieval\n")
+    if classnames:
+        (root / "classnames.txt").write_text("\n".join(classnames) + "\n")
+    if templates:
+        (root / "zeroshot_classification_templates.txt").write_text("\n".join(t.replace("{}", "{c}") for t in templates)
+                                                                     + "\n")  # fmt: skip
+    return root
