@@ -9,7 +9,11 @@ computed the same way from the same decode), once, in the committed step
 evaluation image when its bytes are the same, its pixels are the same (a
 lossless re-encode), or its pHash is within `decontaminate_near_bits` and its
 colour grid within `decontaminate_colour_tolerance` (resized, recompressed,
-re-encoded copies). The filter records which evaluation dataset a dropped row
+re-encoded copies). With `decontaminate_checkpoint`, a crawled image whose
+embedding under that checkpoint has cosine >= `decontaminate_semantic_threshold`
+with an evaluation image's is a copy too (crops, watermarks, edits that move a
+hash): the step stores the evaluation images' embeddings beside their
+signatures. The filter records which evaluation dataset a dropped row
 overlaps (`eval_overlap`), and the stats count them per dataset.
 """
 
@@ -67,13 +71,21 @@ def run_evalsig(ctx: ShardContext) -> dict:
     """The signatures of every image of the evaluation dataset `decontaminate[shard]`."""
     from pipeline.evaldata import read_spec
 
-    raw = read_spec(ctx.config.decontaminate[ctx.shard])
-    rows = []
+    config = ctx.config
+    raw = read_spec(config.decontaminate[ctx.shard])
+    rows, images = [], []
     for i in range(raw.count):
-        found = image_signatures(raw.read(i))
+        data = raw.read(i)
+        found = image_signatures(data)
         if found is not None:
             rows.append((raw.name, i, *found))
+            images.append(data)
     table = pa.Table.from_pylist([dict(zip(SCHEMA.names, r, strict=True)) for r in rows], schema=SCHEMA)
+    if config.decontaminate_checkpoint:
+        from pipeline import clip_score
+
+        vectors = clip_score.embed(images, config.decontaminate_checkpoint, config.clip_device, config.clip_batch_size)
+        table = table.append_column("embedding", pa.array(list(vectors.astype(np.float32)), pa.list_(pa.float32())))
     ctx.write_table(evalsig_parquet(ctx.shard), table)
     return {"images": raw.count, "signed": len(rows), "dataset": raw.name}
 
@@ -83,9 +95,31 @@ def load_signatures(storage) -> pl.DataFrame:
     return pl.concat(parts) if parts else pl.from_arrow(SCHEMA.empty_table())
 
 
+def semantic_overlaps(found: np.ndarray, embeddings: np.ndarray, signatures: pl.DataFrame, threshold: float) -> None:
+    """Mark in `found` the rows whose unit embedding (NaN rows: not decoded) has cosine >= threshold with an
+    evaluation image's (`signatures`' embedding column)."""
+    if "embedding" not in signatures.columns or signatures.height == 0 or len(embeddings) == 0:
+        return
+    evals = np.stack(signatures["embedding"].to_list()).astype(np.float32)
+    names = signatures["dataset"].to_numpy()
+    ok = ~np.isnan(embeddings).any(axis=1)
+    best = np.full(len(embeddings), -np.inf, dtype=np.float32)
+    which = np.zeros(len(embeddings), dtype=np.int64)
+    for start in range(0, len(evals), 8192):
+        sims = np.nan_to_num(embeddings, nan=0.0) @ evals[start : start + 8192].T  # (rows, block)
+        top = sims.argmax(axis=1)
+        value = sims[np.arange(len(sims)), top]
+        better = value > best
+        best[better], which[better] = value[better], top[better] + start
+    for row in np.flatnonzero(ok & (best >= threshold)):
+        if found[row] is None:
+            found[row] = names[which[row]]
+
+
 def overlaps(frame: pl.DataFrame, signatures: pl.DataFrame, near_bits: int, colour_tolerance: int,
-             block: int = 4096) -> pl.Series:  # fmt: skip
-    """Per crawl row of `frame` (sha256, pixel_hash, phash, colour_sig), the evaluation dataset it copies, or null."""
+             block: int = 4096, embeddings: np.ndarray | None = None, threshold: float = 1.0) -> pl.Series:  # fmt: skip
+    """Per crawl row of `frame` (sha256, pixel_hash, phash, colour_sig), the evaluation dataset it copies, or null;
+    `embeddings` (one unit vector a row) adds the semantic check."""
     from pipeline.dedup.index import colour_distance_packed, pack_colour
 
     found = np.full(frame.height, None, dtype=object)
@@ -113,4 +147,6 @@ def overlaps(frame: pl.DataFrame, signatures: pl.DataFrame, near_bits: int, colo
             for row, ev in zip(r[same], e[same], strict=True):
                 if has[row] and found[row] is None:
                     found[row] = names[ev]
+    if embeddings is not None:
+        semantic_overlaps(found, embeddings, signatures, threshold)
     return pl.Series("eval_overlap", found, dtype=pl.Utf8)

@@ -129,6 +129,9 @@ class FilterConfig:
     decontaminate: tuple[str, ...] = ()
     decontaminate_near_bits: int = 8  # max pHash Hamming distance of a near copy (-1: exact and pixel copies only)
     decontaminate_colour_tolerance: int = 1  # max colour-grid channel difference of a near copy
+    # with a checkpoint (any clip_checkpoint kind), images whose embeddings are this close are copies too
+    decontaminate_checkpoint: str | None = None
+    decontaminate_semantic_threshold: float = 0.95  # cosine of unit image embeddings
     # keep only rows where this holds, over the crawl's and carried columns: `NSFW == "UNLIKELY" and similarity > 0.3`
     where: str | None = None
     clip_batch_size: int = field(default=256, metadata={IDENTITY: False})  # images per forward pass
@@ -359,8 +362,17 @@ def filter_table(
         from pipeline.decontaminate import SCHEMA, overlaps
 
         sigs = evalsigs if evalsigs is not None else pl.from_arrow(SCHEMA.empty_table())
-        near = config.decontaminate_near_bits
-        frame = frame.with_columns(overlaps(frame, sigs, near, config.decontaminate_colour_tolerance))
+        near, vectors = config.decontaminate_near_bits, None
+        if config.decontaminate_checkpoint:
+            from pipeline import clip_score
+
+            found = [(images or {}).get(u, b"") for u in frame["uid"]]
+            vectors = clip_score.embed(
+                found, config.decontaminate_checkpoint, config.clip_device, config.clip_batch_size
+            )
+        threshold = config.decontaminate_semantic_threshold
+        colour = config.decontaminate_colour_tolerance
+        frame = frame.with_columns(overlaps(frame, sigs, near, colour, embeddings=vectors, threshold=threshold))
     if rules.metadata_match:
         from pipeline import curation
 
@@ -537,7 +549,7 @@ def unbalanced_table(ctx: ShardContext, config: FilterConfig, rules: Rules) -> p
             raise SchemaError(f"{rel} is missing: run the dedup stage first, or set filter.drop_duplicates: false")
         dedup = ctx.read_table(rel)
     images = None
-    if config.clip_checkpoint:
+    if config.clip_checkpoint or config.decontaminate_checkpoint:
         images = read_images(ctx.storage, layout.crawl_tar(ctx.shard))
     evalsigs = None
     if config.decontaminate:
@@ -673,10 +685,11 @@ def match_reads(config: FilterConfig) -> Reads:
         *config.text_terms_files,
         *((config.metadata,) if config.metadata else ()),
     )
-    if config.clip_checkpoint:
-        from training.checkpoint import checkpoint_files
+    for model in (config.clip_checkpoint, config.decontaminate_checkpoint):
+        if model:
+            from training.checkpoint import checkpoint_files
 
-        files += checkpoint_files(config.clip_checkpoint)
+            files += checkpoint_files(model)
     every = ("filter/_evalsig",) if config.decontaminate else ()
     return Reads(same=("crawl", "dedup") if config.drop_duplicates else ("crawl",), every=every, external=files)
 
@@ -684,8 +697,16 @@ def match_reads(config: FilterConfig) -> Reads:
 def _evalsig_stage() -> Stage:
     from pipeline.decontaminate import EVALSIG, plan_evalsig, run_evalsig
 
-    return Stage(name=EVALSIG, plan=plan_evalsig, run_shard=run_evalsig, config_key="filter",
-                 reads=lambda config: Reads() if config.decontaminate else None)  # fmt: skip
+    def reads(config: FilterConfig) -> Reads | None:
+        if not config.decontaminate:
+            return None
+        from training.checkpoint import checkpoint_files
+
+        model = config.decontaminate_checkpoint
+        return Reads(external=checkpoint_files(model) if model else ())
+
+    return Stage(name=EVALSIG, plan=plan_evalsig, run_shard=run_evalsig, config_key="filter", reads=reads,
+                 gpu_when=lambda config: bool(config.decontaminate_checkpoint))  # fmt: skip
 
 
 EVALSIG_STAGE = _evalsig_stage()
@@ -695,7 +716,7 @@ MATCH_STAGE = Stage(
     run_shard=run_match,
     config_key="filter",
     rate_key="rows",
-    gpu_when=lambda config: bool(config.clip_checkpoint),
+    gpu_when=lambda config: bool(config.clip_checkpoint or config.decontaminate_checkpoint),
     reads=lambda config: match_reads(config) if balancing(config) else None,
 )
 COUNTS_STAGE = Stage(
@@ -712,7 +733,7 @@ STAGE = Stage(
     config_key="filter",
     rate_key="rows",
     # the CLIP-score pass runs the model (in the match step when balancing)
-    gpu_when=lambda config: bool(config.clip_checkpoint) and not balancing(config),
+    gpu_when=lambda config: bool(config.clip_checkpoint or config.decontaminate_checkpoint) and not balancing(config),
     reads=filter_reads,
 )
 STAGES = (EVALSIG_STAGE, MATCH_STAGE, COUNTS_STAGE, STAGE)

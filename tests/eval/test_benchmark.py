@@ -221,6 +221,30 @@ def test_decontamination_drops_planted_copies_of_evaluation_images_and_nothing_e
     assert sorted(dropped["caption"].to_list()) == sorted(planted)
     assert set(dropped["eval_overlap"].to_list()) == {"things"} and out.filter("keep").height == len(clean)
     assert collect(store, StatsConfig())["eval_overlap"] == {"things": 3}
+    # with a checkpoint the evaluation images' embeddings are stored, and the crawl's compared with them
+    pytest.importorskip("transformers")
+    from tests.training.test_pretrained import hf_reference, openai_state_dict
+
+    torch.save(openai_state_dict(hf_reference(seed=3)), tmp_path / "ViT-tiny.pt")
+    semantic = FilterConfig(preset="none", drop_duplicates=False, decontaminate=(f"things=folders:{evalset}",),
+                            decontaminate_checkpoint=str(tmp_path / "ViT-tiny.pt"),
+                            decontaminate_semantic_threshold=0.9999)  # fmt: skip
+    for rel in store.list("filter"):
+        store.delete(rel)
+    crawled = {r["caption"]: data for r, data in zip(rows, {**planted, **clean}.values(), strict=True)}
+    for s in range(2):  # the crawl tars the embeddings are computed from
+        from pipeline.formats import TarWriter
+
+        shard_rows = store.read_frame(f"crawl/{s:05d}.parquet")
+        with TarWriter(Path(store.uri) / f"crawl/{s:05d}.tar") as tar:
+            for uid, caption in zip(shard_rows["uid"], shard_rows["caption"], strict=True):
+                tar.add(uid, {"png": crawled[caption], "txt": caption.encode()})
+    run_pipeline(list(FILTER_STAGES), store, RunConfig(out=store.uri, filter=semantic), executor="inline",
+                 progress=False)  # fmt: skip
+    signed = store.read_frame("filter/_evalsig/00000.parquet")
+    assert signed.height == 4 and len(signed["embedding"][0]) == 48
+    again = pl.concat([store.read_frame(f"filter/{s:05d}.parquet") for s in range(2)])
+    assert sorted(again.filter(pl.col("drop_reason") == "eval_overlap")["caption"].to_list()) == sorted(planted)
 
 
 def test_shipped_suites_parse():
@@ -229,3 +253,20 @@ def test_shipped_suites_parse():
     for path in sorted(Path("eval/suites").glob("*.yaml")):
         entries = benchmark.load_suite(path)
         assert entries and all(e["kind"] in (*KINDS, "heldout", "fashion-mnist") for e in entries), path
+
+
+def test_semantic_decontamination_marks_rows_close_to_an_evaluation_embedding():
+    from pipeline.decontaminate import semantic_overlaps
+
+    rng = np.random.default_rng(0)
+    evals = rng.normal(size=(5, 16)).astype(np.float32)
+    evals /= np.linalg.norm(evals, axis=1, keepdims=True)
+    signatures = pl.DataFrame({"dataset": ["a", "a", "b", "b", "b"], "embedding": [list(v) for v in evals]})
+    rows = rng.normal(size=(6, 16)).astype(np.float32)
+    rows[1] = evals[3] + 0.01 * rng.normal(size=16)  # an edited copy of b's image 3
+    rows[4] = np.nan  # an image that did not decode
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    found = np.full(6, None, dtype=object)
+    found[0] = "a"  # already a copy by its hashes: kept as it is
+    semantic_overlaps(found, rows, signatures, threshold=0.95)
+    assert found.tolist() == ["a", "b", None, None, None, None]
