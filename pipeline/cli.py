@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-out", metavar="DIR", help="work directory (default: demo-out)")
     p.add_argument("--size", default="small", choices=("tiny", "small", "medium"), help="corpus size (default: small)")
     p.add_argument("--storage", metavar="LOCATION", help="put the data outputs here instead (e.g. s3://bucket/demo)")
+    p.add_argument("--epochs", type=int, metavar="N", help="training epochs (default: the size's budget: 30 for tiny, "
+                   "16 for small; fewer train faster and score lower)")  # fmt: skip
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="every data stage of a config, in order, resumable")
@@ -422,7 +424,7 @@ def cmd_takedown(args) -> int:
 def cmd_demo(args) -> int:
     from pipeline.demo import format_summary, run_demo
 
-    summary = run_demo(args.out, args.size, storage=args.storage, progress=not args.quiet)
+    summary = run_demo(args.out, args.size, storage=args.storage, progress=not args.quiet, epochs=args.epochs)
     print(format_summary(summary))
     return 0
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from pipeline.errors import ConfigError
 
@@ -68,19 +69,60 @@ def spaced(text: pl.Expr, ignore_case: bool = False) -> pl.Expr:
     return text.str.to_lowercase() if ignore_case else text
 
 
+@functools.lru_cache(maxsize=4)
+def _index(entries: tuple[str, ...], ignore_case: bool) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    """(entry -> id, every proper token prefix of a multi-token entry, the longest entry in tokens), built once per
+    process and list: the lookups every shard's matching joins against."""
+    keys = [e.lower() if ignore_case else e for e in entries]
+    lut = pl.DataFrame({"gram": keys, "id": pl.int_range(len(keys), eager=True, dtype=pl.Int32)})
+    lut = lut.unique("gram", keep="first", maintain_order=True)  # equal after lower-casing: the first one's id
+    tokens = lut["gram"].str.split(" ")
+    longest = int(tokens.list.len().max() or 1)
+    prefixes = [tokens.list.slice(0, n).list.join(" ").filter(tokens.list.len() > n) for n in range(1, longest)]
+    prefix = pl.concat(prefixes).unique().to_frame("gram") if prefixes else pl.DataFrame(schema={"gram": pl.Utf8})
+    return lut, prefix, longest
+
+
 def match(captions: pl.Series, entries: tuple[str, ...], ignore_case: bool = False) -> pl.Series:
-    """Per caption, the sorted ids of the entries it contains: list[int32] (empty when none)."""
-    keys = [f" {e.lower() if ignore_case else e} " for e in entries]
-    ids = {}
-    for i, key in enumerate(keys):
-        ids.setdefault(key, i)  # entries equal after lower-casing: the first one's id
-    frame = pl.DataFrame({"caption": captions.cast(pl.Utf8)})
-    found = frame.select(spaced(pl.col("caption"), ignore_case).str.extract_many(list(ids), overlapping=True))
-    return (
-        found.to_series()
-        .list.eval(pl.element().replace_strict(ids, return_dtype=pl.Int32).unique().sort())
-        .rename("metadata_ids")
+    """Per caption, the sorted ids of the entries it contains: list[int32] (empty when none).
+
+    `" " + entry + " "` occurs in the spaced caption exactly when the entry is a run of the caption's
+    space-separated tokens joined by single spaces, so matching walks down the entries' token
+    prefixes: every token of every caption is looked up, then extended by the next token while the
+    run is still the prefix of some entry. Each step is one hash join against tables built once per
+    list and process; an automaton (polars' extract_many) is rebuilt on every call: 1.5 s a shard
+    at 500,000 entries.
+    """
+    lut, prefix, longest = _index(entries, ignore_case)
+    text = pl.DataFrame({"caption": captions.cast(pl.Utf8)}).select(
+        spaced(pl.col("caption"), ignore_case).alias("caption")
     )
+    split = text["caption"].str.split(" ")
+    lengths = split.list.len().to_numpy()
+    token = split.explode()  # every caption's tokens, one flat column
+    row = np.repeat(np.arange(len(captions), dtype=np.int64), lengths)  # each token's caption
+    alive = pl.DataFrame({"at": np.arange(len(token), dtype=np.int64), "gram": token})  # runs ending at token `at`
+    found_rows, found_ids = [], []
+    for n in range(1, longest + 1):
+        if n > 1:  # extend each run by the next token of its own caption
+            nxt = alive["at"].to_numpy() + 1
+            same = nxt < len(row)
+            same[same] = row[nxt[same]] == row[nxt[same] - 1]
+            nxt = nxt[same]
+            alive = pl.DataFrame({"at": nxt, "gram": alive["gram"].filter(same) + " " + token.gather(nxt)})
+        hits = alive.join(lut, on="gram", how="inner")
+        found_rows.append(row[hits["at"].to_numpy()])
+        found_ids.append(hits["id"].to_numpy())
+        if n < longest:
+            alive = alive.join(prefix, on="gram", how="semi")
+        if alive.height == 0:
+            break
+    # (row, id) pairs, unique and sorted, as one list per caption
+    pairs = np.sort(np.concatenate(found_rows) << 32 | np.concatenate(found_ids).astype(np.int64))
+    pairs = pairs[np.concatenate([[True], pairs[1:] != pairs[:-1]])] if len(pairs) else pairs  # np.unique: 50x slower
+    offsets = np.searchsorted(pairs >> 32, np.arange(len(captions) + 1))
+    ids = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array((pairs & 0xFFFFFFFF).astype(np.int32)))
+    return pl.Series("metadata_ids", ids)
 
 
 def entry_counts(ids: pl.Series) -> pl.DataFrame:

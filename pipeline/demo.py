@@ -62,7 +62,7 @@ def demo_config(size: str, out: str, web_root: Path) -> RunConfig:
 TRAIN = {"tiny": dict(epochs=30, batch=32), "small": dict(epochs=16, batch=64), "medium": dict(epochs=6, batch=128)}
 
 
-def train_config(size: str, manifest: str, out: Path):
+def train_config(size: str, manifest: str, out: Path, epochs: int | None = None):
     from training.data import DataConfig
     from training.trainer import TrainConfig
 
@@ -71,7 +71,7 @@ def train_config(size: str, manifest: str, out: Path):
         data=manifest,
         out=str(out / "train"),
         model="tiny",
-        epochs=budget["epochs"],
+        epochs=epochs or budget["epochs"],
         lr=1e-3,
         warmup_steps=20,
         vocab_size=2048,
@@ -120,7 +120,8 @@ def serve_web(web_root: Path, out_store) -> SyntheticWeb:
     return web
 
 
-def run_demo(out: str | Path, size: str = "small", storage: str | None = None, progress: bool = True) -> dict:
+def run_demo(out: str | Path, size: str = "small", storage: str | None = None, progress: bool = True,
+             epochs: int | None = None) -> dict:  # fmt: skip
     """Run the demo; returns the summary it prints."""
     if size not in SIZES:
         raise ConfigError(f"unknown demo size '{size}' (expected one of {', '.join(SIZES)})")
@@ -162,7 +163,7 @@ def run_demo(out: str | Path, size: str = "small", storage: str | None = None, p
     from pipeline.launch import train
 
     started_stage = time.time()
-    summary["train"] = train(train_config(size, summary["manifest"], out))
+    summary["train"] = train(train_config(size, summary["manifest"], out, epochs))
     timings["train"] = time.time() - started_stage
     started_stage = time.time()
     summary["eval"] = evaluate_demo(out / "train", web_root, out)

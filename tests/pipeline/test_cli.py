@@ -149,10 +149,14 @@ def test_demo_against_the_s3_endpoint(tmp_path, s3, ray_local, capsys):
     from tests.conftest import BUCKET
 
     location = f"s3://{BUCKET}/demo-{tmp_path.name[-12:]}"
-    assert main(["-q", "demo", "--size", "tiny", "--out", str(tmp_path / "out"), "--storage", location]) == 0
+    # 3 epochs, not 30: the test above checks what training reaches; this one where every output goes
+    assert main(["-q", "demo", "--size", "tiny", "--out", str(tmp_path / "out"), "--storage", location,
+                 "--epochs", "3"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert f"dataset: {location}/dataset/manifest.json" in printed
     manifest = read_manifest(f"{location}/dataset/manifest.json")
     assert 275 <= manifest.data["num_samples"] <= 288 and verify(manifest) == []  # see the test above
     results = json.loads((tmp_path / "out/eval/eval.json").read_text())
-    assert results["zeroshot"]["heldout"]["top1"] > 0.12
+    assert 0 <= results["zeroshot"]["heldout"]["top1"] <= 1
+    steps = json.loads((tmp_path / "out/train/checkpoints/latest.json").read_text())["step"]
+    assert steps == 3 * (manifest.data["num_samples"] // 32)  # 3 epochs of batches of 32
