@@ -271,7 +271,7 @@ def demo_config(out: str | Path, web_root: Path, seeds: tuple[int, ...] = (0, 1)
 
 
 def run_demo_ablate(out: str | Path) -> dict:
-    """The demo ablation: serve the tiny synthetic web, run the three variants, train, evaluate, compare."""
+    """The demo ablation: serve the tiny synthetic web, run the four variants, train, evaluate, compare."""
     from pipeline.demo import serve_web
     from pipeline.web import SIZES, generate
 

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ablate", help="dataset variants -> shards -> matched-compute training -> eval -> comparison")
     p.add_argument("--config", metavar="FILE", help="an ablation config (run, train, samples_seen, seeds, eval_*)")
-    p.add_argument("--demo", action="store_true", help="three variants of the tiny synthetic web, in a few minutes")
+    p.add_argument("--demo", action="store_true", help="four variants (clip-wit too) of the tiny web, in minutes")
     p.add_argument("--out", default="ablate-demo", metavar="DIR", help="with --demo: where (default: ablate-demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value, e.g. --set samples_seen=20000 --set run.out=s3://b/x")  # fmt: skip

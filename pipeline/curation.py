@@ -9,9 +9,10 @@ al. 2023) wrote the algorithm down:
    is padded with a space on each side, the punctuation ``, . ; : ? ! ` `` is
    wrapped in spaces and tabs and newlines become spaces; an entry matches when
    `" " + entry + " "` occurs in it. Case-sensitive, as MetaCLIP's
-   (``metadata_ignore_case`` lower-cases both sides). One Aho-Corasick pass
-   (polars' ``str.extract_many``, overlapping) finds every entry at once, those
-   that are prefixes of others included.
+   (``metadata_ignore_case`` lower-cases both sides). An entry occurs there
+   exactly when it is a run of the spaced caption's tokens, so every entry is
+   found, overlapping ones and prefixes of others included, by walking the
+   entries' token prefixes with hash joins (`match`).
 2. **count**: how many pool rows match each entry, over every shard (a
    partitioned map-reduce: no task holds more than its share of the entries).
 3. **balance**: a row is kept with probability ``min(1, t / count(entry))``

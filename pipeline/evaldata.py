@@ -155,54 +155,78 @@ def with_train_split(test: RawSet, location: str) -> RawSet:
                   test.meta)  # fmt: skip
 
 
+def _versions(store, files: list[str]) -> list:
+    """What identifies the stored files: size and mtime of local ones; on s3:// their names (a request per
+    object would cost more than the features it saves)."""
+    if store.url().startswith("s3://"):
+        return files
+    return [(f, store.version(f)) for f in files]
+
+
 def class_folders(root: str | Path, name: str | None = None) -> RawSet:
-    """ImageNet-style class folders: ImageNet-1k's names and templates for its 1,000 WordNet-id folders; else the
-    names of classnames.txt, or of the folders."""
-    root = Path(root)
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    """ImageNet-style class folders (local or s3://): ImageNet-1k's names and templates for its 1,000 WordNet-id
+    folders; else the names of classnames.txt, or of the folders."""
+    from pipeline.storage import open_storage
+
+    store = open_storage(str(root))
+    listing = store.list() if "://" in str(root) or Path(root).is_dir() else []
+    by_folder: dict[str, list[str]] = {}
+    for rel in listing:
+        folder, _, file = rel.partition("/")
+        if file and "/" not in file:
+            by_folder.setdefault(folder, [])
+            if file.rpartition(".")[2].lower() in IMAGE_EXTS:
+                by_folder[folder].append(rel)
+    if "://" not in str(root) and Path(root).is_dir():  # empty class folders count as classes too
+        for p in Path(root).iterdir():
+            if p.is_dir():
+                by_folder.setdefault(p.name, [])
+    folders = sorted(by_folder)
     if not folders:
         raise EvalDataError(f"{root}: no class folders")
     templates = None
+    names_file = _text(store, "classnames.txt")
     if len(folders) == 1000 and all(WNID.fullmatch(f) for f in folders):
         classnames, templates, name = imagenet_classnames(), imagenet_templates(), name or "imagenet1k"
-    elif (root / "classnames.txt").exists():
-        classnames = tuple(x.strip() for x in (root / "classnames.txt").read_text().splitlines() if x.strip())
+    elif names_file is not None:
+        classnames = tuple(x.strip() for x in names_file.splitlines() if x.strip())
         if len(classnames) != len(folders):
             raise EvalDataError(f"{root}: classnames.txt names {len(classnames)} classes, there are {len(folders)}")
     else:
         classnames = tuple(f.replace("_", " ") for f in folders)
-    files, labels = [], []
-    for label, folder in enumerate(folders):
-        for path in sorted((root / folder).iterdir()):
-            if path.suffix.lower().lstrip(".") in IMAGE_EXTS:
-                files.append(path)
-                labels.append(label)
-    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    identity = _digest("folders", str(root.resolve()), stats)
-    return RawSet(name or root.name, len(files), lambda i: files[i].read_bytes(), np.array(labels, dtype=np.int64),
-                  classnames, None, templates, identity=identity, meta={"layout": "folders"})  # fmt: skip
+    files = [rel for folder in folders for rel in sorted(by_folder[folder])]
+    labels = [label for label, folder in enumerate(folders) for _ in by_folder[folder]]
+    identity = _digest("folders", store.url(), _versions(store, files))
+    return RawSet(name or str(root).rstrip("/").rsplit("/", 1)[-1], len(files), lambda i: store.read_bytes(files[i]),
+                  np.array(labels, dtype=np.int64), classnames, None, templates, identity=identity,
+                  meta={"layout": "folders"})  # fmt: skip
 
 
 def karpathy(json_path: str | Path, images: str | Path, name: str | None = None, split: str = "test") -> RawSet:
-    """COCO / Flickr30k retrieval: a Karpathy-split JSON and its image folder (the `split` images and captions)."""
-    json_path = Path(json_path)
-    if not json_path.exists():
+    """COCO / Flickr30k retrieval (local or s3://): a Karpathy-split JSON and its image folder (the `split` images
+    and their captions)."""
+    from pipeline.storage import open_storage, split_location
+
+    meta_store, meta_rel = split_location(str(json_path))
+    if not meta_store.exists(meta_rel):
         raise EvalDataError(f"{json_path}: no such Karpathy-split JSON")
-    data = json.loads(json_path.read_text())
+    data = json.loads(meta_store.read_bytes(meta_rel))
+    store = open_storage(str(images))
     files, captions = [], []
     for entry in data.get("images", []):
         if entry.get("split") != split:
             continue
-        files.append(Path(images) / entry.get("filepath", "") / entry["filename"])
+        files.append("/".join(p for p in (entry.get("filepath", ""), entry["filename"]) if p))
         captions.append([s["raw"].strip() for s in entry.get("sentences", [])])
     if not files:
         raise EvalDataError(f"{json_path}: no images in the '{split}' split")
-    missing = [f for f in files if not f.exists()]
+    present = set(store.list())  # one listing, not a request an image
+    missing = [f for f in files if f not in present]
     if missing:
         raise EvalDataError(f"{json_path}: {len(missing)} images not found under {images}, e.g. {missing[0]}")
-    identity = _digest("karpathy", str(json_path.resolve()), json_path.stat().st_mtime_ns,
-                       [(str(f), f.stat().st_size) for f in files])  # fmt: skip
-    return RawSet(name or json_path.stem.removeprefix("dataset_"), len(files), lambda i: files[i].read_bytes(),
+    identity = _digest("karpathy", meta_store.url(meta_rel), meta_store.version(meta_rel), _versions(store, files))
+    stem = str(json_path).rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    return RawSet(name or stem.removeprefix("dataset_"), len(files), lambda i: store.read_bytes(files[i]),
                   captions=captions, identity=identity, meta={"layout": "karpathy"})  # fmt: skip
 
 

@@ -270,3 +270,29 @@ def test_semantic_decontamination_marks_rows_close_to_an_evaluation_embedding():
     found[0] = "a"  # already a copy by its hashes: kept as it is
     semantic_overlaps(found, rows, signatures, threshold=0.95)
     assert found.tolist() == ["a", "b", None, None, None, None]
+
+
+def test_folders_karpathy_and_clip_benchmark_sets_read_from_s3(tmp_path, s3, classification):
+    from pipeline.storage import open_storage
+    from tests.conftest import BUCKET
+
+    folders = tmp_path / "pets"
+    for c, name in enumerate(("cat", "dog")):
+        (folders / name).mkdir(parents=True)
+        for i in range(2):
+            (folders / name / f"{i}.png").write_bytes(texture(40 + 2 * c + i))
+    write_karpathy(tmp_path / "coco")
+    remote = f"s3://{BUCKET}/evalsets-{tmp_path.name}"
+    store = open_storage(remote)
+    for local in (folders, tmp_path / "coco", classification):
+        for f in sorted(local.rglob("*")):
+            if f.is_file():
+                store.put_file(f, f"{local.name}/{f.relative_to(local)}")
+    a, b = class_folders(folders), class_folders(f"{remote}/pets")
+    assert (b.name, b.classnames, b.labels.tolist()) == (a.name, a.classnames, a.labels.tolist())
+    assert [b.read(i) for i in range(b.count)] == [a.read(i) for i in range(a.count)]
+    c = karpathy(f"{remote}/coco/dataset_coco.json", f"{remote}/coco/images")
+    d = karpathy(tmp_path / "coco" / "dataset_coco.json", tmp_path / "coco" / "images")
+    assert c.captions == d.captions and c.read(2) == d.read(2)
+    e = clip_benchmark_wds(f"{remote}/{classification.name}")
+    assert e.labels.tolist() == [0, 1, 2] * 3 and e.read(0) == texture(0, fmt="WEBP")
