@@ -241,14 +241,15 @@ def demo_config(out: str | Path, web_root: Path, seeds: tuple[int, ...] = (0, 1)
     from pipeline.demo import train_config
 
     run = demo_run("tiny", str(out), web_root)
-    # CLIP-style queries for the synthetic web: its frequent words and high-PMI bigrams (colours, shapes, "red
-    # circle"...), built as `clipline metadata --corpus` builds them; balanced to 5% of the pool per entry
+    # CLIP-style queries for the synthetic web: its words and high-PMI bigrams seen 20 times or more (colours,
+    # shapes, "red circle"...), built as `clipline metadata --corpus` builds them; balanced to 2% of the pool an
+    # entry (a caption names several entries, so about a third of the matched rows is balanced out)
     corpus = Path(out) / "web-captions.txt"
     corpus.parent.mkdir(parents=True, exist_ok=True)
     captions = pq.read_table(web_root / "catalog.parquet", columns=["caption"])["caption"].to_pylist()
     corpus.write_text("\n".join(c for c in captions if c) + "\n")
     metadata = Path(out) / "clip-wit-metadata.txt"
-    metadata.write_text("\n".join(build_metadata(None, [str(corpus)], 5, 5, 2.0)) + "\n")
+    metadata.write_text("\n".join(build_metadata(None, [str(corpus)], 20, 20, 2.0)) + "\n")
     run = replace(
         run,
         name="ablate-demo",
@@ -256,7 +257,7 @@ def demo_config(out: str | Path, web_root: Path, seeds: tuple[int, ...] = (0, 1)
             "none": {"filter": {"preset": "none"}},
             "basic": {"filter": {"preset": "basic"}},
             "basic-with-duplicates": {"filter": {"preset": "basic", "drop_duplicates": False}},
-            "clip-wit": {"filter": {"preset": "clip-wit", "metadata": str(metadata), "balance_per_entry": 0.05}},
+            "clip-wit": {"filter": {"preset": "clip-wit", "metadata": str(metadata), "balance_per_entry": 0.02}},
         },
     )
     train = train_config("tiny", "", Path(out))
