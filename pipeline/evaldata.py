@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -81,21 +80,14 @@ def _text(store, rel: str) -> str | None:
 
 
 def _samples(store, tars: list[str]):
-    """(key, {ext: bytes}) of every sample of the tars, in order (webdataset's grouping by key)."""
+    """(key, {ext: bytes}) of every sample of the tars, in order: the loader's own tar reading and grouping by
+    key (pipeline/formats.py), extensions lower-cased."""
+    from pipeline.formats import group_samples, iter_tar_members
+
     for rel in tars:
-        with store.open_read(rel) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            current, members = None, {}
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, _, ext = info.name.rpartition("/")[2].partition(".")
-                if key != current and members:
-                    yield current, members
-                    members = {}
-                current = key
-                members[ext.lower()] = tar.extractfile(info).read()
-            if members:
-                yield current, members
+        with store.open_read(rel) as f:
+            for key, members in group_samples(iter_tar_members(f)):
+                yield key, {ext.lower(): data for ext, data in members.items()}
 
 
 def clip_benchmark_wds(location: str, name: str | None = None, split: str = "test") -> RawSet:
@@ -265,19 +257,16 @@ def write_clip_benchmark_wds(root: str | Path, splits: dict[str, list[tuple[byte
     """Write a dataset in CLIP_benchmark's webdataset layout: per split, samples (image bytes, extension, class
     index or captions) into SPLIT/0.tar with nshards.txt; classnames.txt and templates ("{}" written as "{c}");
     dataset_type.txt says retrieval when the samples carry captions."""
-    import io
+    from pipeline.formats import TarWriter
 
     root = Path(root)
     retrieval = any(isinstance(s[2], list) for samples in splits.values() for s in samples)
     for split, samples in splits.items():
         (root / split).mkdir(parents=True, exist_ok=True)
-        with tarfile.open(root / split / "0.tar", "w") as tar:
+        with TarWriter(root / split / "0.tar") as tar:
             for i, (image, ext, target) in enumerate(samples):
                 label = "\n".join(target) if isinstance(target, list) else str(target)
-                for suffix, data in ((ext, image), ("txt" if retrieval else "cls", label.encode())):
-                    info = tarfile.TarInfo(f"s{i:07d}.{suffix}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+                tar.add(f"s{i:07d}", {ext: image, "txt" if retrieval else "cls": label.encode()})
         (root / split / "nshards.txt").write_text("1\n")
     if retrieval:
         (root / "dataset_type.txt").write_text("retrieval\n")
