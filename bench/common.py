@@ -96,3 +96,23 @@ def start_ray_warm(num_cpus: int = 2) -> None:
 
     pids = ray.get([warm.remote() for _ in range(num_cpus)])
     assert len(set(pids)) == num_cpus, pids
+
+
+def realish_captions(per_language: int) -> list[str]:
+    """Real translated sentences (Debian's gettext catalogues, 52 languages; up to `per_language` each) interleaved
+    one for one with the synthetic web's captions in en/de/fr/es: the caption corpus of the text benchmarks."""
+    import random
+
+    from pipeline.web import gettext_corpus
+    from pipeline.web.corpus import BACKGROUNDS, COLOURS, SHAPES, caption_for
+
+    real = [text for text, _ in gettext_corpus.load(per_language=per_language)]
+    rng = random.Random(0)
+    languages, colours = ["en", "en", "de", "fr", "es"], list(COLOURS)
+    web = [
+        caption_for(
+            rng, rng.choice(languages), rng.choice(colours), rng.choice(SHAPES), rng.choice(BACKGROUNDS), "centre"
+        )  # fmt: skip
+        for _ in range(len(real))
+    ]
+    return [c for pair in zip(real, web, strict=True) for c in pair]

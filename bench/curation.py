@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import machine, run_subprocess  # noqa: E402
+from bench.common import machine, realish_captions, run_subprocess  # noqa: E402
 
 WORDNET = Path("/usr/share/wordnet")
 CACHED_WORDNET = REPO / ".cache" / "wordnet" / "usr" / "share" / "wordnet"
@@ -51,28 +51,12 @@ def wordnet_dir() -> Path:
 
 def make_inputs(work: Path, n_entries: int, n_captions: int) -> tuple[Path, Path]:
     """entries.txt and captions.parquet, deterministic."""
-    import random
 
     import polars as pl
 
     from pipeline.curation import corpus_terms, wordnet_lemmas
-    from pipeline.web import gettext_corpus
-    from pipeline.web.corpus import BACKGROUNDS, COLOURS, SHAPES, caption_for
 
-    real = [text for text, _ in gettext_corpus.load(per_language=100_000)]
-    rng = random.Random(0)
-    web = [
-        caption_for(
-            rng,
-            rng.choice(["en", "en", "de", "fr", "es"]),
-            rng.choice(list(COLOURS)),
-            rng.choice(SHAPES),
-            rng.choice(BACKGROUNDS),
-            "centre",
-        )  # fmt: skip
-        for _ in range(len(real))
-    ]
-    mixed = [c for pair in zip(real, web, strict=True) for c in pair]
+    mixed = realish_captions(100_000)
     captions = (mixed * (n_captions // len(mixed) + 1))[:n_captions]
     lemmas = wordnet_lemmas(wordnet_dir())
     words, bigrams = corpus_terms(mixed, min_count=2, bigram_min_count=2, min_pmi=0.0)

@@ -24,29 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import machine  # noqa: E402
-
-
-def captions(per_language: int) -> list[str]:
-    import random
-
-    from pipeline.web import gettext_corpus
-    from pipeline.web.corpus import BACKGROUNDS, COLOURS, SHAPES, caption_for
-
-    real = [text for text, _ in gettext_corpus.load(per_language=per_language)]
-    rng = random.Random(0)
-    web = [
-        caption_for(
-            rng,
-            rng.choice(["en", "en", "de", "fr", "es"]),
-            rng.choice(list(COLOURS)),
-            rng.choice(SHAPES),
-            rng.choice(BACKGROUNDS),
-            "centre",
-        )  # fmt: skip
-        for _ in range(len(real))
-    ]
-    return [c for pair in zip(real, web, strict=True) for c in pair]
+from bench.common import machine, realish_captions  # noqa: E402
 
 
 def reference():
@@ -70,7 +48,7 @@ def main() -> None:
     from training.tokenizer import Tokenizer
 
     torch.set_num_threads(1)
-    texts = captions(50 if args.quick else 200)
+    texts = realish_captions(50 if args.quick else 200)
     ours = Tokenizer.openai()
     Reference = reference()
 

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import langid, layout, schema
+from pipeline.decontaminate import EVALSIG, plan_evalsig, run_evalsig
 from pipeline.errors import ConfigError, SchemaError
 from pipeline.formats import read_images
 from pipeline.lineage import Reads
@@ -694,22 +695,23 @@ def match_reads(config: FilterConfig) -> Reads:
     return Reads(same=("crawl", "dedup") if config.drop_duplicates else ("crawl",), every=every, external=files)
 
 
-def _evalsig_stage() -> Stage:
-    from pipeline.decontaminate import EVALSIG, plan_evalsig, run_evalsig
+def evalsig_reads(config: FilterConfig) -> Reads | None:
+    if not config.decontaminate:
+        return None
+    from training.checkpoint import checkpoint_files
 
-    def reads(config: FilterConfig) -> Reads | None:
-        if not config.decontaminate:
-            return None
-        from training.checkpoint import checkpoint_files
-
-        model = config.decontaminate_checkpoint
-        return Reads(external=checkpoint_files(model) if model else ())
-
-    return Stage(name=EVALSIG, plan=plan_evalsig, run_shard=run_evalsig, config_key="filter", reads=reads,
-                 gpu_when=lambda config: bool(config.decontaminate_checkpoint))  # fmt: skip
+    model = config.decontaminate_checkpoint
+    return Reads(external=checkpoint_files(model) if model else ())
 
 
-EVALSIG_STAGE = _evalsig_stage()
+EVALSIG_STAGE = Stage(
+    name=EVALSIG,
+    plan=plan_evalsig,
+    run_shard=run_evalsig,
+    config_key="filter",
+    reads=evalsig_reads,
+    gpu_when=lambda config: bool(config.decontaminate_checkpoint),
+)
 MATCH_STAGE = Stage(
     name=MATCH,
     plan=plan_match,

@@ -331,33 +331,24 @@ def open_clip_config(c: ModelConfig, logit_bias: float | None = None) -> dict[st
 def to_hf(model: CLIP, eos_token_id: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(tensors, config.json, preprocessor_config.json) of a transformers CLIPModel."""
     c = _exportable(model, "hf")
-    act = c.activation
+
+    def tower(width: int, layers: int, heads: int, kind: str) -> dict[str, Any]:
+        return {"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": layers,
+                "num_attention_heads": heads, "hidden_act": c.activation, "layer_norm_eps": c.layer_norm_eps,
+                "projection_dim": c.embed_dim, "model_type": kind}  # fmt: skip
+
     vision = {
-        "hidden_size": c.vision_width,
-        "intermediate_size": 4 * c.vision_width,
-        "num_hidden_layers": c.vision_layers,
-        "num_attention_heads": c.vision_heads,
+        **tower(c.vision_width, c.vision_layers, c.vision_heads, "clip_vision_model"),
         "image_size": c.image_size,
         "patch_size": c.patch_size,
-        "hidden_act": act,
-        "layer_norm_eps": c.layer_norm_eps,
-        "projection_dim": c.embed_dim,
-        "model_type": "clip_vision_model",
     }
     text = {
-        "hidden_size": c.text_width,
-        "intermediate_size": 4 * c.text_width,
-        "num_hidden_layers": c.text_layers,
-        "num_attention_heads": c.text_heads,
+        **tower(c.text_width, c.text_layers, c.text_heads, "clip_text_model"),
         "max_position_embeddings": c.context_length,
         "vocab_size": c.vocab_size,
-        "hidden_act": act,
-        "layer_norm_eps": c.layer_norm_eps,
-        "projection_dim": c.embed_dim,
         "pad_token_id": 0,
         "bos_token_id": eos_token_id - 1 if eos_token_id > 2 else 1,
         "eos_token_id": eos_token_id,
-        "model_type": "clip_text_model",
     }
     config = {
         "architectures": ["CLIPModel"],
