@@ -4,9 +4,12 @@
 2. the dimensions from the header only, against a pixel limit (decompression
    bombs are refused before any pixel is allocated), then min size / max area /
    aspect ratio;
-3. decode (JPEG in draft mode at the smallest scale that still covers the
-   target size), EXIF orientation applied, converted to RGB (CMYK, 16-bit,
-   palette+alpha, LA/RGBA composited on white, first frame of an animation);
+3. decode at full size under a per-process pixel budget, box-reduced at once by an
+   integer factor that still covers twice the target, EXIF orientation applied,
+   converted to RGB (CMYK, 16-bit, palette+alpha, LA/RGBA composited on white,
+   first frame of an animation). JPEGs too: a draft-mode (DCT-scaled) decode gives
+   other pixels than the same image's PNG, and the pixel hash must be equal for
+   equal pixels whatever the format;
 4. resize per img2dataset's modes and encode.
 """
 
@@ -219,9 +222,8 @@ def process(data: bytes, policy: ImagePolicy) -> ProcessedImage:
         raise ImageRefused("bad_aspect_ratio", f"{width}x{height} is beyond aspect ratio {policy.max_aspect_ratio:g}")
     target = target_size(width, height, policy)
     try:
-        if fmt == "jpeg" and policy.resize_mode != "no":
-            # Decode at a reduced DCT scale that still covers the target (2-8x faster on big photos).
-            img.draft("RGB", target)
+        # No JPEG draft mode: its DCT-scaled pixels differ from the full decode's, so a PNG holding a
+        # JPEG's exact pixels would get another pixel hash (exact_pixels must not depend on the format).
         with DECODE_BUDGET.hold(img.width * img.height):
             img.load()
             img = _reduced(img, target) if policy.resize_mode != "no" else img
@@ -245,8 +247,8 @@ def process(data: bytes, policy: ImagePolicy) -> ProcessedImage:
 
 
 def _reduced(img: Image.Image, target: tuple[int, int]) -> Image.Image:
-    """A decoded image box-reduced by an integer factor that keeps at least twice the target size, as
-    JPEG's draft mode does for JPEGs; the signatures and the resize then work on the small copy."""
+    """A decoded image box-reduced by an integer factor that keeps at least twice the target size;
+    the signatures and the resize then work on the small copy, the same for every format."""
     factor = min(img.width // (2 * target[0]), img.height // (2 * target[1]))
     if factor < 2:
         return img
@@ -258,7 +260,7 @@ def _reduced(img: Image.Image, target: tuple[int, int]) -> Image.Image:
 
 
 def _rotated(img: Image.Image, width: int, height: int) -> bool:
-    """Whether EXIF orientation swapped the sides (img is after exif_transpose, maybe drafted)."""
+    """Whether EXIF orientation swapped the sides (img is after exif_transpose, maybe reduced)."""
     if width == height:
         return False
     return (img.width > img.height) != (width > height)

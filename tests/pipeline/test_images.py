@@ -128,10 +128,28 @@ def test_border_pads_with_black_and_only_if_bigger_keeps_small_images():
     assert (small.width, small.height) == (60, 20)
 
 
-def test_large_jpeg_is_decoded_in_draft_mode_to_the_target():
+def test_large_jpeg_is_reduced_to_the_target():
     img = render([0, 0, 3], "green", "star", "striped", (2400, 1600), "centre")
     out = process(encode(img, "jpeg"), ImagePolicy(image_size=64, resize_mode="center_crop"))
     assert (out.width, out.height, out.original_width, out.original_height) == (64, 64, 2400, 1600)
+
+
+@pytest.mark.parametrize("name", ["aitzgorri", "life", "picosdeeuropa", "sunset"])
+@pytest.mark.parametrize("size", [256, 96])
+def test_a_jpegs_exact_pixels_in_png_or_webp_have_its_pixel_hash(name, size):
+    """exact_pixels does not depend on the format: a PNG/WebP holding exactly the pixels a JPEG
+    decodes to is the same image, also when the crawl reduces it (a 640 px photo to 96 px: 6x)."""
+    data = (REPO / "tests/data/photos" / f"{name}.jpg").read_bytes()
+    pixels = Image.open(io.BytesIO(data)).convert("RGB")
+    policy = ImagePolicy(image_size=size)
+    jpeg = process(data, policy)
+    for fmt, options in (("PNG", {}), ("WEBP", {"lossless": True})):
+        buf = io.BytesIO()
+        pixels.save(buf, fmt, **options)
+        copy = process(buf.getvalue(), policy)
+        assert (copy.pixel_hash, copy.phash, copy.colour_sig) == (jpeg.pixel_hash, jpeg.phash, jpeg.colour_sig)
+    requantised = process(encode(pixels, "jpeg", quality=95), policy)
+    assert requantised.pixel_hash != jpeg.pixel_hash  # other pixels: not exact, only near
 
 
 def test_limits_from_the_policy():
