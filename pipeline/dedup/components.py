@@ -112,6 +112,26 @@ def roots(index: np.ndarray, n: int) -> np.ndarray:
             return parent
 
 
+def keeper_relation(index: np.ndarray, edge_reason: np.ndarray, keeper_of: np.ndarray) -> np.ndarray:
+    """Each node's relation to its keeper, as a REASONS index (len(REASONS) for a keeper): the
+    strongest reason r such that a path of edges all at least as strong as r joins the node to its
+    keeper. Four byte-identical copies joined to their keeper by a near edge are `near` duplicates
+    of it, not `exact_bytes` ones. One union-find per reason, over the edges that strong or stronger."""
+    n, half = len(keeper_of), len(edge_reason)
+    relation = np.full(n, len(REASONS), dtype=np.int16)
+    open_ = keeper_of != np.arange(n)  # members whose relation is not known yet
+    for r in np.unique(edge_reason).tolist():
+        strong = edge_reason <= r
+        sub = np.concatenate([index[:half][strong], index[half:][strong]])
+        root = roots(sub, n)
+        joined = open_ & (root == root[keeper_of])
+        relation[joined] = r
+        open_ &= ~joined
+        if not open_.any():
+            break
+    return relation
+
+
 def connected_components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(nodes, label) for the nodes of the edge list: label = smallest node of its component."""
     nodes, _, root = union_find(a, b)
@@ -242,15 +262,12 @@ def _components(ctx: ShardContext, pool: ThreadPoolExecutor) -> dict:
         [halves[:, span] for span in spans],
     )
     root = roots(index, len(nodes))
-    # The strongest reason among each node's own edges.
-    reasons = np.full(len(nodes), len(REASONS), dtype=np.int16)
-    np.minimum.at(reasons, index[: len(edge_reason)], edge_reason)
-    np.minimum.at(reasons, index[len(edge_reason) :], edge_reason)
-    del edge_reason, index
     uids = list(reading)
     keeper_of = keepers_by_rule(root, nodes, list(halves), None if config.keep == "lowest_uid" else area)
     del area
     is_keeper = keeper_of == np.arange(len(nodes))
+    reasons = keeper_relation(index, edge_reason, keeper_of)
+    del edge_reason, index
     per_root = np.bincount(root, minlength=len(nodes))
     sizes = per_root[root]
     reasons[is_keeper] = len(REASONS)

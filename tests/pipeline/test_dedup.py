@@ -244,6 +244,35 @@ def test_reasons_rules_and_keep_policy(tmp_path):
     assert strict.filter(pl.col("dup_reason").is_not_null())["uid"].to_list() == ["b2"]
 
 
+def test_dup_reason_is_the_members_relation_to_its_keeper(tmp_path):
+    """Four byte-identical copies near a larger original point to it as `near`, not `exact_bytes`:
+    the keeper has other bytes. A member joined to the keeper by exact bytes stays exact_bytes,
+    and a chain exact_bytes -> exact_pixels -> keeper is exact_pixels (the weakest link of the
+    strongest path)."""
+    base = 0x1234_5678_9ABC_DEF0
+    rows = [
+        {"uid": "k", "phash": base, "colour": colour(5), "w": 400, "pixels": 1},
+        *({"uid": f"copy{i}", "sha": "ee" * 32, "phash": flip(base, [3, 40]), "colour": colour(5)} for i in range(4)),
+        {"uid": "m", "phash": 99, "colour": colour(2), "w": 400, "pixels": 7, "sha": "aa" * 32},
+        {"uid": "m-bytes", "phash": 99, "colour": colour(2), "pixels": 7, "sha": "aa" * 32},
+        {"uid": "m-pixels", "phash": 99, "colour": colour(2), "pixels": 7, "sha": "bb" * 32},
+        {"uid": "m-pixels-bytes", "phash": 99, "colour": colour(2), "pixels": 8, "sha": "bb" * 32},
+    ]
+    store = store_with_shards(tmp_path, [rows[:3], rows[3:]])
+    out = dedup(store, caption=False)
+    got = {r["uid"]: (r["dup_of"], r["dup_reason"]) for r in out.iter_rows(named=True)}
+    assert got == {
+        "k": (None, None),
+        **{f"copy{i}": ("k", "near") for i in range(4)},
+        "m": (None, None),
+        "m-bytes": ("m", "exact_bytes"),
+        "m-pixels": ("m", "exact_pixels"),
+        "m-pixels-bytes": ("m", "exact_pixels"),  # bytes of m-pixels, whose pixels are m's
+    }
+    by_reason = store.read_json(marker_path("dedup/_components", 0))["stats"]["by_reason"]
+    assert by_reason == {"exact_bytes": 1, "exact_pixels": 2, "near": 4}  # the counts follow the relation
+
+
 def test_different_captions_can_be_kept(tmp_path):
     same = {"sha": "ee" * 32, "pixels": 1 << 62, "phash": 42, "colour": colour(1)}  # one image, three captions
     rows = [
