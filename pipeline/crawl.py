@@ -41,6 +41,7 @@ from pipeline.fetch import AddressGuard, Fetcher, FetchError, FetchPolicy, Netwo
 from pipeline.formats import TarWriter, group_samples, iter_tar_members
 from pipeline.images import ImagePolicy, ImageRefused, process
 from pipeline.lineage import Reads
+from pipeline.pdq import HashList
 from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards
 from pipeline.storage import read_hash_lists
 
@@ -81,6 +82,7 @@ class CrawlConfig:
     hosts: dict[str, str] = field(default_factory=dict)  # static name → IP, like curl --resolve
     dns: bool = True  # False: no name lookups at all (names must be in `hosts`)
     blocklist_image_sha256: tuple[str, ...] = ()  # files of sha256(image bytes) hex lines
+    blocklist_image_pdq: tuple[str, ...] = ()  # files of PDQ hashes (64 hex digits), each optionally with a distance
     threads: int = field(default=32, metadata=RUNTIME_ONLY)  # downloads in flight per crawl task
     per_host_concurrency: int = field(default=4, metadata=RUNTIME_ONLY)  # requests in flight per host, per crawl task
     per_host_rps: float = field(default=20.0, metadata=RUNTIME_ONLY)  # request starts per second per host; 0: no cap
@@ -207,6 +209,8 @@ class Outcome:
     phash: int | None = None
     colour_sig: str | None = None
     pixel_hash: int | None = None
+    pdq: str | None = None
+    pdq_quality: int | None = None
 
     def image_columns(self) -> dict:
         """The crawl parquet columns this outcome fills (all but uid/url/caption/key/attempts)."""
@@ -227,10 +231,14 @@ class Outcome:
             "phash": self.phash,
             "colour_sig": self.colour_sig,
             "pixel_hash": self.pixel_hash,
+            "pdq": self.pdq,
+            "pdq_quality": self.pdq_quality,
         }
 
 
-def download(url: str, fetcher: Fetcher, policy: ImagePolicy, blocked: frozenset[str]) -> Outcome:
+def download(
+    url: str, fetcher: Fetcher, policy: ImagePolicy, blocked: frozenset[str], pdq_lists: HashList | None = None
+) -> Outcome:
     """Fetch, check and process one URL into an Outcome; never raises for the URL's faults."""
     started = time.monotonic()
     try:
@@ -254,6 +262,10 @@ def download(url: str, fetcher: Fetcher, policy: ImagePolicy, blocked: frozenset
         image = process(result.body, policy)
     except ImageRefused as e:
         return Outcome(e.status, str(e), **base)
+    if pdq_lists is not None and (name := pdq_lists.match([image.pdq], [image.pdq_quality])[0]):
+        # Decoded to be hashed, but never written: no byte of it reaches crawl/*.tar.
+        message = f"image PDQ matches an entry of blocklist {name}"
+        return Outcome("blocked", message, pdq=image.pdq, pdq_quality=image.pdq_quality, **base)
     return Outcome(
         schema.SUCCESS,
         None,
@@ -266,6 +278,8 @@ def download(url: str, fetcher: Fetcher, policy: ImagePolicy, blocked: frozenset
         phash=image.phash,
         colour_sig=image.colour_sig,
         pixel_hash=image.pixel_hash,
+        pdq=image.pdq,
+        pdq_quality=image.pdq_quality,
         **base,
     )
 
@@ -280,6 +294,7 @@ def crawl_rows(urls: list[str], config: CrawlConfig, fetcher: Fetcher | None = N
     fetcher = fetcher or Fetcher(config.network(), config.fetch_policy(), _ROBOTS)
     policy = config.image_policy()
     blocked = read_hash_lists(config.blocklist_image_sha256)
+    pdq_lists = HashList.load(config.blocklist_image_pdq) if config.blocklist_image_pdq else None
     results: list[tuple[Outcome, int] | None] = [None] * len(urls)
     attempts = [0] * len(urls)
     scheduler = HostScheduler(
@@ -290,7 +305,7 @@ def crawl_rows(urls: list[str], config: CrawlConfig, fetcher: Fetcher | None = N
         while (job := scheduler.get()) is not None:
             index, host = job
             attempts[index] += 1
-            outcome = download(urls[index], fetcher, policy, blocked)
+            outcome = download(urls[index], fetcher, policy, blocked, pdq_lists)
             if outcome.status in RETRIED_IN_CRAWL and attempts[index] < config.max_attempts:
                 wait = outcome.retry_after
                 wait = config.backoff_s * 2 ** (attempts[index] - 1) if wait is None else wait
@@ -449,7 +464,7 @@ def run_retry(ctx: ShardContext) -> dict:
 
 
 def crawl_reads(config: CrawlConfig) -> Reads:
-    return Reads(same=("ingest",), external=config.blocklist_image_sha256)
+    return Reads(same=("ingest",), external=(*config.blocklist_image_sha256, *config.blocklist_image_pdq))
 
 
 STAGE = Stage(

@@ -35,6 +35,7 @@ from pipeline.decontaminate import EVALSIG, plan_evalsig, run_evalsig
 from pipeline.errors import ConfigError, SchemaError
 from pipeline.formats import read_images
 from pipeline.lineage import Reads
+from pipeline.pdq import HashList
 from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards
 from pipeline.storage import read_hash_lists, split_location
 
@@ -117,6 +118,7 @@ class FilterConfig:
     blocklist_domains: tuple[str, ...] = ()  # files of domains, one a line; subdomains are blocked too
     blocklist_image_sha256: tuple[str, ...] = ()  # files of sha256(image bytes) hex lines
     blocklist_image_md5: tuple[str, ...] = ()  # files of md5(image bytes) hex lines
+    blocklist_image_pdq: tuple[str, ...] = ()  # files of PDQ hashes (64 hex digits), each optionally with a distance
     text_terms: tuple[str, ...] = ()  # terms for text_match (case-insensitive, whole words)
     text_terms_files: tuple[str, ...] = ()  # files of terms, one a line
     # the CLIP-score model: a clipline run or .pt, an OpenAI/OpenCLIP file or directory (OpenAI's ViT-B-32.pt),
@@ -239,6 +241,7 @@ class Blocklists:
     domains: frozenset[str] = frozenset()
     image_sha256: frozenset[str] = frozenset()
     image_md5: frozenset[str] = frozenset()
+    image_pdq: HashList | None = None
 
     @classmethod
     def load(cls, config: FilterConfig) -> "Blocklists":
@@ -248,6 +251,7 @@ class Blocklists:
             domains=frozenset(domains),
             image_sha256=read_hash_lists(config.blocklist_image_sha256),
             image_md5=read_hash_lists(config.blocklist_image_md5),
+            image_pdq=HashList.load(config.blocklist_image_pdq) if config.blocklist_image_pdq else None,
         )
 
     def reasons(self, frame: pl.DataFrame) -> pl.Series:
@@ -272,19 +276,32 @@ class Blocklists:
                 "md5": frame["md5"].is_in(list(self.image_md5)).fill_null(False)
                 if self.image_md5
                 else [False] * frame.height,
+                "pdq": [name is not None for name in self.image_pdq.match(*pdq_columns(frame))]
+                if self.image_pdq is not None
+                else [False] * frame.height,
             },
-            schema={"url": pl.Boolean, "domain": pl.Boolean, "sha256": pl.Boolean, "md5": pl.Boolean},
+            schema={
+                "url": pl.Boolean,
+                "domain": pl.Boolean,
+                "sha256": pl.Boolean,
+                "md5": pl.Boolean,
+                "pdq": pl.Boolean,
+            },
         )
         reason = (
             pl.when(pl.col("url"))
             .then(pl.lit("blocked_url"))
             .when(pl.col("domain"))
             .then(pl.lit("blocked_domain"))
-            .when(pl.col("sha256") | pl.col("md5"))
+            .when(pl.col("sha256") | pl.col("md5") | pl.col("pdq"))
             .then(pl.lit("blocked_image"))
             .otherwise(pl.lit(None, dtype=pl.Utf8))
         )
         return hits.select(blocked=reason)["blocked"]
+
+
+def pdq_columns(frame: pl.DataFrame) -> tuple[list, list]:
+    return frame["pdq"].to_list(), frame["pdq_quality"].to_list()
 
 
 def image_reason(rules: Rules) -> pl.Expr:
@@ -540,8 +557,9 @@ def check_calibration(config: FilterConfig) -> str | None:
 def unbalanced_table(ctx: ShardContext, config: FilterConfig, rules: Rules) -> pa.Table:
     """The filter rows of `ctx.shard` under every rule but the balancing (which needs every shard's counts)."""
     crawl = ctx.read_table(layout.crawl_parquet(ctx.shard))
-    if "md5" not in crawl.column_names:  # crawls made before md5 was recorded
-        crawl = crawl.append_column("md5", pa.nulls(crawl.num_rows, pa.string()))
+    for name, kind in (("md5", pa.string()), ("pdq", pa.string()), ("pdq_quality", pa.int8())):
+        if name not in crawl.column_names:  # crawls made before these were recorded
+            crawl = crawl.append_column(name, pa.nulls(crawl.num_rows, kind))
     schema.validate(crawl, schema.CRAWL, layout.crawl_parquet(ctx.shard))
     dedup = None
     if config.drop_duplicates:
@@ -683,6 +701,7 @@ def match_reads(config: FilterConfig) -> Reads:
         *config.blocklist_domains,
         *config.blocklist_image_sha256,
         *config.blocklist_image_md5,
+        *config.blocklist_image_pdq,
         *config.text_terms_files,
         *((config.metadata,) if config.metadata else ()),
     )

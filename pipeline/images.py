@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline import pdq
 from pipeline.stage import release_memory
 
 ALLOWED_FORMATS = ("jpeg", "png", "webp", "gif")
@@ -128,6 +129,8 @@ class ProcessedImage:
     phash: int  # 64-bit DCT perceptual hash of the whole upright image (as a signed int64)
     colour_sig: str  # 4x4 grid of mean colours, 4 bits a channel, as 48 hex digits: pHash is grey-only
     pixel_hash: int  # 64-bit hash of the pixels at a canonical small size: equal for lossless re-encodes
+    pdq: str  # PDQ (pipeline/pdq.py), 64 hex digits: what abuse hash lists are shared in
+    pdq_quality: int  # PDQ's quality, 0-100 (below 50: too flat to match on)
 
 
 # DCT-II basis for 32 samples, rows = frequencies (orthonormal scaling does not matter for signs).
@@ -235,6 +238,7 @@ def process(data: bytes, policy: ImagePolicy) -> ProcessedImage:
     original_width, original_height = (height, width) if _rotated(img, width, height) else (width, height)
     # Dedup signatures, of the whole upright image before any crop/resize (computed here: it is decoded once).
     hashes = signatures(rgb)
+    pdq_hash, pdq_quality = pdq.pdq(np.asarray(rgb))  # of the reduced copy (>= 2x the target): ~1 ms
     out = resize(rgb, policy)
     buf = io.BytesIO()
     if policy.encode_format == "jpg":
@@ -243,7 +247,9 @@ def process(data: bytes, policy: ImagePolicy) -> ProcessedImage:
         out.save(buf, "WEBP", quality=policy.encode_quality)
     else:
         out.save(buf, "PNG")
-    return ProcessedImage(buf.getvalue(), out.width, out.height, original_width, original_height, fmt, *hashes)
+    return ProcessedImage(
+        buf.getvalue(), out.width, out.height, original_width, original_height, fmt, *hashes, pdq_hash, pdq_quality
+    )
 
 
 def _reduced(img: Image.Image, target: tuple[int, int]) -> Image.Image:

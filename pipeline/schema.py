@@ -130,12 +130,14 @@ CRAWL = pa.schema(
         pa.field("phash", pa.int64()),  # 64-bit DCT perceptual hash (compare with XOR + popcount)
         pa.field("colour_sig", pa.string()),  # 4x4 mean colours, 4 bits a channel: 48 hex digits
         pa.field("pixel_hash", pa.int64()),  # pixels at 32x32, 5 bits a channel: lossless re-encodes
+        pa.field("pdq", pa.string()),  # PDQ perceptual hash, 64 hex digits (hash lists: blocklist_image_pdq)
+        pa.field("pdq_quality", pa.int8()),  # PDQ's quality 0-100; under 50 never matched
     ]
 )
 
 # Crawl columns of (nearly) all-different values: written plain, without statistics
 # (storage.parquet_options).
-CRAWL_DISTINCT = ("uid", "url", "key", "sha256", "sha256_key", "md5", "phash", "colour_sig", "pixel_hash")
+CRAWL_DISTINCT = ("uid", "url", "key", "sha256", "sha256_key", "md5", "phash", "colour_sig", "pixel_hash", "pdq")
 
 DEDUP = pa.schema(
     [

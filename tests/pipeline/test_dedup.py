@@ -167,6 +167,8 @@ def crawl_rows(rows: list[dict]) -> pa.Table:
                 "phash": r.get("phash", random.Random(uid).getrandbits(64) - (1 << 63)),
                 "colour_sig": r.get("colour", colour(random.Random(uid + "c").randrange(16))),
                 "pixel_hash": r.get("pixels", random.Random(uid + "p").getrandbits(64) - (1 << 63)),
+                "pdq": r.get("pdq", f"{random.Random(uid + 'q').getrandbits(256):064x}"),
+                "pdq_quality": r.get("pdq_quality", 100),
             }
         )
     return schema.conform(pa.Table.from_pylist(full), schema.CRAWL, "test")
