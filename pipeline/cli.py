@@ -176,14 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("takedown", help="remove samples from a published dataset: new manifest version, old kept")
     p.add_argument("--manifest", required=True, metavar="LOCATION", help="the dataset's manifest.json (local or s3://)")
-    p.add_argument("--uids", required=True, metavar="FILE", help="ids to remove, one a line (local or s3://)")
+    p.add_argument("--uids", metavar="FILE", help="ids to remove, one a line (local or s3://)")
     p.add_argument(
         "--kind",
         default="uid",
-        choices=("uid", "url_sha256", "image_sha256"),
-        help="what the ids are: sample uids (default), sha256 of URLs, or sha256 of image bytes",
+        choices=("uid", "url", "url_sha256", "image_sha256", "image_md5", "image_pdq"),
+        help="what the ids are: sample uids (default), URLs, sha256 of URLs, sha256 / md5 of image bytes, "
+        "or PDQ hashes (64 hex digits, optionally a distance; md5 and PDQ need the run's crawl)",
     )
-    p.add_argument("--reason", default="", help="why (recorded in the new manifest)")
+    p.add_argument("--reason", default="", help="why (recorded in the new manifest and OUT/takedowns/NNNN.json)")
+    p.add_argument(
+        "--purge",
+        action="store_true",
+        help="also rewrite every object under OUT that still holds a removed image (crawl tars, superseded "
+        "shard versions); without --uids: run the purges whose grace has passed",
+    )
+    p.add_argument("--grace", type=float, default=0.0, metavar="DAYS", help="purge only after DAYS (with --purge)")
     p.set_defaults(func=cmd_takedown)
 
     p = sub.add_parser("web", help="generate (if needed) and serve a synthetic web on loopback")
@@ -410,14 +418,24 @@ def cmd_jobs(args) -> int:
 def cmd_takedown(args) -> int:
     from pipeline.takedown import takedown
 
-    done = takedown(args.manifest, args.uids, kind=args.kind, reason=args.reason)
-    if not done["removed"]:
+    if args.grace < 0:
+        raise ClipError(f"takedown: --grace must be >= 0 days, got {args.grace:g}")
+    done = takedown(args.manifest, args.uids, kind=args.kind, reason=args.reason, purge=args.purge,
+                    grace_days=args.grace)  # fmt: skip
+    if args.uids and not done["removed"]:
         print(f"takedown: no listed sample is in {args.manifest}; nothing changed (version {done['version']})")
-        return 0
-    print(
-        f"takedown: removed {done['removed']} samples from {len(done['changed_shards'])} shards; "
-        f"manifest is now version {done['version']} (previous kept as {done['archived']})"
-    )
+    elif args.uids:
+        print(
+            f"takedown: removed {done['removed']} samples from {len(done['changed_shards'])} shards; "
+            f"manifest is now version {done['version']} (previous kept as {done['archived']}); "
+            f"audit record {done['audit']}"
+        )
+        for other in done["datasets"][1:]:
+            print(f"takedown: also {other['dataset']}: {other['removed']} samples, version {other['version']}")
+    for purge in done["purged"]:
+        print(f"takedown: purged {purge['takedown']}: rewrote {len(purge['rewritten'])} objects")
+    if args.purge and args.grace and args.uids and done["removed"]:
+        print(f"takedown: the purge runs on `clipline takedown --manifest ... --purge` after {args.grace:g} days")
     return 0
 
 

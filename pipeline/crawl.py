@@ -30,7 +30,7 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -390,18 +390,31 @@ def plan_crawl(ctx: PlanContext) -> list[int]:
     return committed_shards(ctx.storage, "ingest")
 
 
+def with_takedown_lists(config: CrawlConfig, storage) -> CrawlConfig:
+    """The config's image blocklists plus what the run's takedowns removed (never fetched again)."""
+    return replace(
+        config,
+        blocklist_image_sha256=(*config.blocklist_image_sha256, *layout.takedown_lists(storage, "image_sha256")),
+        blocklist_image_pdq=(*config.blocklist_image_pdq, *layout.takedown_lists(storage, "image_pdq")),
+    )
+
+
 def run_crawl(ctx: ShardContext) -> dict:
-    config: CrawlConfig = ctx.config
+    config: CrawlConfig = with_takedown_lists(ctx.config, ctx.storage)
     table = ctx.read_table(layout.ingest_parquet(ctx.shard))
     schema.validate(table, schema.INGEST, layout.ingest_parquet(ctx.shard))
     statuses = table["status"].to_pylist()
     uids = table["uid"].to_pylist()
     bad_uid = {i for i, uid in enumerate(uids) if not schema.is_uid(uid)}  # a failed row, never a failed shard
-    todo = [i for i, s in enumerate(statuses) if s is None and i not in bad_uid]
     urls = table["url"].to_pylist()
+    taken_down = read_hash_lists(layout.takedown_lists(ctx.storage, "url_sha256"))  # never fetched again
+    gone = {i for i, u in enumerate(urls) if taken_down and hashlib.sha256(u.encode()).hexdigest() in taken_down}
+    todo = [i for i, s in enumerate(statuses) if s is None and i not in bad_uid and i not in gone]
     started = time.time()
     results = crawl_rows([urls[i] for i in todo], config)
     outcomes = dict(zip(todo, results, strict=True))
+    for i in gone:
+        outcomes[i] = (Outcome("blocked", "URL taken down (the run's takedown list)"), 0)
     for i in bad_uid:
         outcomes[i] = (Outcome("invalid_uid", f"uid {str(uids[i])[:40]!r} is not 32 lowercase hex digits"), 0)
     with TarWriter(ctx.output_path(layout.crawl_tar(ctx.shard))) as tar:
@@ -426,7 +439,7 @@ def plan_retry(ctx: PlanContext) -> list[int]:
 
 def run_retry(ctx: ShardContext) -> dict:
     """Fetch the transient failures of one committed crawl shard again; rewrite its tar and parquet."""
-    config: CrawlConfig = ctx.config
+    config: CrawlConfig = with_takedown_lists(ctx.config, ctx.storage)
     old = ctx.read_table(layout.crawl_parquet(ctx.shard))
     rows = old.to_pylist()
     with ctx.storage.open_read(layout.crawl_tar(ctx.shard)) as f:

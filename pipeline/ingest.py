@@ -355,7 +355,8 @@ def run_map(ctx: ShardContext) -> dict:
     chunk = plan["chunks"][ctx.shard]
     inp = describe(plan["inputs"][chunk["file"]])
     url_col, caption_col, carried = resolve_columns(inp, config)
-    blocked = read_hash_lists(config.blocklist_url_sha256)
+    # the config's URL lists, and what the run's takedowns removed (never fetched again)
+    blocked = read_hash_lists((*config.blocklist_url_sha256, *layout.takedown_lists(ctx.storage, "url_sha256")))
     columns = list(dict.fromkeys([url_col, caption_col, *carried]))
     pending: list[pa.Table] = []
     stats: dict[str, int] = {"rows": 0}

@@ -28,6 +28,15 @@ DATASET = "dataset"
 MANIFEST = f"{DATASET}/manifest.json"
 STATS_JSON = f"{DATASET}/stats/stats.json"
 REPORT_HTML = f"{DATASET}/stats/report.html"
+TAKEDOWNS = "takedowns"  # audit records {n:04d}.json, and the lists below
+# What every takedown removed, which ingest and crawl always refuse (a re-crawl never fetches it again).
+TAKEDOWN_LISTS = {kind: f"{TAKEDOWNS}/blocklist_{kind}.txt" for kind in ("url_sha256", "image_sha256", "image_pdq")}
+
+
+def takedown_lists(storage, kind: str) -> tuple[str, ...]:
+    """The run's standing takedown list of `kind` as a location, if a takedown wrote one."""
+    rel = TAKEDOWN_LISTS[kind]
+    return (storage.url(rel),) if storage.exists(rel) else ()
 
 
 def shard_name(shard: int) -> str:
