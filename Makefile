@@ -52,7 +52,7 @@ $(BENCH_STAMP): pyproject.toml Makefile
 	@rm -f $(BENCH_VENV)/.installed-*
 	@touch $@
 
-BENCHES := crawl langid dedup curation tokenizer
+BENCHES := crawl langid dedup dedup_quality curation tokenizer
 
 bench-quick: $(BENCH_STAMP)
 	for b in $(BENCHES); do NO_ALBUMENTATIONS_UPDATE=1 $(BENCH_VENV)/bin/python bench/$$b.py --quick || exit 1; done

@@ -253,9 +253,10 @@ def process(data: bytes, policy: ImagePolicy) -> ProcessedImage:
 
 
 def _reduced(img: Image.Image, target: tuple[int, int]) -> Image.Image:
-    """A decoded image box-reduced by an integer factor that keeps at least twice the target size;
-    the signatures and the resize then work on the small copy, the same for every format."""
-    factor = min(img.width // (2 * target[0]), img.height // (2 * target[1]))
+    """A decoded image box-reduced by an integer factor that keeps at least 1.5x the target size (as
+    JPEG draft mode kept at least 1x, but every format alike); the signatures and the resize then work
+    on the small copy: an 800 px photo for a 256 px target is resized from 400 px, not 800."""
+    factor = min(img.width // -(-3 * target[0] // 2), img.height // -(-3 * target[1] // 2))
     if factor < 2:
         return img
     if img.mode == "P":  # reduce() works on pixel values, not palette indices

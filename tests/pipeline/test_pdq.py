@@ -37,6 +37,15 @@ def test_hash_and_quality_equal_the_reference_on_real_photos(path):
         assert pdq.pdq(np.ascontiguousarray(arr)) == reference(arr)
 
 
+def test_big_images_are_reduced_first_and_stay_well_within_the_match_distance():
+    for path in PHOTOS:
+        rgb = np.asarray(Image.open(path).convert("RGB").resize((1600, 1066), Image.Resampling.BICUBIC))
+        ours, quality = pdq.pdq(rgb)
+        theirs, their_quality = reference(rgb)
+        assert bin(int(ours, 16) ^ int(theirs, 16)).count("1") <= 16 and abs(quality - their_quality) <= 10
+        assert pdq.pdq(rgb, exact_up_to=2000) == (theirs, their_quality)  # the unreduced path is exact
+
+
 def test_copies_are_near_and_other_photos_far():
     hashes = {p.stem: pdq.pdq(np.asarray(Image.open(p).convert("RGB")))[0] for p in PHOTOS}
     words = pdq.unpack(list(hashes.values()))
