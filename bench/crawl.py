@@ -17,6 +17,12 @@ side's process tree for peak RSS. Prints a table and writes bench/results/crawl.
 
     python bench/crawl.py --quick        # ~1,500 images, under a minute
     python bench/crawl.py                # 12,000 images, 3 rounds
+    python bench/crawl.py --photos       # 1,200 real photographs, 320-1,600 px, JPEG q85, to 256 px
+
+--photos serves web-sized real photographs instead of the synthetic images: crops of the
+photographs in Debian's wallpaper packages (bench/dedup_quality.py fetches them), each at a
+random longest side of 320-1,600 px, JPEG q85, the same bytes for both sides. Results go to
+bench/results/crawl-photos.json.
 """
 
 from __future__ import annotations
@@ -128,6 +134,38 @@ def side_img2dataset(shards: Path, work: Path, size: int, allow: str) -> dict:
     return {"seconds": seconds, "urls": sum(t.num_rows for t in stats), "success": success}
 
 
+def plant_photos(root: Path, files: list[str], seed: int = 0) -> dict:
+    """Overwrite the web's image files with real photographs: a random crop of one of the wallpapers
+    (half to all of its width), scaled to a longest side of 320-1,600 px, JPEG q85."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from bench.dedup_quality import fetch_photos
+
+    rng = np.random.default_rng(seed)
+    pictures = fetch_photos()
+    sizes, total = [], 0
+    for p, path in enumerate(pictures):
+        with Image.open(path) as img:
+            img.draft("RGB", (img.width // 2, img.height // 2))
+            picture = img.convert("RGB")
+        for name in files[p :: len(pictures)]:
+            w = int(picture.width * rng.uniform(0.5, 1.0))
+            h = min(picture.height, int(w * rng.uniform(0.6, 1.0)))
+            x, y = int(rng.integers(0, picture.width - w + 1)), int(rng.integers(0, picture.height - h + 1))
+            photo = picture.crop((x, y, x + w, y + h))
+            photo.thumbnail((int(rng.integers(320, 1601)),) * 2, Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            photo.save(buf, "JPEG", quality=85)
+            (root / "files" / name).write_bytes(buf.getvalue())
+            sizes.append(max(photo.size))
+            total += buf.tell()
+    return {"photos": len(sizes), "pictures": len(pictures), "longest_side_median": int(np.median(sizes)),
+            "mean_bytes": total // max(1, len(sizes))}  # fmt: skip
+
+
 # --- driver ---------------------------------------------------------------------------------------
 
 
@@ -136,7 +174,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="~1,500 images, one round")
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--size", type=int, default=64, help="output image side")
+    parser.add_argument("--size", type=int, default=None, help="output image side (64; 256 with --photos)")
+    parser.add_argument("--photos", action="store_true", help="1,200 web-sized real photographs (see above)")
     parser.add_argument("--sites", type=int, default=8, help="hosts of the synthetic web")
     parser.add_argument("--side", choices=("clipline", "img2dataset"), help=argparse.SUPPRESS)
     parser.add_argument("--urls", type=Path, help=argparse.SUPPRESS)
@@ -153,7 +192,8 @@ def main() -> None:
 
     from pipeline.web import SyntheticWeb, WebSpec, generate
 
-    images = args.images or (1500 if args.quick else 12000)
+    images = args.images or (1200 if args.photos else 1500 if args.quick else 12000)
+    args.size = args.size or (256 if args.photos else 64)
     rounds = args.rounds or (1 if args.quick else 3)
     base = Path(tempfile.mkdtemp(prefix="clipline-bench-crawl-"))
     spec = WebSpec(
@@ -166,6 +206,11 @@ def main() -> None:
         junk_caption_fraction=0.0,
     )
     root = generate(base / "web", spec)
+    planted = None
+    if args.photos:
+        catalog = pq.read_table(root / "catalog.parquet").to_pylist()
+        planted = plant_photos(root, sorted(r["file"] for r in catalog if r["behaviour"] == "image" and r["file"]))
+        print(f"photos: {planted}", flush=True)
     results: dict[str, list[dict]] = {"clipline": [], "img2dataset": []}
     with SyntheticWeb(root) as web:
         truth = web.truth()
@@ -198,6 +243,7 @@ def main() -> None:
             "resize_mode": "center_crop",
             "processes": 2,
             "threads": 32,
+            "photos": planted,
         },
         "clipline": best["clipline"],
         "img2dataset": best["img2dataset"],
@@ -211,7 +257,7 @@ def main() -> None:
         b = best[side]
         print(f"{side:<12}{b['images_per_s']:>10.1f}{b['success']:>10}{b['peak_rss_mb']:>13}")
     print(f"ratio clipline/img2dataset: {ratio:.2f}x   same successes: {summary['same_success_count']}")
-    out = REPO / "bench" / "results" / "crawl.json"
+    out = REPO / "bench" / "results" / ("crawl-photos.json" if args.photos else "crawl.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {out}")

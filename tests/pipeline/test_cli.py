@@ -26,7 +26,11 @@ def test_help_lists_every_command_of_the_design():
 
 def test_missing_required_arguments_are_one_usage_line_and_exit_2():
     result = clipline("takedown")
-    assert result.returncode == 2 and "the following arguments are required: --manifest, --uids" in result.stderr
+    assert result.returncode == 2 and "the following arguments are required: --manifest" in result.stderr
+    result = clipline("takedown", "--manifest", "nowhere/manifest.json")
+    assert result.returncode == 2
+    want = "clipline: error: takedown: give the ids to remove (--uids FILE), or --purge to run due purges\n"
+    assert result.stderr == want
     result = clipline("eval", "--checkpoint", "nowhere.pt", "--dataset", "x")
     assert result.returncode == 2 and result.stderr.startswith("clipline: error: ")
 
