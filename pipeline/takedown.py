@@ -220,7 +220,7 @@ def _new_version(storage: Storage, gone: set[str], record: dict) -> dict | None:
 def _append_lists(root: Storage, victims: dict[str, dict]) -> None:
     """Add the removed samples to the run's standing blocklists (kept sorted and unique)."""
     new = {
-        "url_sha256": set(_url_sha256([v["url"] for v in victims.values()])),
+        "url_sha256": set(_url_sha256([v["url"] for v in victims.values() if v.get("url")])),
         "image_sha256": {v["sha256"] for v in victims.values() if v.get("sha256")},
         "image_pdq": {v["pdq"] for v in victims.values() if v.get("pdq") and (v.get("pdq_quality") or 0) >= 50},
     }
@@ -263,10 +263,12 @@ def takedown(
             raise ClipError(f"takedown: --kind {kind} needs the run's crawl (OUT/crawl beside {manifest.storage.uri})")
         victims = _crawl_victims(root, ids, kind) if root is not None else {}
         for shard in manifest.shards:  # a dataset without its run, or samples the crawl no longer lists
-            table = manifest.storage.read_parquet(shard["parquet"], columns=["uid", "key", "url", "sha256"])
-            if kind not in NEEDS_CRAWL:
-                for row in table.filter(pa.array(_hits(table, ids, kind))).to_pylist():
-                    victims.setdefault(row["uid"], row)
+            if kind in NEEDS_CRAWL:
+                break
+            column = {"uid": "uid", "url": "url", "url_sha256": "url", "image_sha256": "sha256"}[kind]
+            table = manifest.storage.read_parquet(shard["parquet"], columns=list(dict.fromkeys(["uid", column])))
+            for row in table.filter(pa.array(_hits(table, ids, kind), pa.bool_())).to_pylist():
+                victims.setdefault(row["uid"], row)
         number = _next_number(audit)
         record = {"takedown": f"{AUDIT}/{number:04d}.json", "created": now(), "reason": reason, "kind": kind}
         gone = set(victims)
