@@ -83,6 +83,7 @@ class CrawlConfig:
     dns: bool = True  # False: no name lookups at all (names must be in `hosts`)
     blocklist_image_sha256: tuple[str, ...] = ()  # files of sha256(image bytes) hex lines
     blocklist_image_pdq: tuple[str, ...] = ()  # files of PDQ hashes (64 hex digits), each optionally with a distance
+    pdq: bool = True  # store each image's PDQ hash (~2 ms an image); without it no PDQ list can match later
     threads: int = field(default=32, metadata=RUNTIME_ONLY)  # downloads in flight per crawl task
     per_host_concurrency: int = field(default=4, metadata=RUNTIME_ONLY)  # requests in flight per host, per crawl task
     per_host_rps: float = field(default=20.0, metadata=RUNTIME_ONLY)  # request starts per second per host; 0: no cap
@@ -99,6 +100,7 @@ class CrawlConfig:
             max_aspect_ratio=self.max_aspect_ratio,
             max_image_pixels=self.max_image_pixels,
             allowed_formats=self.allowed_formats,
+            pdq=self.pdq or bool(self.blocklist_image_pdq),  # a list to match needs the hash anyway
         )
 
     def fetch_policy(self) -> FetchPolicy:

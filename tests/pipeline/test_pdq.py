@@ -108,6 +108,12 @@ def test_a_listed_pdq_blocks_the_resized_copy_at_crawl_and_in_the_filter(photo_s
     # Without the list the copy is crawled; the filter blocks it retroactively from the crawl's hash.
     free = [o for o, _ in crawl_rows(urls, CrawlConfig(**{**config.__dict__, "blocklist_image_pdq": ()}))]
     assert [o.status for o in free] == ["success"] * 4
+    unhashed = [
+        o for o, _ in crawl_rows(urls[:1], CrawlConfig(**{**config.__dict__, "blocklist_image_pdq": (), "pdq": False}))
+    ]
+    assert unhashed[0].status == "success" and unhashed[0].pdq is None  # crawl.pdq: false saves ~2 ms an image
+    listed_anyway = CrawlConfig(**{**config.__dict__, "pdq": False})  # a list to match needs the hash
+    assert [o.status for o, _ in crawl_rows(urls[:1], listed_anyway)] == ["blocked"]
     rows = [{"uid": f"u{i}", "caption": f"caption {i}", "pdq": o.pdq, "pdq_quality": o.pdq_quality}
             for i, o in enumerate(free)]  # fmt: skip
     reasons, table = run(rows, blocklist_image_pdq=(str(root / "abuse.pdq"),))
