@@ -303,7 +303,8 @@ def takedown(
 
 
 def run_due_purges(audit: Storage, root: Storage | None, dataset: Storage, clock: dt.datetime) -> list[dict]:
-    """Purge every takedown whose purge was asked for and whose grace has passed; what each rewrote."""
+    """Purge every takedown not purged yet whose grace has passed (a takedown made without --purge is
+    due at once: a later --purge covers it); what each rewrote."""
     purged = []
     for rel in audit.list(AUDIT, suffix=".json"):
         record = audit.read_json(rel)
