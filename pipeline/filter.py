@@ -276,7 +276,10 @@ class Blocklists:
                 "md5": frame["md5"].is_in(list(self.image_md5)).fill_null(False)
                 if self.image_md5
                 else [False] * frame.height,
-                "pdq": [name is not None for name in self.image_pdq.match(*pdq_columns(frame))]
+                "pdq": [
+                    name is not None
+                    for name in self.image_pdq.match(frame["pdq"].to_list(), frame["pdq_quality"].to_list())
+                ]
                 if self.image_pdq is not None
                 else [False] * frame.height,
             },
@@ -298,10 +301,6 @@ class Blocklists:
             .otherwise(pl.lit(None, dtype=pl.Utf8))
         )
         return hits.select(blocked=reason)["blocked"]
-
-
-def pdq_columns(frame: pl.DataFrame) -> tuple[list, list]:
-    return frame["pdq"].to_list(), frame["pdq_quality"].to_list()
 
 
 def image_reason(rules: Rules) -> pl.Expr:
@@ -557,9 +556,7 @@ def check_calibration(config: FilterConfig) -> str | None:
 def unbalanced_table(ctx: ShardContext, config: FilterConfig, rules: Rules) -> pa.Table:
     """The filter rows of `ctx.shard` under every rule but the balancing (which needs every shard's counts)."""
     crawl = ctx.read_table(layout.crawl_parquet(ctx.shard))
-    for name, kind in (("md5", pa.string()), ("pdq", pa.string()), ("pdq_quality", pa.int8())):
-        if name not in crawl.column_names:  # crawls made before these were recorded
-            crawl = crawl.append_column(name, pa.nulls(crawl.num_rows, kind))
+    crawl = schema.with_later_crawl_columns(crawl)
     schema.validate(crawl, schema.CRAWL, layout.crawl_parquet(ctx.shard))
     dedup = None
     if config.drop_duplicates:

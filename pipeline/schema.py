@@ -202,6 +202,17 @@ def _same_kind(actual: pa.DataType, expected: pa.DataType) -> bool:
     return False
 
 
+LATER_CRAWL_COLUMNS = ("md5", "pdq", "pdq_quality")  # recorded by newer crawls only
+
+
+def with_later_crawl_columns(crawl: pa.Table) -> pa.Table:
+    """A crawl table with LATER_CRAWL_COLUMNS as nulls where a crawl made before them lacks them."""
+    for name in LATER_CRAWL_COLUMNS:
+        if name not in crawl.column_names:
+            crawl = crawl.append_column(name, pa.nulls(crawl.num_rows, CRAWL.field(name).type))
+    return crawl
+
+
 def validate(table: pa.Table | pa.Schema, schema: pa.Schema, where: str) -> None:
     """Raise SchemaError naming `where` and the first missing or mistyped column."""
     actual = table if isinstance(table, pa.Schema) else table.schema
