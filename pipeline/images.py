@@ -5,7 +5,7 @@
    bombs are refused before any pixel is allocated), then min size / max area /
    aspect ratio;
 3. decode at full size under a per-process pixel budget, box-reduced at once by an
-   integer factor that still covers twice the target, EXIF orientation applied,
+   integer factor that still covers 1.5x the target, EXIF orientation applied,
    converted to RGB (CMYK, 16-bit, palette+alpha, LA/RGBA composited on white,
    first frame of an animation). JPEGs too: a draft-mode (DCT-scaled) decode gives
    other pixels than the same image's PNG, and the pixel hash must be equal for

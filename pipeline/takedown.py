@@ -107,11 +107,7 @@ CRAWL_COLUMNS = ["uid", "key", "url", "sha256", "md5", "pdq", "pdq_quality", "st
 
 def _crawl_tables(root: Storage):
     for shard in committed_shards(root, "crawl"):
-        table = root.read_parquet(layout.crawl_parquet(shard))
-        for name, kind in (("md5", pa.string()), ("pdq", pa.string()), ("pdq_quality", pa.int8())):
-            if name not in table.column_names:  # crawls made before these were recorded
-                table = table.append_column(name, pa.nulls(table.num_rows, kind))
-        yield table.select(CRAWL_COLUMNS)
+        yield schema.with_later_crawl_columns(root.read_parquet(layout.crawl_parquet(shard))).select(CRAWL_COLUMNS)
 
 
 def _crawl_victims(root: Storage, ids, kind: str) -> dict[str, dict]:
@@ -148,6 +144,14 @@ def _versioned(path: str, version: int) -> str:
     return f"{base}.v{version}.{ext}"
 
 
+def _copy_tar_without(storage: Storage, rel: str, keys: set[str], out: Path) -> None:
+    """Copy the tar `rel` to the local file `out`, leaving out the samples whose key is in `keys`."""
+    with storage.open_read(rel) as f, TarWriter(out) as writer:
+        for key, members in group_samples(iter_tar_members(f)):
+            if key not in keys:
+                writer.add(key, members)
+
+
 def _rewrite_shard(storage: Storage, tar: str, parquet: str, gone: set[str], tmp: str, out_tar: str, out_parquet: str):
     """Write a dataset shard without the samples `gone` (uids) as out_tar/out_parquet; its manifest entry."""
     table = storage.read_parquet(parquet)
@@ -155,10 +159,7 @@ def _rewrite_shard(storage: Storage, tar: str, parquet: str, gone: set[str], tmp
     kept = table.filter(keep)
     gone_keys = set(table.filter(pc.invert(keep))["key"].to_pylist())
     tar_path, parquet_path = Path(tmp) / "shard.tar", Path(tmp) / "shard.parquet"
-    with storage.open_read(tar) as f, TarWriter(tar_path) as out:
-        for key, members in group_samples(iter_tar_members(f)):
-            if key not in gone_keys:
-                out.add(key, members)
+    _copy_tar_without(storage, tar, gone_keys, tar_path)
     pq.write_table(kept, parquet_path, **PARQUET_OPTIONS)
     entry = {
         "tar": out_tar,
@@ -352,10 +353,7 @@ def _purge_crawl_shard(root: Storage, shard: int, gone: set[str], audit_name: st
     marker = root.read_json(marker_rel)
     with tempfile.TemporaryDirectory(prefix="clipline-purge-") as tmp:
         tar_path, parquet_path = Path(tmp) / "crawl.tar", Path(tmp) / "crawl.parquet"
-        with root.open_read(tar_rel) as f, TarWriter(tar_path) as out:
-            for key, members in group_samples(iter_tar_members(f)):
-                if key not in gone_keys:
-                    out.add(key, members)
+        _copy_tar_without(root, tar_rel, gone_keys, tar_path)
         pq.write_table(table, parquet_path, **parquet_options(table.column_names, distinct=schema.CRAWL_DISTINCT))
         outputs = dict(marker.get("outputs") or {})
         for rel, local in ((tar_rel, tar_path), (parquet_rel, parquet_path)):
