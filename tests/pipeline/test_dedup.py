@@ -711,7 +711,7 @@ def test_clip_wit_preset_end_to_end_on_the_synthetic_web(crawled_web, tmp_path):
     corpus.write_text("\n".join(c for c in crawled["caption"].to_list() if c) + "\n")
     entries = build_metadata(None, [str(corpus)], 5, 5, 2.0)
     (tmp_path / "meta.txt").write_text("\n".join(entries) + "\n")
-    config = FilterConfig(preset="clip-wit", metadata=str(tmp_path / "meta.txt"), balance_per_entry=0.05,
+    config = FilterConfig(preset="clip-wit", metadata=str(tmp_path / "meta.txt"), balance_per_entry=0.01,
                           drop_duplicates=False)  # fmt: skip
     run = RunConfig(out=store.uri, filter=config)
     run_pipeline([*FILTER_STAGES, STATS], store, run, executor="inline", progress=False)
@@ -726,7 +726,7 @@ def test_clip_wit_preset_end_to_end_on_the_synthetic_web(crawled_web, tmp_path):
     assert (unmatched["drop_reason"] == "no_metadata_match").sum() == reasons["no_metadata_match"] > 0
     assert reasons.get("balanced_out", 0) > 0 and out["keep"].sum() > 0
     pool = out.filter(pl.col("drop_reason").is_null() | (pl.col("drop_reason") == "balanced_out"))
-    t = max(1.0, 0.05 * pool.height)
+    t = max(1.0, 0.01 * pool.height)
     kept = out.filter("keep").select(pl.col("metadata_ids").explode()).to_series().value_counts()
     before = pool.select(pl.col("metadata_ids").explode()).to_series().value_counts()
     before = dict(before.iter_rows())
