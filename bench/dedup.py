@@ -1,8 +1,10 @@
 """Dedup benchmark: clipline dedup vs a naive polars group-by (exact) and brute-force Hamming (near).
 
 Input: N synthetic crawl rows (no images needed) in shards of 100k: random 64-bit
-pHashes and colour grids, with planted exact copies (same bytes) and planted
-near-duplicates (the pHash with 1-8 bits flipped, same colour). clipline runs its
+pHashes and colour grids, and window signatures (images.WINDOWS: six windows, each a
+random pHash, colour grid and texture), with planted exact copies (same bytes) and
+planted near-duplicates (every window's pHash with the same 1-8 bits flipped, same
+colours). clipline runs its
 four dedup steps on a local 2-CPU Ray; the peers run on the same rows:
 - exact: polars `group_by(sha256)` on the hex digests (what people write by hand on
   img2dataset output), rows/s; and the same on the integer `sha256_key` column that
@@ -37,6 +39,43 @@ SHARD_ROWS = 100_000
 EXACT, NEAR = 0.10, 0.10
 
 
+def _splitmix(x):
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) * np.uint64(1)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def window_sigs(phash, original, near_mask, rng):
+    """The window_sig column of rows whose whole-image pHash is `phash`: windows 1-5 and every colour grid
+    drawn from the row's original (so copies share them), a near copy's windows with as many bits flipped
+    as its whole pHash (`near_mask`: the bits flipped there), every window textured."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.images import WINDOW_BYTES, WINDOWS
+
+    m, windows = len(phash), len(WINDOWS)
+    seed = original.astype(np.uint64) * np.uint64(64)
+    hashes = np.stack([phash.view(np.uint64)] + [_splitmix(seed + np.uint64(w)) for w in range(1, windows)], axis=1)
+    flips = np.bitwise_count(near_mask)
+    for w in range(1, windows):  # the same number of bits as the whole image, at other places
+        ranks = np.argsort(rng.random((m, 64)), axis=1)
+        bits = (ranks < flips[:, None]).astype(np.uint64) << np.arange(64, dtype=np.uint64)
+        hashes[:, w] ^= np.bitwise_or.reduce(bits, axis=1)
+    words = np.stack([_splitmix(seed + np.uint64(8 + k)) for k in range(windows * 6)], axis=1)
+    out = np.empty((m, windows, WINDOW_BYTES), dtype=np.uint8)
+    out[:, :, :8] = hashes.astype(">u8").view(np.uint8).reshape(m, windows, 8)
+    out[:, :, 8:56] = words.view(np.uint8).reshape(m, windows, 48)
+    out[:, :, 56] = 5 + (_splitmix(seed + np.uint64(63)) % np.uint64(50)).astype(np.uint8)[:, None]
+    size = windows * WINDOW_BYTES
+    fixed = pa.FixedSizeBinaryArray.from_buffers(pa.binary(size), m, [None, pa.py_buffer(out.tobytes())])
+    return fixed.cast(pa.binary())
+
+
 def make_rows(n: int, work: Path, seed: int = 0) -> dict:
     """Write N crawl-shaped rows in shards; returns the planted truth (near pairs by distance)."""
     import numpy as np
@@ -64,6 +103,8 @@ def make_rows(n: int, work: Path, seed: int = 0) -> dict:
         for bit in rng.choice(64, size=flips[i], replace=False):
             near_hash[i] ^= np.uint64(1) << np.uint64(bit)
     phash[near] = near_hash[near].view(np.int64)
+    original = np.where(exact | near, source, np.arange(n))
+    near_mask = np.where(near, (phash ^ phash[source]).view(np.uint64), np.uint64(0))
     store = open_storage(work)
     for s in range(0, n, SHARD_ROWS):
         e = min(n, s + SHARD_ROWS)
@@ -77,6 +118,7 @@ def make_rows(n: int, work: Path, seed: int = 0) -> dict:
                 "pixel_hash": sha[s:e] ^ 0x0123456789ABCDE,  # equal for equal bytes, as decoding is
                 "phash": phash[s:e],
                 "colour_sig": [f"{v:015x}" * 3 + "000" for v in colour[s:e]],
+                "window_sig": window_sigs(phash[s:e], original[s:e], near_mask[s:e], rng),
                 "caption": [f"caption {i}" for i in range(s, e)],
                 "original_width": np.full(e - s, 256, dtype=np.int32),
                 "original_height": np.full(e - s, 256, dtype=np.int32),
@@ -109,6 +151,7 @@ def side_clipline(work: Path) -> dict:
         "seconds": seconds,
         "stage_seconds": {r.stage: round(r.seconds, 2) for r in reports},
         "near_index": plan["near_index"],
+        "window_index": plan.get("window_index"),
         "partitions": plan["partitions"],
         "duplicates": next(r for r in reports if r.stage == COMPONENTS).total("duplicates"),
     }
@@ -251,8 +294,9 @@ def main() -> None:
             "rows": n,
             "exact_copies": truth["exact_rows"],
             "near_copies": truth["near_rows"],
-            "near_threshold": 8,
-            "colour_tolerance": 1,
+            "near_threshold": 10,
+            "colour_tolerance": 8,
+            "near_windows": 6,
             "exact_repeats": args.repeats,
         },
         "clipline": {**clip, "rows_per_s": n / clip["seconds"]},

@@ -15,7 +15,9 @@ ones a crawl stores.
 Reported per method: recall per transform (a copy is found when the method calls it a
 duplicate of its original) and false merges: pairs of distinct images (originals and copies of
 different originals) the method calls duplicates, and how many distinct images end up in a
-cluster with another. `exact_pixels` across formats is reported too.
+cluster with another. clipline's figures come from its dedup stage itself, run inline over
+crawl rows of these images; they are clusters, so the other methods are shown both pairwise
+and as the clusters their pairs would join into. `exact_pixels` across formats is reported too.
 
     python bench/dedup_quality.py            # every photo, 2x3 tiles each
     python bench/dedup_quality.py --quick    # 60 tiles
@@ -201,14 +203,53 @@ def _to_bits(values: list[int], width: int = 64) -> np.ndarray:
     return np.array([list(int(v).to_bytes(width // 8, "big")) for v in raw], dtype=np.uint8)
 
 
-def clipline_matrix(processed: list[images.ProcessedImage], threshold: int, tolerance: int) -> np.ndarray:
-    """clipline's near-duplicate rule on the crawl's signatures, as the dedup reduce applies it."""
+def legacy_matrix(processed: list[images.ProcessedImage], threshold: int = 8, tolerance: int = 1) -> np.ndarray:
+    """clipline's rule before the windowed signature (to 2026-12-02): the whole image's pHash within 8
+    bits and every cell of the 4-bit colour grid within 1."""
     phash = _popcount_matrix(_to_bits([p.phash for p in processed]))
     grids = np.array([[int(c, 16) for c in p.colour_sig] for p in processed], dtype=np.int16)
     colour = np.zeros_like(phash)
     for j in range(grids.shape[1]):
         colour = np.maximum(colour, np.abs(grids[:, j][:, None] - grids[:, j][None, :]).astype(np.uint16))
     return (phash <= threshold) & (colour <= tolerance)
+
+
+def clipline_matrix(processed: list[images.ProcessedImage], work: Path, **dedup) -> np.ndarray:
+    """clipline's dedup stage itself (inline, near and exact checks, captions off) over crawl rows of
+    the processed images: two images are the same when they end in one cluster."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from pipeline import schema
+    from pipeline.config import RunConfig
+    from pipeline.dedup import STAGES, DedupConfig
+    from pipeline.runner import run_pipeline
+    from pipeline.stage import marker_path
+    from pipeline.storage import open_storage
+
+    store = open_storage(work)
+    rows = []
+    for i, p in enumerate(processed):
+        uid = f"{i:032x}"
+        digest = hashlib.sha256(p.data).hexdigest()
+        rows.append(
+            {"uid": uid, "url": f"http://photo/{i}", "caption": None, "key": f"{i:09d}", "status": schema.SUCCESS,
+             "width": p.width, "height": p.height, "original_width": p.original_width,
+             "original_height": p.original_height, "sha256": digest, "sha256_key": schema.sha256_key(digest),
+             "phash": p.phash, "colour_sig": p.colour_sig, "window_sig": p.window_sig, "pixel_hash": p.pixel_hash}
+        )  # fmt: skip
+    table = pa.Table.from_pylist(rows)
+    for field in schema.CRAWL:
+        if field.name not in table.column_names:
+            table = table.append_column(field.name, pa.nulls(len(rows), field.type))
+    store.write_parquet("crawl/00000.parquet", schema.conform(table, schema.CRAWL, "bench"))
+    store.write_json(marker_path("crawl", 0), {"stats": {"success": len(rows)}, "config_sha256": "bench"})
+    config = DedupConfig(**{"caption": False, **dedup})
+    run_pipeline(list(STAGES), store, RunConfig(out=store.uri, dedup=config), executor="inline", progress=False)
+    out = store.read_parquet("dedup/00000.parquet").to_pydict()
+    cluster = np.array([int(d or u, 16) for u, d in zip(out["uid"], out["dup_of"], strict=True)])
+    return cluster[:, None] == cluster[None, :]
 
 
 def imagehash_matrix(decoded: list[Image.Image], threshold: int = 10) -> np.ndarray:
@@ -228,74 +269,6 @@ def pdq_matrix(decoded: list[Image.Image], threshold: int = 31) -> tuple[np.ndar
         bits.append(np.packbits(vector.astype(np.uint8)))
         quality.append(q)
     return _popcount_matrix(np.array(bits)) <= threshold, np.array(quality)
-
-
-# --- the candidate for clipline's next signature (prototype: measured here, not yet in the crawl) ----
-
-_N = 32
-_DCT = np.cos(np.pi / _N * (np.arange(_N)[:, None]) * (np.arange(_N)[None, :] + 0.5))
-WINDOWS = ("whole", "centre", "top-left", "top-right", "bottom-left", "bottom-right")
-
-
-def window_signatures(img: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per window (the whole image, its centre 2/3 and its four corner 2/3 windows): a 64-bit pHash,
-    a 4 x 4 grid of mean colours at 8 bits, and the window's texture (std of its 32 x 32 grey).
-
-    An overlay in a corner or along an edge (logo, caption bar, watermark) and the white corners
-    of a small rotation leave at least one window clean, and that window still matches."""
-    img = img.copy()
-    img.thumbnail((512, 512))
-    rgb = np.asarray(img.convert("RGB"))
-    h, w = rgb.shape[:2]
-    boxes = [(0, 0, w, h), (w // 6, h // 6, w - w // 6, h - h // 6), (0, 0, 2 * w // 3, 2 * h // 3),
-             (w // 3, 0, w, 2 * h // 3), (0, h // 3, 2 * w // 3, h), (w // 3, h // 3, w, h)]  # fmt: skip
-    hashes, grids, texture = [], [], []
-    for x0, y0, x1, y1 in boxes:
-        small = np.asarray(Image.fromarray(rgb[y0:y1, x0:x1]).resize((_N, _N), Image.Resampling.BOX), np.float64)
-        grey = small @ np.array([0.299, 0.587, 0.114])
-        coeffs = (_DCT @ grey @ _DCT.T)[:8, :8].ravel()
-        hashes.append(int(np.packbits(coeffs > np.median(coeffs[1:])).view(">u8")[0]))
-        grids.append(small.reshape(4, 8, 4, 8, 3).mean(axis=(1, 3)).reshape(16, 3))
-        texture.append(grey.std())
-    return np.array(hashes, dtype=np.uint64), np.array(grids), np.array(texture)
-
-
-def colour_residual(a: np.ndarray, b: np.ndarray, drop: int = 2) -> np.ndarray:
-    """Per pair of 16 x 3 colour grids (P, 16, 3): how far a is from b after the best gain (0.7-1.4)
-    and offset (±48 levels) per channel, fitted without the `drop` worst cells (twice), as the
-    (drop + 1)-th worst cell's largest channel residual: brightness and contrast changes fit, an
-    overlay over up to `drop` cells of 16 is left out, another picture does not fit."""
-    keep = np.ones(a.shape, dtype=bool)
-    for _ in range(2):
-        n = keep.sum(axis=1, keepdims=True)
-        mx, my = (b * keep).sum(axis=1, keepdims=True) / n, (a * keep).sum(axis=1, keepdims=True) / n
-        cov = ((b - mx) * (a - my) * keep).sum(axis=1, keepdims=True)
-        var = ((b - mx) ** 2 * keep).sum(axis=1, keepdims=True)
-        gain = np.clip(np.where(var > 1e-6, cov / np.maximum(var, 1e-6), 1.0), 0.7, 1.4)
-        offset = np.clip(my - gain * mx, -48, 48)
-        residual = np.abs(a - (gain * b + offset))
-        keep = residual <= np.sort(residual, axis=1)[:, a.shape[1] - 1 - drop : a.shape[1] - drop]
-    cell = residual.max(axis=2)
-    return np.sort(cell, axis=1)[:, a.shape[1] - 1 - drop]
-
-
-def windows_matrix(decoded: list[Image.Image], threshold: int = 8, tolerance: float = 8.0, texture: float = 4.0):
-    """Duplicates when some window's pHashes are within `threshold` bits and that window's colours
-    within `tolerance` (colour_residual); windows flatter than `texture` (std of grey levels) never
-    match (a flat window hashes to noise, and flat windows of two pictures would merge)."""
-    sigs = [window_signatures(img) for img in decoded]
-    hashes = np.stack([s[0] for s in sigs])
-    grids = np.stack([s[1] for s in sigs])
-    textured = np.stack([s[2] for s in sigs]) >= texture
-    same = np.zeros((len(sigs), len(sigs)), dtype=bool)
-    for w in range(len(WINDOWS)):
-        h = hashes[:, w]
-        close = np.bitwise_count(h[:, None] ^ h[None, :]) <= threshold
-        close &= textured[:, w][:, None] & textured[:, w][None, :]
-        i, j = np.nonzero(np.triu(close, 1))
-        ok = colour_residual(grids[i, w], grids[j, w]) <= tolerance
-        same[i[ok], j[ok]] = same[j[ok], i[ok]] = True
-    return same | np.eye(len(sigs), dtype=bool)
 
 
 def clusters(same: np.ndarray) -> list[list[int]]:
@@ -352,11 +325,19 @@ def exact_pixels(processed: list[images.ProcessedImage], origin: np.ndarray, kin
     return out
 
 
+def closure(same: np.ndarray) -> np.ndarray:
+    """The pairs in one cluster once a pairwise matrix's duplicates are joined transitively (what dedup keeps)."""
+    label = np.empty(len(same), dtype=np.int64)
+    for i, members in enumerate(clusters(same)):
+        label[members] = i
+    return label[:, None] == label[None, :]
+
+
 def main() -> None:
+    import tempfile
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="60 tiles")
-    parser.add_argument("--threshold", type=int, default=8, help="clipline's near_threshold")
-    parser.add_argument("--tolerance", type=int, default=1, help="clipline's colour_tolerance")
     parser.add_argument("--out", default=str(REPO / "bench/results/dedup-quality.json"))
     args = parser.parse_args()
     paths = fetch_photos()
@@ -369,18 +350,20 @@ def main() -> None:
     processed = [images.process(d, policy) for d in data]
     decoded = [Image.open(io.BytesIO(d)).convert("RGB") for d in data]
     pdq, quality = pdq_matrix(decoded)
+    with tempfile.TemporaryDirectory() as work:
+        ours = clipline_matrix(processed, Path(work) / "default")
+        whole = clipline_matrix(processed, Path(work) / "whole", near_windows=1)
     methods = {
-        f"clipline (pHash<={args.threshold}, colour<={args.tolerance})": clipline_matrix(
-            processed, args.threshold, args.tolerance
-        ),
+        "clipline dedup (6 windows, pHash<=10, colour fit<=8)": ours,
+        "clipline dedup, whole image only (near_windows: 1)": whole,
+        "clipline before windows (pHash<=8, 4-bit colour<=1)": legacy_matrix(processed),
         "imagehash pHash<=10": imagehash_matrix(decoded),
         "PDQ<=31": pdq,
-        "windows (prototype): pHash<=8 + colour<=8 in one of 6 windows": windows_matrix(decoded),
-        "windows (prototype) at pHash<=10": windows_matrix(decoded, threshold=10),
     }
     report = {
         "photos": {"pictures": len(paths), "tiles": len(photos), "images": len(data), "packages": PACKAGES},
-        "methods": {name: scores(m, origin, kind) for name, m in methods.items()},
+        "pairwise": {name: scores(m, origin, kind) for name, m in methods.items()},
+        "clustered": {name: scores(closure(m), origin, kind) for name, m in methods.items()},
         "exact_pixels": exact_pixels(processed, origin, kind),
         "pdq_quality_below_50": int((quality < 50).sum()),
         "seconds": round(time.perf_counter() - t0, 1),

@@ -210,6 +210,7 @@ class Outcome:
     fetch_ms: float | None = None
     phash: int | None = None
     colour_sig: str | None = None
+    window_sig: bytes | None = None
     pixel_hash: int | None = None
     pdq: str | None = None
     pdq_quality: int | None = None
@@ -232,6 +233,7 @@ class Outcome:
             "fetch_ms": self.fetch_ms,
             "phash": self.phash,
             "colour_sig": self.colour_sig,
+            "window_sig": self.window_sig,
             "pixel_hash": self.pixel_hash,
             "pdq": self.pdq,
             "pdq_quality": self.pdq_quality,
@@ -279,6 +281,7 @@ def download(
         format=image.format,
         phash=image.phash,
         colour_sig=image.colour_sig,
+        window_sig=image.window_sig,
         pixel_hash=image.pixel_hash,
         pdq=image.pdq,
         pdq_quality=image.pdq_quality,
@@ -442,7 +445,7 @@ def plan_retry(ctx: PlanContext) -> list[int]:
 def run_retry(ctx: ShardContext) -> dict:
     """Fetch the transient failures of one committed crawl shard again; rewrite its tar and parquet."""
     config: CrawlConfig = with_takedown_lists(ctx.config, ctx.storage)
-    old = ctx.read_table(layout.crawl_parquet(ctx.shard))
+    old = schema.with_later_crawl_columns(ctx.read_table(layout.crawl_parquet(ctx.shard)))
     rows = old.to_pylist()
     with ctx.storage.open_read(layout.crawl_tar(ctx.shard)) as f:
         kept = {key: sample for key, sample in group_samples(iter_tar_members(f))}

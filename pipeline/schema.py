@@ -129,6 +129,8 @@ CRAWL = pa.schema(
         # dedup signatures of the whole decoded image (pipeline/images.py)
         pa.field("phash", pa.int64()),  # 64-bit DCT perceptual hash (compare with XOR + popcount)
         pa.field("colour_sig", pa.string()),  # 4x4 mean colours, 4 bits a channel: 48 hex digits
+        # near-dup signature: 6 windows x (pHash, 4x4 colours at 8 bits, texture), 342 bytes (images.WINDOWS)
+        pa.field("window_sig", pa.binary()),
         pa.field("pixel_hash", pa.int64()),  # pixels at 32x32, 5 bits a channel: lossless re-encodes
         pa.field("pdq", pa.string()),  # PDQ perceptual hash, 64 hex digits (hash lists: blocklist_image_pdq)
         pa.field("pdq_quality", pa.int8()),  # PDQ's quality 0-100; under 50 never matched
@@ -137,7 +139,10 @@ CRAWL = pa.schema(
 
 # Crawl columns of (nearly) all-different values: written plain, without statistics
 # (storage.parquet_options).
-CRAWL_DISTINCT = ("uid", "url", "key", "sha256", "sha256_key", "md5", "phash", "colour_sig", "pixel_hash", "pdq")
+CRAWL_DISTINCT = (
+    *("uid", "url", "key", "sha256", "sha256_key", "md5"),
+    *("phash", "colour_sig", "window_sig", "pixel_hash", "pdq"),
+)
 
 DEDUP = pa.schema(
     [
@@ -195,6 +200,8 @@ def _same_kind(actual: pa.DataType, expected: pa.DataType) -> bool:
         return True
     if pa.types.is_string(expected):
         return pa.types.is_string(actual) or pa.types.is_large_string(actual) or pa.types.is_string_view(actual)
+    if pa.types.is_binary(expected):
+        return pa.types.is_binary(actual) or pa.types.is_large_binary(actual) or pa.types.is_binary_view(actual)
     if pa.types.is_integer(expected):
         return pa.types.is_integer(actual)
     if pa.types.is_floating(expected):
@@ -202,7 +209,7 @@ def _same_kind(actual: pa.DataType, expected: pa.DataType) -> bool:
     return False
 
 
-LATER_CRAWL_COLUMNS = ("md5", "pdq", "pdq_quality")  # recorded by newer crawls only
+LATER_CRAWL_COLUMNS = ("md5", "window_sig", "pdq", "pdq_quality")  # recorded by newer crawls only
 
 
 def with_later_crawl_columns(crawl: pa.Table) -> pa.Table:

@@ -349,6 +349,12 @@ def _purge_crawl_shard(root: Storage, shard: int, gone: set[str], audit_name: st
         "error_message",
         pc.if_else(succeeded, f"taken down ({audit_name})", table["error_message"]),
     )
+    for name in ("colour_sig", "window_sig"):  # mean colours of a coarse grid: the nearest thing to a thumbnail
+        if name in table.column_names:
+            column = table[name]
+            table = table.set_column(
+                table.schema.get_field_index(name), name, pc.if_else(succeeded, pa.nulls(1, column.type)[0], column)
+            )
     marker_rel = marker_path("crawl", shard)
     marker = root.read_json(marker_rel)
     with tempfile.TemporaryDirectory(prefix="clipline-purge-") as tmp:

@@ -8,6 +8,7 @@ from typing import Literal
 import polars as pl
 import pyarrow as pa
 
+from pipeline.errors import ConfigError
 from pipeline.stage import IDENTITY
 
 PLAN = "dedup/_plan.json"
@@ -38,9 +39,11 @@ class DedupConfig:
 
     exact_bytes: bool = True  # same sha256 of the bytes
     exact_pixels: bool = True  # same pixels at 32x32 (lossless re-encodes)
-    near: bool = True  # pHash within near_threshold and colour grids within colour_tolerance
-    near_threshold: int = 8  # max pHash Hamming distance
-    colour_tolerance: int = 1  # max difference of one colour-grid channel (0-15)
+    near: bool = True  # in one window: pHash within near_threshold and colours within colour_tolerance
+    near_threshold: int = 10  # max pHash Hamming distance
+    colour_tolerance: float = 8.0  # max colour residual after a gain/offset fit per channel (0-255 levels)
+    near_windows: int = 6  # windows compared (images.WINDOWS): 6, or 1 for the whole image only
+    min_texture: int = 4  # windows flatter than this (std of grey levels) never match: their pHash is noise
     caption: bool = True  # same normalised caption on near-identical images
     caption_threshold: int = 12  # looser pHash distance for same-caption pairs
     max_caption_group: int = 2000  # bigger same-caption groups ("photo") are not compared, but counted
@@ -56,8 +59,15 @@ class DedupConfig:
     semantic_device: str = field(default="auto", metadata={IDENTITY: False})  # auto | cpu | cuda
     semantic_batch_size: int = field(default=256, metadata={IDENTITY: False})  # images per forward pass
     pair_budget_per_image: int = 50  # candidate pairs the near index may cost, per image
-    max_tables: int = 32  # emission budget of the near index, per image
+    max_tables: int = 32  # emission budget of the near index, per image (the whole image's pHash)
+    window_tables: int = 6  # the same for each of the 5 other windows (their pHashes need a smaller radius)
     rows_per_partition: int = field(default=1_000_000, metadata={IDENTITY: False})  # memory per reduce task
+
+    def __post_init__(self):
+        if self.near_windows not in (1, 6):
+            raise ConfigError(
+                f"dedup.near_windows must be 6 (every window) or 1 (the whole image): {self.near_windows}"
+            )
 
 
 EMPTY_EDGES = {"a": pl.Int64, "b": pl.Int64, "reason": pl.Int8}
@@ -69,11 +79,17 @@ CLUSTERS_SCHEMA = pa.schema(
 )
 
 
-EXACT_SCHEMA = pa.schema([("kind", pa.int8()), ("key", pa.int64()), ("gid", pa.int64())])
+# kind: int16, near kinds go up to KIND_NEAR + windows x tables
+EXACT_SCHEMA = pa.schema([("kind", pa.int16()), ("key", pa.int64()), ("gid", pa.int64())])
+
+
+GRID_COLUMNS = tuple(f"g{i}" for i in range(6))  # a window's 48 colour bytes (16 cells x RGB) as 6 int64
+# the pHashes of windows 1-5 (centre, corners): a corner window's match needs a second of them close
+HASH_COLUMNS = tuple(f"h{i}" for i in range(1, 6))
 
 
 FUZZY_SCHEMA = pa.schema(
-    [*EXACT_SCHEMA, ("phash", pa.int64()), ("c0", pa.int64()), ("c1", pa.int64()), ("c2", pa.int64())]
+    [*EXACT_SCHEMA, ("phash", pa.int64()), *((c, pa.int64()) for c in (*GRID_COLUMNS, *HASH_COLUMNS))]
 )
 
 

@@ -1,10 +1,12 @@
 """Dedup's map and reduce: candidate rows hash-partitioned by key, then confirmed pairs (edges) per partition.
 
 ``dedup/_map`` — per crawl shard: (kind, key, node) rows for the exact keys and
-(kind, key, node, pHash, colour) rows for the caption key and every table of the
-near index, partitioned by key into one shuffle file of each sort per shard.
+(kind, key, node, pHash, colour grid) rows for the caption key (the whole image's
+signature) and every table of the near index for every window of the image (that
+window's signature), partitioned by key into one shuffle file of each sort per shard.
 ``dedup/_reduce`` — per partition, with polars: rows sharing a key are
-candidates; pairs are confirmed (Hamming + colour for near) and become edges.
+candidates; pairs are confirmed (Hamming + colour fit in the window for near) and
+become edges.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pipeline.dedup.config import (
     CENTROIDS,
     EMPTY_EDGES,
     EXACT_SCHEMA,
+    GRID_COLUMNS,
+    HASH_COLUMNS,
     KIND_BYTES,
     KIND_CAPTION,
     KIND_NEAR,
@@ -32,17 +36,18 @@ from pipeline.dedup.config import (
 )
 from pipeline.dedup.index import (
     caption_key,
-    colour_distance_packed,
+    colour_residual,
     exact_key,
     image_rows,
     index_design,
-    pack_colour,
     run_starts,
     table_keys,
+    window_arrays,
 )
 from pipeline.dedup.semantic import emit_semantic, semantic_edges, semantic_schema, vector_array, vectors_of
 from pipeline.shuffle import map_files, read_partition, write_gathered
 from pipeline.stage import PlanContext, ShardContext, committed_shards
+from pipeline.storage import StorageError
 
 
 def plan_map(ctx: PlanContext) -> list[int]:
@@ -50,7 +55,11 @@ def plan_map(ctx: PlanContext) -> list[int]:
     shards = committed_shards(ctx.storage, "crawl")
     images = sum(int(ctx.storage.read_json(layout.marker("crawl", s))["stats"].get("success", 0)) for s in shards)
     design = index_design(images, config.near_threshold, config.pair_budget_per_image, config.max_tables)
-    kinds = config.exact_bytes + config.exact_pixels + config.caption + (design["tables"] if config.near else 0)
+    windows = None
+    if config.near_windows > 1:
+        windows = index_design(images, config.near_threshold, config.pair_budget_per_image, config.window_tables)
+    kinds = config.exact_bytes + config.exact_pixels + config.caption
+    kinds += len(near_kinds({"near_index": design, "window_index": windows}, config.near_windows)) if config.near else 0
     emitted = images * max(1, kinds)  # rows the map emits: one per image and kind turned on
     dim = None  # the embedding width, for the reducers' shuffle schema (no embeddings: no semantic rows)
     if config.semantic and ctx.storage.exists(CENTROIDS + ".parquet"):
@@ -60,16 +69,25 @@ def plan_map(ctx: PlanContext) -> list[int]:
         "images": images,
         "crawl_shards": shards,  # what every later step works on, whatever is committed since
         "near_index": design,
+        "window_index": windows,  # the design for windows 1-5 (images.WINDOWS), or None
         "partitions": max(1, math.ceil(emitted / config.rows_per_partition)),
         "embedding_dim": dim,
     }
     old = ctx.storage.read_json(PLAN) if ctx.storage.exists(PLAN) else None
-    if old is not None and (old.get("crawl_shards"), old["images"]) == (shards, images):
+    same_index = old is not None and (old["near_index"], old.get("window_index", -1)) == (design, windows)
+    if same_index and (old.get("crawl_shards"), old["images"]) == (shards, images):
         plan = {**old, "embedding_dim": dim}  # keep the first run's partitioning (resume)
     # Otherwise the crawl changed (or the settings did): a new plan, and every step that reads it is redone.
     if plan != old:
         ctx.storage.write_json(PLAN, plan)
     return shards
+
+
+def near_kinds(plan: dict, windows: int) -> list[tuple[int, int]]:
+    """(window, table) of each near kind, kind KIND_NEAR + its position: the whole image's tables
+    (plan's near_index), then each other window's (plan's window_index)."""
+    whole = [(0, t) for t in range(plan["near_index"]["tables"])]
+    return whole + [(w, t) for w in range(1, windows) for t in range(plan["window_index"]["tables"])]
 
 
 def _mix(kind: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -90,22 +108,26 @@ def run_map(ctx: ShardContext) -> dict:
     columns = ["status", "phash"]  # only what the enabled checks need: at 100k rows a shard, reading is half the map
     columns += [c for c, on in (("sha256_key", config.exact_bytes), ("pixel_hash", config.exact_pixels)) if on]
     columns += (["colour_sig"] if fuzzy else []) + (["caption"] if captions_needed else [])
-    crawl = ctx.read_frame(layout.crawl_parquet(ctx.shard), columns=columns)
+    crawl = _read_crawl(ctx, columns + (["window_sig"] if fuzzy else []))
     ok, gid = image_rows(ctx.shard, crawl)
     t = crawl.filter(ok)
+    n = len(gid)
     captions = caption_key(t["caption"]) if captions_needed else None
 
-    def emit(kind: str, table_schema: pa.Schema, gid, kinds: list, keys: list, **carried) -> int:
-        # Row i is key kind i // images of image i % images; each partition's rows are gathered
-        # when written, so the map never holds all emitted rows (at 100k images x 16 kinds, 100 MB).
-        kind_all = np.concatenate(kinds).astype(np.int8) if kinds else np.zeros(0, np.int8)
+    def emit(kind: str, table_schema: pa.Schema, gid, kinds: list, keys: list, sources=None, **carried) -> int:
+        # Row i is key kinds[i // n] of image i % n, its carried values at sources[i // n][i % n] (the
+        # image itself by default); each partition's rows are gathered when written, so the map never
+        # holds all emitted rows (at 100k images x 16 kinds, 100 MB).
+        kind_all = np.concatenate(kinds).astype(np.int16) if kinds else np.zeros(0, np.int16)
         key_all = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+        source = np.concatenate(sources) if sources else None
         parts = _partition(kind_all, key_all, plan["partitions"])
-        parts[kind_all < 0] = plan["partitions"]  # no key (an empty caption): left out
+        parts[kind_all < 0] = plan["partitions"]  # no key (an empty caption, a flat window): left out
 
         def gather(rows: np.ndarray) -> pa.RecordBatch:
             image = rows % len(gid)
-            extra = [_column(carried[f.name][image]) for f in list(table_schema)[3:]]
+            at = image if source is None else source[rows]
+            extra = [_column(carried[f.name][at]) for f in list(table_schema)[3:]]
             return pa.record_batch([kind_all[rows], key_all[rows], gid[image], *extra], schema=table_schema)
 
         write_gathered(ctx, f"{MAP}/{kind}/{ctx.name}.arrow", table_schema, parts, plan["partitions"], gather)
@@ -121,23 +143,48 @@ def run_map(ctx: ShardContext) -> dict:
             kinds.append(np.where(present, kind, -1))
             keys.append(key)
     emitted = emit("exact", EXACT_SCHEMA, gid, kinds, keys)
-    kinds, keys = [], []
-    if config.caption:
-        kinds.append(np.where(captions != 0, KIND_CAPTION, -1))
-        keys.append(captions)
-    if config.near:
-        for i, k in enumerate(table_keys(t["phash"].to_numpy().astype(np.int64), plan["near_index"])):
-            kinds.append(np.full(len(gid), KIND_NEAR + i))
-            keys.append(k)
-    if kinds:  # no fuzzy checks on: no fuzzy file (the reducers find none)
-        carried = {"phash": t["phash"].to_numpy().astype(np.int64)}
-        carried.update(zip(("c0", "c1", "c2"), pack_colour(t["colour_sig"]), strict=True))
+    if fuzzy:  # no fuzzy checks on: no fuzzy file (the reducers find none)
+        windows = config.near_windows if config.near else 1
+        phash = t["phash"].to_numpy().astype(np.int64)
+        hashes, grids, texture = window_arrays(t["window_sig"], phash, t["colour_sig"], windows)
+        kinds, keys, sources = [], [], []
+        image = np.arange(n)
+        if config.caption:  # the whole image's signature (window 0)
+            kinds.append(np.where(captions != 0, KIND_CAPTION, -1))
+            keys.append(captions)
+            sources.append(image)
+        if config.near:
+            for offset, (w, table) in enumerate(near_kinds(plan, windows)):
+                design = plan["near_index"] if w == 0 else plan["window_index"]
+                if table == 0:  # this window's keys, for all its tables
+                    window_keys = table_keys(hashes[:, w], design)
+                    flat = texture[:, w] < config.min_texture
+                kinds.append(np.where(flat, -1, KIND_NEAR + offset))
+                keys.append(window_keys[table])
+                sources.append(w * n + image)
+        # carried values window-major: window w of image i at w * n + i
+        carried = {"phash": hashes.T.ravel()}
+        packed = np.ascontiguousarray(grids.transpose(1, 0, 2)).reshape(windows * n, 48).view(np.int64)
+        carried.update((g, packed[:, j]) for j, g in enumerate(GRID_COLUMNS))
+        for j, c in enumerate(HASH_COLUMNS, start=1):
+            carried[c] = np.tile(hashes[:, j], windows) if j < windows else np.zeros(windows * n, np.int64)
         if config.keep_different_captions:
-            carried["caption_key"] = captions
-        emitted += emit("fuzzy", fuzzy_schema(config), gid, kinds, keys, **carried)
+            carried["caption_key"] = np.tile(captions, windows)
+        emitted += emit("fuzzy", fuzzy_schema(config), gid, kinds, keys, sources, **carried)
     if config.semantic:
         emitted += emit_semantic(ctx, emit)
     return {"rows": len(gid), "emitted": emitted}
+
+
+def _read_crawl(ctx: ShardContext, columns: list[str]) -> pl.DataFrame:
+    """The crawl shard's `columns`; a crawl made before window signatures has none (window_sig null)."""
+    try:
+        return ctx.read_frame(layout.crawl_parquet(ctx.shard), columns=columns)
+    except StorageError as e:
+        if "window_sig" not in columns or "no column window_sig" not in str(e):
+            raise
+    crawl = ctx.read_frame(layout.crawl_parquet(ctx.shard), columns=[c for c in columns if c != "window_sig"])
+    return crawl.with_columns(window_sig=pl.lit(None, pl.Binary))
 
 
 def _column(values: np.ndarray) -> pa.Array:
@@ -188,43 +235,79 @@ def first_table(a: np.ndarray, b: np.ndarray, design: dict) -> np.ndarray:
     return np.where(equal.any(axis=0), equal.argmax(axis=0), len(equal))
 
 
-def fuzzy_edges(frame: pl.DataFrame, config: DedupConfig, design: dict) -> pl.DataFrame:
-    """Confirmed near / caption edges among rows sharing a (kind, key).
+def grids_of(frame: pl.DataFrame, suffix: str = "") -> np.ndarray:
+    """The packed colour-grid columns g0..g5 of `frame` as (rows, 16, 3) uint8."""
+    packed = np.stack([frame[g + suffix].to_numpy() for g in GRID_COLUMNS], axis=1)
+    return np.ascontiguousarray(packed).view(np.uint8).reshape(-1, 16, 3)
 
-    A near pair meets in every table whose key blocks it agrees on; only the first such
-    table's reducer emits it (a test on the two pHashes alone), so each pair is one edge,
-    not up to `tables` (at 10M rows that was 12x the edges, and the components step's memory).
+
+def fuzzy_edges(frame: pl.DataFrame, config: DedupConfig, plan: dict) -> pl.DataFrame:
+    """Confirmed near / caption edges among rows of one kind sharing a key.
+
+    A near kind is one table of one window (near_kinds); its rows carry that
+    window's pHash and colour grid, and the pHashes of windows 1-5. Two images are near duplicates when
+    their whole images or their centre windows match (pHash within near_threshold and colours that
+    fit, colour_residual), or one corner window matches and a second window's pHashes are close too:
+    one corner alone (4/9 of the image) merged distinct photos of one style and scenes with the same
+    ground (bench/dedup_quality.py). A pair of windows meets in every table whose key blocks agree;
+    only the first such table's reducer emits it (a test on the two pHashes alone), so each window
+    pair is one edge, not up to `tables` (at 10M rows that was 12x the edges, and the components
+    step's memory). Two copies alike in several windows still give an edge per window.
     """
     # One int64 per (kind, key), so grouping and joining hash one column, not two.
     group = ["group"]
+    kinds = near_kinds(plan, config.near_windows if config.near else 1)
+    first_kinds = [KIND_NEAR + i for i, (_, table) in enumerate(kinds) if table == 0]
     frame = frame.with_columns(group=pl.Series(_mix(frame["kind"].to_numpy(), frame["key"].to_numpy()).view(np.int64)))
     frame = frame.filter(pl.col("group").is_duplicated()).with_columns(size=pl.len().over(group))
     frame = frame.filter((pl.col("kind") != KIND_CAPTION) | (pl.col("size") <= config.max_caption_group))
-    reason_of = pl.when(pl.col("kind") == KIND_CAPTION).then(3).otherwise(2).cast(pl.Int8)
+    caption = pl.col("kind") == KIND_CAPTION
+    reason_of = pl.when(caption).then(3).otherwise(2).cast(pl.Int8)
     # Identical (pHash, colour[, caption]) in a group collapse onto one representative first,
     # so a cluster of k copies costs k rows, not k^2 / 2 pairs.
-    signature = ["phash", "c0", "c1", "c2", *(["caption_key"] if config.keep_different_captions else [])]
+    signature = ["phash", *GRID_COLUMNS, *(["caption_key"] if config.keep_different_captions else [])]
     frame = frame.with_columns(rep=pl.col("gid").min().over([*group, *signature]))
+    first_of_window = pl.col("kind").is_in(first_kinds)
     collapsed = frame.filter(
-        (pl.col("gid") != pl.col("rep")) & pl.col("kind").is_in([KIND_CAPTION, KIND_NEAR])  # identical: table 0
+        (pl.col("gid") != pl.col("rep")) & (caption | first_of_window)  # identical: the window's table 0
     ).select(a=pl.col("gid"), b="rep", reason=reason_of)
     reps = frame.filter(pl.col("gid") == pl.col("rep"))
     # Candidate pairs are joined narrow (most fail the Hamming test); the survivors get their signatures.
     narrow = reps.select([*group, "kind", "gid", "phash"])
     pairs = narrow.join(narrow, on=group, suffix="_b").filter(pl.col("gid") < pl.col("gid_b"))
-    limit = pl.when(pl.col("kind") == KIND_CAPTION).then(config.caption_threshold).otherwise(config.near_threshold)
+    limit = pl.when(caption).then(config.caption_threshold).otherwise(config.near_threshold)
     pairs = pairs.filter((pl.col("phash") ^ pl.col("phash_b")).bitwise_count_ones() <= limit)
-    signatures = reps.select(["gid", *signature[1:]]).unique("gid")
+    signatures = reps.select(["gid", *signature[1:], *HASH_COLUMNS]).unique("gid")
     pairs = pairs.join(signatures, on="gid").join(signatures, left_on="gid_b", right_on="gid", suffix="_b")
     if config.keep_different_captions:
-        pairs = pairs.filter((pl.col("caption_key") == pl.col("caption_key_b")) | (pl.col("kind") == KIND_CAPTION))
-    colour = colour_distance_packed(
-        [pairs[f"c{i}"].to_numpy() for i in range(3)], [pairs[f"c{i}_b"].to_numpy() for i in range(3)]
+        pairs = pairs.filter((pl.col("caption_key") == pl.col("caption_key_b")) | caption)
+    fits = colour_residual(grids_of(pairs), grids_of(pairs, "_b")) <= config.colour_tolerance
+    pairs = pairs.filter(pl.Series(fits))
+    window, first = _first_kind(pairs["kind"].to_numpy(), pairs["phash"].to_numpy(), pairs["phash_b"].to_numpy(), plan)
+    close = sum(
+        np.bitwise_count(pairs[c].to_numpy() ^ pairs[f"{c}_b"].to_numpy()) <= config.near_threshold
+        for c in HASH_COLUMNS
     )
-    pairs = pairs.filter(pl.Series(colour <= config.colour_tolerance))
-    first = first_table(pairs["phash"].to_numpy(), pairs["phash_b"].to_numpy(), design) + KIND_NEAR
-    pairs = pairs.filter((pl.col("kind") == KIND_CAPTION) | (pl.col("kind") == pl.Series(first, dtype=pl.Int64)))
+    enough = (window < 2) | (close >= 2)  # a caption pair, the whole image, the centre; a corner and one more
+    pairs = pairs.filter(caption | ((pl.col("kind") == pl.Series(first, dtype=pl.Int64)) & pl.Series(enough)))
     return pl.concat([collapsed, pairs.select(a=pl.col("gid"), b=pl.col("gid_b"), reason=reason_of)])
+
+
+def _first_kind(kind: np.ndarray, a: np.ndarray, b: np.ndarray, plan: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair of a near kind with window pHashes a and b: (its window, the kind of the first table of
+    that window in which their keys are equal). Window -1 for a pair of another kind."""
+    whole = plan["near_index"]["tables"]
+    offset = kind.astype(np.int64) - KIND_NEAR
+    window = np.where(offset < 0, -1, np.where(offset < whole, 0, 1 + (offset - whole) // max(1, _tables(plan))))
+    base = np.where(window <= 0, 0, whole + (window - 1) * _tables(plan))
+    first = first_table(a, b, plan["near_index"])
+    if plan.get("window_index"):
+        first = np.where(window > 0, first_table(a, b, plan["window_index"]), first)
+    return window, KIND_NEAR + base + first
+
+
+def _tables(plan: dict) -> int:
+    return plan["window_index"]["tables"] if plan.get("window_index") else 0
 
 
 def plan_reduce(ctx: PlanContext) -> list[int]:
@@ -246,7 +329,7 @@ def run_reduce(ctx: ShardContext) -> dict:
     )
     plan = ctx.storage.read_json(PLAN)
     # Rows of different kinds never pair: one kind at a time keeps the working set a table's worth.
-    fuzzy_parts = [fuzzy_edges(part, config, plan["near_index"]) for part in fuzzy.partition_by("kind")]
+    fuzzy_parts = [fuzzy_edges(part, config, plan) for part in fuzzy.partition_by("kind")]
     semantic = []
     if config.semantic:
         files = map_files(ctx.storage, f"{MAP}/semantic")

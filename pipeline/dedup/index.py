@@ -86,6 +86,59 @@ def run_starts(values: np.ndarray) -> np.ndarray:
     return starts
 
 
+def window_arrays(
+    sig: pl.Series, phash: np.ndarray, colour: pl.Series, windows: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The crawl's window signatures (images.window_signature) as (hashes (n, W) int64, colour grids
+    (n, W, 48) uint8, texture (n, W) uint8) for the first W windows. A row without one (a crawl made
+    before them) has the whole image only: its pHash, its 4-bit colour grid scaled to 8 bits, and a
+    texture that never gates it; its other windows are flat, so they never match."""
+    from pipeline.images import WINDOW_BYTES, WINDOWS
+
+    n = len(phash)
+    hashes = np.zeros((n, windows), dtype=np.int64)
+    grids = np.zeros((n, windows, 48), dtype=np.uint8)
+    texture = np.zeros((n, windows), dtype=np.uint8)
+    size = len(WINDOWS) * WINDOW_BYTES
+    arr = sig.to_arrow().cast(pa.large_binary())
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset : arr.offset + n + 1] if n else np.zeros(1, np.int64)
+    has = sig.is_not_null().to_numpy() & (np.diff(offsets) == size)
+    if has.any():
+        data = np.frombuffer(arr.buffers()[2], np.uint8)
+        block = data[offsets[:-1][has][:, None] + np.arange(size)].reshape(-1, len(WINDOWS), WINDOW_BYTES)[:, :windows]
+        hashes[has] = np.ascontiguousarray(block[:, :, :8]).view(">u8")[..., 0].astype(np.uint64).view(np.int64)
+        grids[has] = block[:, :, 8:56]
+        texture[has] = block[:, :, 56]
+    old = ~has
+    if old.any():
+        hashes[old, 0] = phash[old]
+        digits = np.frombuffer("".join(colour.filter(pl.Series(old)).fill_null("0" * 48)).encode(), np.uint8)
+        grids[old, 0] = ((digits - 48 - 39 * (digits >= 97)) * 17).reshape(-1, 48)  # hex digit 0-f -> 0-255
+        texture[old, 0] = 255
+    return hashes, grids, texture
+
+
+def colour_residual(a: np.ndarray, b: np.ndarray, drop: int = 2) -> np.ndarray:
+    """Per pair of 16-cell RGB grids (P, 16, 3), how far `a` is from `b` once a gain (0.7-1.4) and an
+    offset (±48 levels) per channel are fitted, without the `drop` worst cells (fitted twice): the
+    largest channel residual of the (drop + 1)-th worst cell. Brightness and contrast changes fit; an
+    overlay over up to `drop` of 16 cells is left out; another picture does not fit."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    cells = a.shape[1]
+    keep = np.ones(a.shape, dtype=bool)
+    for _ in range(2):
+        n = keep.sum(axis=1, keepdims=True)
+        mb, ma = (b * keep).sum(axis=1, keepdims=True) / n, (a * keep).sum(axis=1, keepdims=True) / n
+        cov = ((b - mb) * (a - ma) * keep).sum(axis=1, keepdims=True)
+        var = ((b - mb) ** 2 * keep).sum(axis=1, keepdims=True)
+        gain = np.clip(np.where(var > 1e-6, cov / np.maximum(var, 1e-6), 1.0), 0.7, 1.4)
+        offset = np.clip(ma - gain * mb, -48, 48)
+        residual = np.abs(a - (gain * b + offset))
+        keep = residual <= np.sort(residual, axis=1)[:, cells - 1 - drop : cells - drop]
+    return np.sort(residual.max(axis=2), axis=1)[:, cells - 1 - drop]
+
+
 def pack_colour(signatures: pl.Series | pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
     """48-hex-digit colour grids as three int64 columns of 16 digits each (24 bytes, not 48 + offsets)."""
     text = pl.Series(signatures)

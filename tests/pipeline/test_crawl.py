@@ -23,6 +23,7 @@ from pipeline.cli import main
 from pipeline.config import RunConfig, dump_config
 from pipeline.crawl import STAGE, CrawlConfig, HostScheduler, crawl_rows
 from pipeline.formats import group_samples, iter_tar_members
+from pipeline.images import WINDOW_BYTES, WINDOWS
 from pipeline.ingest import STAGES as INGEST_STAGES
 from pipeline.ingest import IngestConfig
 from pipeline.runner import run_pipeline, run_stage
@@ -200,10 +201,12 @@ def test_tars_hold_exactly_the_successes_and_read_with_webdataset(ray_local, fre
             )
         failures = [r for r in rows if r["status"] != "success"]
         assert all(r["error_message"] and r["width"] is None and r["phash"] is None for r in failures)
+        assert all(r["window_sig"] is None for r in failures)
         assert all(
             r["phash"] is not None and r["colour_sig"] is not None and isinstance(r["pixel_hash"], int)
             for r in successes
         )
+        assert all(len(r["window_sig"]) == len(WINDOWS) * WINDOW_BYTES for r in successes)
         # sha256_key is the digest's first 60 bits wherever there is a digest (failures after a fetch too).
         hashed = [r for r in rows if r["sha256"] is not None]
         assert len(hashed) >= len(successes) > 0
@@ -214,7 +217,7 @@ def test_tars_hold_exactly_the_successes_and_read_with_webdataset(ray_local, fre
     by_sha: dict[str, set] = {}
     for r in table.to_pylist():
         if r["status"] == "success":
-            by_sha.setdefault(r["sha256"], set()).add((r["phash"], r["colour_sig"], r["pixel_hash"]))
+            by_sha.setdefault(r["sha256"], set()).add((r["phash"], r["colour_sig"], r["window_sig"], r["pixel_hash"]))
     assert sum(1 for v in by_sha.values()) < Counter(table["status"].to_pylist())["success"]  # dups exist
     assert all(len(v) == 1 for v in by_sha.values())
     tars = sorted(glob.glob(str(tmp_path / "out" / "crawl" / "*.tar")))

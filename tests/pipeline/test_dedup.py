@@ -129,6 +129,12 @@ def colour(v: int) -> str:
     return f"{v:x}" * 48
 
 
+def picture(seed: int, brighter: int = 0) -> str:
+    """A colour_sig with structure (16 cells of their own colours), optionally `brighter` by 4-bit steps."""
+    cells = random.Random(seed).choices(range(4, 12), k=48)
+    return "".join(f"{v + brighter:x}" for v in cells)
+
+
 def key_of(digest: str) -> int:
     """The crawl's sha256_key of a digest; the made-up digests of some tests ("s" * 64) are not
     hex, and are keyed by a digest of their own."""
@@ -166,6 +172,7 @@ def crawl_rows(rows: list[dict]) -> pa.Table:
                 "fetch_ms": 1.0,
                 "phash": r.get("phash", random.Random(uid).getrandbits(64) - (1 << 63)),
                 "colour_sig": r.get("colour", colour(random.Random(uid + "c").randrange(16))),
+                "window_sig": r.get("windows"),  # None: the whole image's phash and colour_sig only
                 "pixel_hash": r.get("pixels", random.Random(uid + "p").getrandbits(64) - (1 << 63)),
                 "pdq": r.get("pdq", f"{random.Random(uid + 'q').getrandbits(256):064x}"),
                 "pdq_quality": r.get("pdq_quality", 100),
@@ -222,13 +229,13 @@ def test_dup_of_is_the_keepers_uid_whatever_the_uids_look_like(tmp_path, odd_uid
 def test_reasons_rules_and_keep_policy(tmp_path):
     base = -1234567890123456789
     rows = [
-        {"uid": "a1", "phash": base, "colour": colour(5), "w": 300},
-        {"uid": "a2", "phash": flip(base, [1, 9, 20]), "colour": colour(6)},  # near: 3 bits, colour 1
-        {"uid": "a3", "phash": flip(base, [1, 9, 20, 33]), "colour": colour(9)},  # 4 bits but another colour
+        {"uid": "a1", "phash": base, "colour": picture(1), "w": 300},
+        {"uid": "a2", "phash": flip(base, [1, 9, 20]), "colour": picture(1, brighter=2)},  # near: 3 bits, brighter
+        {"uid": "a3", "phash": flip(base, [1, 9, 20, 33]), "colour": picture(2)},  # 4 bits but other colours
         {"uid": "b1", "pixels": -12, "w": 50},  # same pixels, other bytes
         {"uid": "b2", "pixels": -12, "w": 50},
         {"uid": "c1", "phash": 77, "caption": "A Red  Star", "colour": colour(3)},
-        {"uid": "c2", "phash": flip(77, list(range(10))), "caption": "a red star", "colour": colour(3)},  # caption
+        {"uid": "c2", "phash": flip(77, list(range(12))), "caption": "a red star", "colour": colour(3)},  # caption
         {"uid": "d1", "status": "not_found", "phash": None, "colour": None, "pixels": None},
     ]
     out = dedup(store_with_shards(tmp_path, [rows[:4], rows[4:]]))

@@ -6,17 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.dedup_quality import (
-    clipline_matrix,
-    clusters,
-    colour_residual,
-    corpus,
-    exact_pixels,
-    pdq_matrix,
-    scores,
-    windows_matrix,
-)
+from bench.dedup_quality import clipline_matrix, clusters, corpus, exact_pixels, legacy_matrix, pdq_matrix, scores
 from pipeline import images
+from pipeline.dedup.index import colour_residual
 from tests.conftest import REPO
 
 PHOTOS = [Image.open(p).convert("RGB") for p in sorted((REPO / "tests/data/photos").glob("*.jpg"))]
@@ -35,18 +27,29 @@ def groups(origin: np.ndarray) -> list[list[int]]:
     return sorted(np.flatnonzero(origin == o).tolist() for o in np.unique(origin))
 
 
-def test_the_windowed_signature_finds_every_copy_and_merges_no_two_photos(bench_corpus):
-    _, origin, kind, _, decoded = bench_corpus
+def test_the_dedup_stage_finds_every_copy_and_merges_no_two_photos(bench_corpus, tmp_path):
+    _, origin, kind, processed, _ = bench_corpus
     assert len(kind) == 4 * (1 + len(TRANSFORMS))
-    same = windows_matrix(decoded)
+    same = clipline_matrix(processed, tmp_path / "windows")  # the dedup stage itself, inline
     assert clusters(same) == groups(origin)  # exactly one cluster a photo, with all its copies
     report = scores(same, origin, kind)
     assert report["recall_min"] == 1.0 and report["false_pairs"] == 0
+    whole = scores(clipline_matrix(processed, tmp_path / "whole", near_windows=1), origin, kind)
+    assert whole["recall"]["logo"] < 1.0 and whole["false_pairs"] == 0  # the windows are what finds the logos
 
 
-def test_todays_rule_misses_overlays_and_brightness_and_pdq_the_logo(bench_corpus):
+def test_window_zero_is_the_whole_image(bench_corpus):
+    """Window 0 is the whole image at 96 -> 32 px, `phash` at 32 px directly: within a few bits."""
+    _, _, _, processed, _ = bench_corpus
+    for p in processed:
+        assert len(p.window_sig) == len(images.WINDOWS) * images.WINDOW_BYTES
+        whole = int.from_bytes(p.window_sig[:8], "big", signed=True)
+        assert ((whole ^ p.phash) & (1 << 64) - 1).bit_count() <= 4
+
+
+def test_the_old_rule_misses_overlays_and_brightness_and_pdq_the_logo(bench_corpus):
     _, origin, kind, processed, decoded = bench_corpus
-    ours = clipline_matrix(processed, threshold=8, tolerance=1)
+    ours = legacy_matrix(processed)
     recall = scores(ours, origin, kind)["recall"]
     assert recall["jpeg"] == recall["resize"] == recall["png"] == recall["webp"] == 1.0
     assert recall["logo"] < 1.0 and recall["brightness"] < 1.0  # what the windowed signature is for

@@ -112,6 +112,7 @@ def test_every_kind_of_id_and_a_purge_that_leaves_no_byte_behind(filtered, tmp_p
     crawled = crawl_rows_of(store).filter(pl.col("uid").is_in(list(removed)))
     assert crawled["status"].to_list() == ["blocked"] * len(removed)
     assert set(crawled["error_message"].to_list()) == {f"taken down (takedowns/{n:04d}.json)" for n in (1, 2, 3)}
+    assert crawled["window_sig"].null_count() == crawled["colour_sig"].null_count() == len(removed)  # no colours left
     for s in range(4):  # the crawl markers record the purged outputs, so `clipline status` tells the truth
         marker = store.read_json(marker_path("crawl", s))
         for rel, out in marker["outputs"].items():
