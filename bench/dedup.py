@@ -135,23 +135,23 @@ def make_rows(n: int, work: Path, seed: int = 0) -> dict:
     }
 
 
-def side_clipline(work: Path) -> dict:
+def side_clipline(work: Path, near_windows: int = 6) -> dict:
     from pipeline.config import RunConfig
-    from pipeline.dedup import COMPONENTS, STAGES
+    from pipeline.dedup import COMPONENTS, STAGES, DedupConfig
     from pipeline.runner import run_pipeline
     from pipeline.storage import open_storage
 
     start_ray_warm(2)
     store = open_storage(work)
     started = time.perf_counter()
-    reports = run_pipeline(list(STAGES), store, RunConfig(out=str(work)), progress=False)
+    run = RunConfig(out=str(work), dedup=DedupConfig(near_windows=near_windows))
+    reports = run_pipeline(list(STAGES), store, run, progress=False)
     seconds = time.perf_counter() - started
     plan = store.read_json("dedup/_plan.json")
     return {
         "seconds": seconds,
         "stage_seconds": {r.stage: round(r.seconds, 2) for r in reports},
         "near_index": plan["near_index"],
-        "window_index": plan.get("window_index"),
         "partitions": plan["partitions"],
         "duplicates": next(r for r in reports if r.stage == COMPONENTS).total("duplicates"),
     }
@@ -232,6 +232,7 @@ def main() -> None:
         "--side", choices=("clipline", "clipline_exact", "exact", "exact_int", "near"), help=argparse.SUPPRESS
     )
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--near-windows", type=int, default=6, help="dedup.near_windows (1: the whole image only)")
     args = parser.parse_args()
     if args.side:
         fn = {
@@ -241,7 +242,7 @@ def main() -> None:
             "exact_int": side_exact_peer_int,
             "near": side_near_peer,
         }[args.side]
-        print(json.dumps(fn(args.work)))
+        print(json.dumps(fn(args.work, args.near_windows) if args.side == "clipline" else fn(args.work)))
         return
 
     import polars as pl
@@ -269,7 +270,8 @@ def main() -> None:
             "peak_rss_mb": max(r["peak_rss_mb"] for r in done),
         }
     for side in ("near", "clipline"):
-        results[side] = run_subprocess(__file__, ["--side", side, "--work", str(work)])
+        extra = ["--near-windows", str(args.near_windows)] if side == "clipline" else []
+        results[side] = run_subprocess(__file__, ["--side", side, "--work", str(work), *extra])
     for side, result in results.items():
         shown = {k: v for k, v in result.items() if k != "neighbours"}
         print(f"{side:<9} {shown}", flush=True)
@@ -296,7 +298,7 @@ def main() -> None:
             "near_copies": truth["near_rows"],
             "near_threshold": 10,
             "colour_tolerance": 8,
-            "near_windows": 6,
+            "near_windows": args.near_windows,
             "exact_repeats": args.repeats,
         },
         "clipline": {**clip, "rows_per_s": n / clip["seconds"]},
@@ -329,7 +331,8 @@ def main() -> None:
     print(f"near index: {clip['near_index']}; recall by distance: {recall}; vs brute force sample: {sample_recall:.4f}")
     shutil.rmtree(work, ignore_errors=True)  # 8 GB at 10M rows
     shutil.rmtree(work.parent / (work.name + "-exact"), ignore_errors=True)
-    out_path = REPO / "bench" / "results" / f"dedup-{n}.json"
+    suffix = "" if args.near_windows == 6 else f"-windows{args.near_windows}"
+    out_path = REPO / "bench" / "results" / f"dedup-{n}{suffix}.json"
     out_path.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {out_path}")
 

@@ -252,6 +252,31 @@ def clipline_matrix(processed: list[images.ProcessedImage], work: Path, **dedup)
     return cluster[:, None] == cluster[None, :]
 
 
+def window_rule_matrix(processed: list[images.ProcessedImage], threshold: int = 10, tolerance: float = 8.0,
+                       texture: int = 4) -> np.ndarray:  # fmt: skip
+    """The dedup stage's near rule as all-pairs decisions (no index, no clusters) on the crawl's
+    window signatures: the whole image or the centre window matches, or two corner windows do."""
+    import polars as pl
+
+    from pipeline.dedup.index import colour_residual, window_arrays
+
+    n = len(processed)
+    phash = np.array([p.phash for p in processed], dtype=np.int64)
+    sig = pl.Series([p.window_sig for p in processed], dtype=pl.Binary)
+    hashes, grids, flat = window_arrays(sig, phash, pl.Series([p.colour_sig for p in processed]), 6)
+    close = [np.bitwise_count(h[:, None] ^ h[None, :]) <= threshold for h in hashes.view(np.uint64).T]
+    matched = []
+    for w in range(6):
+        textured = flat[:, w] >= texture
+        i, j = np.nonzero(np.triu(close[w] & textured[:, None] & textured[None, :], 1))
+        fits = colour_residual(grids[i, w].reshape(-1, 16, 3), grids[j, w].reshape(-1, 16, 3)) <= tolerance
+        m = np.zeros((n, n), dtype=bool)
+        m[i[fits], j[fits]] = m[j[fits], i[fits]] = True
+        matched.append(m)
+    corners = sum(m.astype(np.int8) for m in matched[2:]) >= 2
+    return matched[0] | matched[1] | corners | np.eye(n, dtype=bool)
+
+
 def imagehash_matrix(decoded: list[Image.Image], threshold: int = 10) -> np.ndarray:
     import imagehash
 
@@ -356,6 +381,7 @@ def main() -> None:
     methods = {
         "clipline dedup (6 windows, pHash<=10, colour fit<=8)": ours,
         "clipline dedup, whole image only (near_windows: 1)": whole,
+        "clipline's rule as all-pairs decisions (no index)": window_rule_matrix(processed),
         "clipline before windows (pHash<=8, 4-bit colour<=1)": legacy_matrix(processed),
         "imagehash pHash<=10": imagehash_matrix(decoded),
         "PDQ<=31": pdq,

@@ -1,9 +1,11 @@
 """Dedup: exact, near-duplicate and caption duplicates, global across all crawl shards.
 
 Signatures come from the crawl (pipeline/images.py): the bytes' sha256 (as the
-integer sha256_key), a 64-bit pixel hash (equal for lossless re-encodes), a 64-bit
-pHash and a colour signature. Two images are near-duplicates when their pHashes differ in at most
-`near_threshold` bits and their colour grids in at most `colour_tolerance`.
+integer sha256_key), a 64-bit pixel hash (equal for lossless re-encodes), and the
+window signature: a pHash and a colour grid for the whole image, its centre and its
+four corner windows. Two images are near-duplicates when, in the whole image or the
+centre (or in two corners), their pHashes differ in at most `near_threshold` bits and
+their colours fit within `colour_tolerance`.
 
 Four committed steps, none of which holds all hashes in one place (six with
 semantic dedup, whose two come first: ``dedup/_embed`` per crawl shard, the image
@@ -12,15 +14,16 @@ sample of them; the map then keys each image by its nearest centroid and the
 reduce compares the images of one centroid pairwise, SemDeDup-style):
 
 1. ``dedup/_map`` — per crawl shard: emit (kind, key, node) rows for the exact
-   keys, and (kind, key, node, pHash, colour) rows for the caption key and every
-   candidate table of the near index, hash-partitioned by key into one file of
-   each sort per shard (pipeline/shuffle.py). A node is its crawl shard and row
+   keys, and (kind, key, node, a window's pHash and colours) rows for the caption
+   key and every candidate table of the near index of every window, hash-partitioned
+   by key into one file of each sort per shard (pipeline/shuffle.py). A node is its crawl shard and row
    (shard << 32 | row), so no table of uids is written: later steps read them from the crawl.
 2. ``dedup/_reduce`` — per partition, with polars: rows sharing a key are
-   candidates; pairs are confirmed (Hamming + colour for near) and become edges.
+   candidates; pairs are confirmed (Hamming + colour fit for near) and become edges.
 3. ``dedup/_components`` — one task over the edges only (memory O(duplicates),
-   not O(N)): connected components by union-find in numpy, so A~B~C is one
-   cluster; one keeper per cluster by a deterministic rule.
+   not O(N)): a pair's corner-window edges count where two corners matched;
+   connected components by union-find in numpy, so A~B~C is one cluster; one
+   keeper per cluster by a deterministic rule.
 4. ``dedup`` — per crawl shard: ``dedup/{shard}.parquet`` with ``uid, dup_of,
    dup_reason, cluster_size`` for every crawled image (dup_of null = kept).
 

@@ -22,6 +22,18 @@ from pipeline.shuffle import write_gathered
 from pipeline.stage import PlanContext, ShardContext, release_memory
 
 
+def corner_edges(edges: pl.DataFrame) -> pl.DataFrame:
+    """Near edges where a pair's weak edges (reason -window: a corner window matched) come from two
+    corner windows or more; the strong edges as they are."""
+    weak = edges.filter(pl.col("reason") < 0)
+    if not weak.height:
+        return edges
+    weak = weak.select(a=pl.min_horizontal("a", "b"), b=pl.max_horizontal("a", "b"), reason="reason")
+    both = weak.group_by(["a", "b"]).agg(pl.col("reason").n_unique().alias("windows")).filter(pl.col("windows") >= 2)
+    near = both.select("a", "b", reason=pl.lit(REASONS.index("near"), pl.Int8))
+    return pl.concat([edges.filter(pl.col("reason") >= 0), near])
+
+
 def union_find(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(nodes, index, root): the sorted nodes of the edge list, each edge end's index into
     them (a's then b's), and each node's root: the index of the smallest node of its component."""
@@ -238,6 +250,7 @@ def _components(ctx: ShardContext, pool: ThreadPoolExecutor) -> dict:
     edges = [ctx.read_table(f) for f in edge_files]
     if not sum(t.num_rows for t in edges):
         return stats
+    edges = [corner_edges(pl.from_arrow(pa.concat_tables(edges))).to_arrow()]  # weak corner edges: 2 windows or none
     ends = np.concatenate([t["a"].to_numpy() for t in edges] + [t["b"].to_numpy() for t in edges])
     edge_reason = np.concatenate([t["reason"].to_numpy() for t in edges]).astype(np.int16)
     del edges

@@ -59,8 +59,8 @@ class DedupConfig:
     semantic_device: str = field(default="auto", metadata={IDENTITY: False})  # auto | cpu | cuda
     semantic_batch_size: int = field(default=256, metadata={IDENTITY: False})  # images per forward pass
     pair_budget_per_image: int = 50  # candidate pairs the near index may cost, per image
-    max_tables: int = 32  # emission budget of the near index, per image (the whole image's pHash)
-    window_tables: int = 6  # the same for each of the 5 other windows (their pHashes need a smaller radius)
+    max_tables: int = 32  # emission budget of the near index, per image, for the whole image's pHash
+    window_tables: int = 6  # the same for each of the 5 other windows (with near_windows: 6)
     rows_per_partition: int = field(default=1_000_000, metadata={IDENTITY: False})  # memory per reduce task
 
     def __post_init__(self):
@@ -84,13 +84,9 @@ EXACT_SCHEMA = pa.schema([("kind", pa.int16()), ("key", pa.int64()), ("gid", pa.
 
 
 GRID_COLUMNS = tuple(f"g{i}" for i in range(6))  # a window's 48 colour bytes (16 cells x RGB) as 6 int64
-# the pHashes of windows 1-5 (centre, corners): a corner window's match needs a second of them close
-HASH_COLUMNS = tuple(f"h{i}" for i in range(1, 6))
 
 
-FUZZY_SCHEMA = pa.schema(
-    [*EXACT_SCHEMA, ("phash", pa.int64()), *((c, pa.int64()) for c in (*GRID_COLUMNS, *HASH_COLUMNS))]
-)
+FUZZY_SCHEMA = pa.schema([*EXACT_SCHEMA, ("phash", pa.int64()), *((c, pa.int64()) for c in GRID_COLUMNS)])
 
 
 CAPTION_FIELD = pa.field("caption_key", pa.int64())  # on fuzzy rows only with keep_different_captions

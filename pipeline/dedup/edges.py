@@ -23,7 +23,6 @@ from pipeline.dedup.config import (
     EMPTY_EDGES,
     EXACT_SCHEMA,
     GRID_COLUMNS,
-    HASH_COLUMNS,
     KIND_BYTES,
     KIND_CAPTION,
     KIND_NEAR,
@@ -58,9 +57,12 @@ def plan_map(ctx: PlanContext) -> list[int]:
     windows = None
     if config.near_windows > 1:
         windows = index_design(images, config.near_threshold, config.pair_budget_per_image, config.window_tables)
-    kinds = config.exact_bytes + config.exact_pixels + config.caption
-    kinds += len(near_kinds({"near_index": design, "window_index": windows}, config.near_windows)) if config.near else 0
-    emitted = images * max(1, kinds)  # rows the map emits: one per image and kind turned on
+    layout_ = window_layout({"near_index": design, "window_index": windows}, config.near_windows)
+    fuzzy = config.caption + (sum(d["tables"] for _, d in layout_) if config.near else 0)
+    # Rows the map emits, one per image and kind turned on, in units of a 41-byte row (what
+    # rows_per_partition was sized for): a fuzzy row carries a window's colours too, 74 bytes.
+    width = sum(f.type.bit_width for f in fuzzy_schema(config)) / 8 / 41
+    emitted = images * max(1, config.exact_bytes + config.exact_pixels + round(fuzzy * width))
     dim = None  # the embedding width, for the reducers' shuffle schema (no embeddings: no semantic rows)
     if config.semantic and ctx.storage.exists(CENTROIDS + ".parquet"):
         dim = ctx.storage.read_parquet(CENTROIDS + ".parquet")["centroid"].type.list_size
@@ -68,8 +70,8 @@ def plan_map(ctx: PlanContext) -> list[int]:
     plan = {
         "images": images,
         "crawl_shards": shards,  # what every later step works on, whatever is committed since
-        "near_index": design,
-        "window_index": windows,  # the design for windows 1-5 (images.WINDOWS), or None
+        "near_index": design,  # the whole image's
+        "window_index": windows,  # each other window's (images.WINDOWS), or None with near_windows: 1
         "partitions": max(1, math.ceil(emitted / config.rows_per_partition)),
         "embedding_dim": dim,
     }
@@ -83,11 +85,14 @@ def plan_map(ctx: PlanContext) -> list[int]:
     return shards
 
 
-def near_kinds(plan: dict, windows: int) -> list[tuple[int, int]]:
-    """(window, table) of each near kind, kind KIND_NEAR + its position: the whole image's tables
-    (plan's near_index), then each other window's (plan's window_index)."""
-    whole = [(0, t) for t in range(plan["near_index"]["tables"])]
-    return whole + [(w, t) for w in range(1, windows) for t in range(plan["window_index"]["tables"])]
+def window_layout(plan: dict, windows: int) -> list[tuple[int, dict]]:
+    """Per window, (its first near kind, its index design): the whole image on the plan's
+    near_index from KIND_NEAR, then each other window on window_index; table t is kind first + t."""
+    whole = plan["near_index"]
+    out = [(KIND_NEAR, whole)]
+    for w in range(1, windows):
+        out.append((KIND_NEAR + whole["tables"] + (w - 1) * plan["window_index"]["tables"], plan["window_index"]))
+    return out
 
 
 def _mix(kind: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -153,21 +158,17 @@ def run_map(ctx: ShardContext) -> dict:
             kinds.append(np.where(captions != 0, KIND_CAPTION, -1))
             keys.append(captions)
             sources.append(image)
-        if config.near:
-            for offset, (w, table) in enumerate(near_kinds(plan, windows)):
-                design = plan["near_index"] if w == 0 else plan["window_index"]
-                if table == 0:  # this window's keys, for all its tables
-                    window_keys = table_keys(hashes[:, w], design)
-                    flat = texture[:, w] < config.min_texture
-                kinds.append(np.where(flat, -1, KIND_NEAR + offset))
-                keys.append(window_keys[table])
-                sources.append(w * n + image)
+        if config.near:  # window w's table t: kind base(w) + t
+            for w, (base, design) in enumerate(window_layout(plan, windows)):
+                flat = texture[:, w] < config.min_texture
+                for t, k in enumerate(table_keys(hashes[:, w], design)):
+                    kinds.append(np.where(flat, -1, base + t))
+                    keys.append(k)
+                    sources.append(w * n + image)
         # carried values window-major: window w of image i at w * n + i
         carried = {"phash": hashes.T.ravel()}
         packed = np.ascontiguousarray(grids.transpose(1, 0, 2)).reshape(windows * n, 48).view(np.int64)
         carried.update((g, packed[:, j]) for j, g in enumerate(GRID_COLUMNS))
-        for j, c in enumerate(HASH_COLUMNS, start=1):
-            carried[c] = np.tile(hashes[:, j], windows) if j < windows else np.zeros(windows * n, np.int64)
         if config.keep_different_captions:
             carried["caption_key"] = np.tile(captions, windows)
         emitted += emit("fuzzy", fuzzy_schema(config), gid, kinds, keys, sources, **carried)
@@ -244,25 +245,29 @@ def grids_of(frame: pl.DataFrame, suffix: str = "") -> np.ndarray:
 def fuzzy_edges(frame: pl.DataFrame, config: DedupConfig, plan: dict) -> pl.DataFrame:
     """Confirmed near / caption edges among rows of one kind sharing a key.
 
-    A near kind is one table of one window (near_kinds); its rows carry that
-    window's pHash and colour grid, and the pHashes of windows 1-5. Two images are near duplicates when
-    their whole images or their centre windows match (pHash within near_threshold and colours that
-    fit, colour_residual), or one corner window matches and a second window's pHashes are close too:
-    one corner alone (4/9 of the image) merged distinct photos of one style and scenes with the same
-    ground (bench/dedup_quality.py). A pair of windows meets in every table whose key blocks agree;
-    only the first such table's reducer emits it (a test on the two pHashes alone), so each window
-    pair is one edge, not up to `tables` (at 10M rows that was 12x the edges, and the components
-    step's memory). Two copies alike in several windows still give an edge per window.
+    A near kind is one table of one window (window_layout); its rows carry
+    that window's pHash and colour grid. A window matches when the pHashes are within
+    near_threshold and the colours fit (colour_residual). A match of the whole images or of
+    their centre windows is an edge (reason near); a corner window's is a weak edge (reason
+    -window), which components counts as near only where two corner windows of the pair match:
+    one corner alone (4/9 of the image) merged distinct photos of one style and scenes with the
+    same ground (bench/dedup_quality.py). A pair of windows meets in every table whose key blocks
+    agree; only the first such table's reducer emits it (a test on the two pHashes alone), so each
+    window pair is one edge, not up to `tables` (at 10M rows that was 12x the edges, and the
+    components step's memory). Two copies alike in several windows still give an edge per window.
     """
     # One int64 per (kind, key), so grouping and joining hash one column, not two.
     group = ["group"]
-    kinds = near_kinds(plan, config.near_windows if config.near else 1)
-    first_kinds = [KIND_NEAR + i for i, (_, table) in enumerate(kinds) if table == 0]
+    layout_ = window_layout(plan, config.near_windows if config.near else 1)
+    first_kinds = [base for base, _ in layout_]
     frame = frame.with_columns(group=pl.Series(_mix(frame["kind"].to_numpy(), frame["key"].to_numpy()).view(np.int64)))
     frame = frame.filter(pl.col("group").is_duplicated()).with_columns(size=pl.len().over(group))
     frame = frame.filter((pl.col("kind") != KIND_CAPTION) | (pl.col("size") <= config.max_caption_group))
     caption = pl.col("kind") == KIND_CAPTION
-    reason_of = pl.when(caption).then(3).otherwise(2).cast(pl.Int8)
+    window = pl.lit(-1)
+    for w, base in enumerate(first_kinds):
+        window = pl.when(pl.col("kind") >= base).then(w).otherwise(window)
+    reason_of = pl.when(caption).then(3).when(window < 2).then(2).otherwise(-window).cast(pl.Int8)
     # Identical (pHash, colour[, caption]) in a group collapse onto one representative first,
     # so a cluster of k copies costs k rows, not k^2 / 2 pairs.
     signature = ["phash", *GRID_COLUMNS, *(["caption_key"] if config.keep_different_captions else [])]
@@ -277,37 +282,21 @@ def fuzzy_edges(frame: pl.DataFrame, config: DedupConfig, plan: dict) -> pl.Data
     pairs = narrow.join(narrow, on=group, suffix="_b").filter(pl.col("gid") < pl.col("gid_b"))
     limit = pl.when(caption).then(config.caption_threshold).otherwise(config.near_threshold)
     pairs = pairs.filter((pl.col("phash") ^ pl.col("phash_b")).bitwise_count_ones() <= limit)
-    signatures = reps.select(["gid", *signature[1:], *HASH_COLUMNS]).unique("gid")
+    signatures = reps.select(["gid", *signature[1:]]).unique("gid")
     pairs = pairs.join(signatures, on="gid").join(signatures, left_on="gid_b", right_on="gid", suffix="_b")
     if config.keep_different_captions:
         pairs = pairs.filter((pl.col("caption_key") == pl.col("caption_key_b")) | caption)
     fits = colour_residual(grids_of(pairs), grids_of(pairs, "_b")) <= config.colour_tolerance
     pairs = pairs.filter(pl.Series(fits))
-    window, first = _first_kind(pairs["kind"].to_numpy(), pairs["phash"].to_numpy(), pairs["phash_b"].to_numpy(), plan)
-    close = sum(
-        np.bitwise_count(pairs[c].to_numpy() ^ pairs[f"{c}_b"].to_numpy()) <= config.near_threshold
-        for c in HASH_COLUMNS
-    )
-    enough = (window < 2) | (close >= 2)  # a caption pair, the whole image, the centre; a corner and one more
-    pairs = pairs.filter(caption | ((pl.col("kind") == pl.Series(first, dtype=pl.Int64)) & pl.Series(enough)))
+    kind, a, b = pairs["kind"].to_numpy().astype(np.int64), pairs["phash"].to_numpy(), pairs["phash_b"].to_numpy()
+    first = np.full(len(kind), -1, dtype=np.int64)  # each pair's first table's kind, in its window
+    for w, (base, design) in enumerate(layout_):
+        last = layout_[w + 1][0] if w + 1 < len(layout_) else np.iinfo(np.int64).max
+        here = (kind >= base) & (kind < last)
+        if here.any():
+            first[here] = first_table(a[here], b[here], design) + base
+    pairs = pairs.filter(caption | (pl.col("kind") == pl.Series(first, dtype=pl.Int64)))
     return pl.concat([collapsed, pairs.select(a=pl.col("gid"), b=pl.col("gid_b"), reason=reason_of)])
-
-
-def _first_kind(kind: np.ndarray, a: np.ndarray, b: np.ndarray, plan: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Per pair of a near kind with window pHashes a and b: (its window, the kind of the first table of
-    that window in which their keys are equal). Window -1 for a pair of another kind."""
-    whole = plan["near_index"]["tables"]
-    offset = kind.astype(np.int64) - KIND_NEAR
-    window = np.where(offset < 0, -1, np.where(offset < whole, 0, 1 + (offset - whole) // max(1, _tables(plan))))
-    base = np.where(window <= 0, 0, whole + (window - 1) * _tables(plan))
-    first = first_table(a, b, plan["near_index"])
-    if plan.get("window_index"):
-        first = np.where(window > 0, first_table(a, b, plan["window_index"]), first)
-    return window, KIND_NEAR + base + first
-
-
-def _tables(plan: dict) -> int:
-    return plan["window_index"]["tables"] if plan.get("window_index") else 0
 
 
 def plan_reduce(ctx: PlanContext) -> list[int]:

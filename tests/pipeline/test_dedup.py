@@ -226,6 +226,48 @@ def test_dup_of_is_the_keepers_uid_whatever_the_uids_look_like(tmp_path, odd_uid
     assert out["dup_of"].to_list() == [odd_uid, low, None, None]
 
 
+def windows(hashes: list[int], grids: list[bytes], texture: int = 40) -> bytes:
+    """A crawl window_sig: per window (images.WINDOWS), its pHash, 48 colour bytes and texture."""
+    return b"".join(
+        (h & (1 << 64) - 1).to_bytes(8, "big") + g + bytes([texture]) for h, g in zip(hashes, grids, strict=True)
+    )
+
+
+def test_a_corner_window_alone_is_not_a_duplicate_two_corners_or_the_centre_are(tmp_path):
+    rng = random.Random(7)
+    grid = [bytes(rng.randrange(40, 200) for _ in range(48)) for _ in range(6)]
+    base = [rng.getrandbits(64) for _ in range(6)]
+    brighter = [bytes(min(255, round(v * 1.1 + 5)) for v in g) for g in grid]  # fits: gain and offset
+
+    def mixed(same: set[int]) -> bytes:
+        """Windows in `same`: base's, 3 bits away and brighter; the others: another picture's."""
+        hashes = [flip(base[w], [1, 20, 40]) if w in same else rng.getrandbits(64) for w in range(6)]
+        others = [bytes(rng.randrange(256) for _ in range(48)) for _ in range(6)]
+        return windows(hashes, [brighter[w] if w in same else others[w] for w in range(6)])
+
+    rows = [
+        {"uid": "orig", "windows": windows(base, grid), "w": 300},
+        {"uid": "one-corner", "windows": mixed({5})},
+        {"uid": "two-corners", "windows": mixed({2, 3})},
+        {"uid": "centre", "windows": mixed({1})},
+        {"uid": "whole", "windows": mixed({0})},
+        {"uid": "flat-centre", "windows": windows(
+            [flip(base[1], [3]) if w == 1 else rng.getrandbits(64) for w in range(6)], [grid[1]] * 6, texture=2)},
+    ]  # fmt: skip
+    out = dedup(store_with_shards(tmp_path, [rows[:3], rows[3:]]), caption=False)
+    got = {r["uid"]: (r["dup_of"], r["dup_reason"]) for r in out.iter_rows(named=True)}
+    assert got == {
+        "orig": (None, None),
+        "one-corner": (None, None),  # one corner of 4/9 of the image: two other pictures can share it
+        "two-corners": ("orig", "near"),
+        "centre": ("orig", "near"),
+        "whole": ("orig", "near"),
+        "flat-centre": (None, None),  # a flat window (texture 2) never matches
+    }
+    whole_only = dedup(store_with_shards(tmp_path, [rows[:3], rows[3:]], "whole"), caption=False, near_windows=1)
+    assert whole_only.filter(pl.col("dup_of").is_not_null())["uid"].to_list() == ["whole"]
+
+
 def test_reasons_rules_and_keep_policy(tmp_path):
     base = -1234567890123456789
     rows = [
