@@ -295,6 +295,21 @@ def test_reasons_rules_and_keep_policy(tmp_path):
     assert strict.filter(pl.col("dup_reason").is_not_null())["uid"].to_list() == ["b2"]
 
 
+def test_a_crawl_made_before_window_signatures_dedups_on_the_whole_image(tmp_path):
+    """A crawl parquet without the window_sig column: near duplicates from phash and colour_sig alone."""
+    base = -1234567890123456789
+    rows = [
+        {"uid": "a1", "phash": base, "colour": picture(1), "w": 300},
+        {"uid": "a2", "phash": flip(base, [1, 9, 20]), "colour": picture(1, brighter=2)},
+        {"uid": "a3", "phash": flip(base, [1, 9, 20, 33]), "colour": picture(2)},
+    ]
+    store = store_with_shards(tmp_path, [rows])
+    old = store.read_parquet("crawl/00000.parquet")
+    store.write_parquet("crawl/00000.parquet", old.drop_columns(["window_sig"]))
+    out = dedup(store, caption=False)
+    assert out.select("uid", "dup_of").rows() == [("a1", None), ("a2", "a1"), ("a3", None)]
+
+
 def test_dup_reason_is_the_members_relation_to_its_keeper(tmp_path):
     """Four byte-identical copies near a larger original point to it as `near`, not `exact_bytes`:
     the keeper has other bytes. A member joined to the keeper by exact bytes stays exact_bytes,
