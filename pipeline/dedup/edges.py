@@ -158,12 +158,12 @@ def run_map(ctx: ShardContext) -> dict:
             kinds.append(np.where(captions != 0, KIND_CAPTION, -1))
             keys.append(captions)
             sources.append(image)
-        if config.near:  # window w's table t: kind base(w) + t
+        if config.near:  # window w's table: kind base(w) + table
             for w, (base, design) in enumerate(window_layout(plan, windows)):
                 flat = texture[:, w] < config.min_texture
-                for t, k in enumerate(table_keys(hashes[:, w], design)):
-                    kinds.append(np.where(flat, -1, base + t))
-                    keys.append(k)
+                for table, key in enumerate(table_keys(hashes[:, w], design)):
+                    kinds.append(np.where(flat, -1, base + table))
+                    keys.append(key)
                     sources.append(w * n + image)
         # carried values window-major: window w of image i at w * n + i
         carried = {"phash": hashes.T.ravel()}
