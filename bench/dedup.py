@@ -135,24 +135,36 @@ def make_rows(n: int, work: Path, seed: int = 0) -> dict:
     }
 
 
-def side_clipline(work: Path, near_windows: int = 6) -> dict:
+def side_clipline(work: Path, near_windows: int = 6, graph_images: int | None = None) -> dict:
     from pipeline.config import RunConfig
     from pipeline.dedup import COMPONENTS, STAGES, DedupConfig
     from pipeline.runner import run_pipeline
+    from pipeline.stage import committed_shards, read_marker
     from pipeline.storage import open_storage
 
     start_ray_warm(2)
     store = open_storage(work)
     started = time.perf_counter()
-    run = RunConfig(out=str(work), dedup=DedupConfig(near_windows=near_windows))
+    settings = {"images_per_graph_partition": graph_images} if graph_images else {}
+    run = RunConfig(out=str(work), dedup=DedupConfig(near_windows=near_windows, **settings))
     reports = run_pipeline(list(STAGES), store, run, progress=False)
     seconds = time.perf_counter() - started
     plan = store.read_json("dedup/_plan.json")
+    # Each shard's marker holds its process's peak RSS over that shard: the largest, per step.
+    task_peak = {}
+    for r in reports:
+        peaks = [read_marker(store, r.stage, s).get("peak_rss_mb") for s in committed_shards(store, r.stage)]
+        if peaks:
+            task_peak[r.stage] = max(p or 0 for p in peaks)
+    rounds = next(r for r in reports if r.stage == "dedup/_rounds")
     return {
         "seconds": seconds,
         "stage_seconds": {r.stage: round(r.seconds, 2) for r in reports},
+        "task_peak_rss_mb": task_peak,
         "near_index": plan["near_index"],
         "partitions": plan["partitions"],
+        "graph_partitions": plan["graph_partitions"],
+        "component_rounds": len(rounds.ran) // plan["graph_partitions"],
         "duplicates": next(r for r in reports if r.stage == COMPONENTS).total("duplicates"),
     }
 
@@ -233,6 +245,14 @@ def main() -> None:
     )
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--near-windows", type=int, default=6, help="dedup.near_windows (1: the whole image only)")
+    parser.add_argument("--graph-images", type=int, default=None, help="dedup.images_per_graph_partition")
+    parser.add_argument(
+        "--same-with-partitions",
+        type=int,
+        default=None,
+        metavar="G",
+        help="run clipline again with G graph partitions and check its outputs are byte-identical",
+    )
     args = parser.parse_args()
     if args.side:
         fn = {
@@ -242,7 +262,10 @@ def main() -> None:
             "exact_int": side_exact_peer_int,
             "near": side_near_peer,
         }[args.side]
-        print(json.dumps(fn(args.work, args.near_windows) if args.side == "clipline" else fn(args.work)))
+        if args.side == "clipline":
+            print(json.dumps(fn(args.work, args.near_windows, args.graph_images)))
+        else:
+            print(json.dumps(fn(args.work)))
         return
 
     import polars as pl
@@ -269,9 +292,22 @@ def main() -> None:
             "seconds_runs": [round(r["seconds"], 3) for r in done],
             "peak_rss_mb": max(r["peak_rss_mb"] for r in done),
         }
-    for side in ("near", "clipline"):
-        extra = ["--near-windows", str(args.near_windows)] if side == "clipline" else []
-        results[side] = run_subprocess(__file__, ["--side", side, "--work", str(work), *extra])
+    clipline_args = ["--near-windows", str(args.near_windows)]
+    if args.graph_images:
+        clipline_args += ["--graph-images", str(args.graph_images)]
+    results["near"] = run_subprocess(__file__, ["--side", "near", "--work", str(work)])
+    results["clipline"] = run_subprocess(__file__, ["--side", "clipline", "--work", str(work), *clipline_args])
+    same_with = None
+    if args.same_with_partitions:  # the graph steps in G partitions: the same bytes as in the run above
+        other = work.parent / (work.name + "-partitions")
+        shutil.copytree(work / "crawl", other / "crawl")
+        graph_images = -(-n // args.same_with_partitions)
+        extra = ["--near-windows", str(args.near_windows), "--graph-images", str(graph_images)]
+        results["clipline_partitions"] = run_subprocess(__file__, ["--side", "clipline", "--work", str(other), *extra])
+        outputs = sorted(p.name for p in (work / "dedup").glob("0*.parquet"))
+        same = all((work / "dedup" / f).read_bytes() == (other / "dedup" / f).read_bytes() for f in outputs)
+        same_with = {"graph_partitions": results["clipline_partitions"]["graph_partitions"], "identical": same}
+        shutil.rmtree(other, ignore_errors=True)
     for side, result in results.items():
         shown = {k: v for k, v in result.items() if k != "neighbours"}
         print(f"{side:<9} {shown}", flush=True)
@@ -308,6 +344,8 @@ def main() -> None:
             **results["exact_int"],
             "rows_per_s": n / results["exact_int"]["seconds"],
         },
+        "clipline_other_partitions": results.get("clipline_partitions"),
+        "outputs_identical_with_other_partitions": same_with,
         "near_peer_brute_force": {k: v for k, v in results["near"].items() if k != "neighbours"},
         "near_recall_by_distance": recall,
         "near_recall_vs_brute_force_sample": round(sample_recall, 4),
@@ -329,6 +367,9 @@ def main() -> None:
         f"vs clipline {clip['seconds']:.0f}s = {summary['speedup_vs_brute_force']}x"
     )
     print(f"near index: {clip['near_index']}; recall by distance: {recall}; vs brute force sample: {sample_recall:.4f}")
+    print(f"per-task peak RSS by step (MB): {clip['task_peak_rss_mb']}")
+    if same_with:
+        print(f"outputs with {same_with['graph_partitions']} graph partitions identical: {same_with['identical']}")
     shutil.rmtree(work, ignore_errors=True)  # 8 GB at 10M rows
     shutil.rmtree(work.parent / (work.name + "-exact"), ignore_errors=True)
     suffix = "" if args.near_windows == 6 else f"-windows{args.near_windows}"

@@ -162,7 +162,30 @@ def _lost_batch(
     return outcomes
 
 
-def run_stage(
+def run_stage(stage: Stage, storage: Storage, run: Any, **settings) -> StageReport:
+    """Run every planned shard of `stage` that is not committed yet; raise StageFailed listing failures.
+
+    A `repeat` stage (rounds of an iterative step) is planned again after each pass, until a
+    pass has nothing left to run: its plan adds the next round's shards while more are needed.
+    Keyword settings: executor ("ray" or "inline"), max_retries, address, num_cpus, progress."""
+    report = more = _run_stage_once(stage, storage, run, **settings)
+    while stage.repeat and more.ran:
+        more = _run_stage_once(stage, storage, run, **settings)
+        report = StageReport(
+            stage.name,
+            planned=more.planned,
+            ran=sorted(report.ran + more.ran),
+            skipped=sorted(set(more.skipped) - set(report.ran)),
+            stats=more.stats,
+            seconds=report.seconds + more.seconds,
+            stale={**report.stale, **more.stale},
+            unchanged=sorted(report.unchanged + more.unchanged),
+            pruned=sorted(report.pruned + more.pruned),
+        )
+    return report
+
+
+def _run_stage_once(
     stage: Stage,
     storage: Storage,
     run: Any,
@@ -173,7 +196,6 @@ def run_stage(
     num_cpus: int | None = None,
     progress: bool = True,
 ) -> StageReport:
-    """Run every planned shard of `stage` that is not committed yet; raise StageFailed listing failures."""
     started = time.time()
     config = stage.config_of(run)
     shards = sorted(set(stage.plan(PlanContext(storage, config, run))))

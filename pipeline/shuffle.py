@@ -23,6 +23,14 @@ from pipeline.stage import ShardContext
 from pipeline.storage import Storage
 
 
+def node_partition(nodes: np.ndarray, partitions: int) -> np.ndarray:
+    """Each node id's partition: a mix of all its bits (shard and row), so that one crawl
+    shard's nodes spread over every partition."""
+    mixed = nodes.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    mixed ^= mixed >> np.uint64(31)
+    return (mixed % np.uint64(partitions)).astype(np.int32)
+
+
 def write_partitioned(ctx: ShardContext, rel: str, table: pa.Table, parts: np.ndarray, partitions: int) -> None:
     """Stage `rel` holding `table`'s rows grouped by `parts` (values in [0, partitions))."""
     write_gathered(ctx, rel, table.schema, parts, partitions, lambda rows: table.take(pa.array(rows)))

@@ -159,6 +159,8 @@ class Stage:
     # What one shard reads (pipeline.lineage): its marker records those inputs, and a shard whose
     # inputs changed since is redone. None: the stage's shards depend on its config alone.
     reads: ReadsOf | None = None
+    # Plan again after every pass until a pass runs nothing (iterative rounds: dedup components).
+    repeat: bool = False
 
     def config_of(self, run: Any) -> Any:
         return getattr(run, self.config_key or self.name, None)
@@ -199,6 +201,7 @@ def execute_shard(stage: Stage, shard: int, storage: Storage, run: Any, inputs: 
     staging = Path(tempfile.mkdtemp(prefix=f"clipline-{stage.name.replace('/', '-')}-{shard_name(shard)}-"))
     try:
         ctx = ShardContext(stage.name, shard, storage, config, run, staging)
+        reset_peak_rss()
         started = time.time()
         try:
             stats = dict(stage.run_shard(ctx) or {})
@@ -230,6 +233,7 @@ def execute_shard(stage: Stage, shard: int, storage: Storage, run: Any, inputs: 
                 "outputs": outputs,
                 "stats": stats,
                 "duration_s": round(time.time() - started, 3),
+                "peak_rss_mb": peak_rss_mb(),  # the process's, over this shard (bench/dedup.py's per-task memory)
                 "finished_at": round(time.time(), 3),  # for throughput over time in the stats report
                 "host": os.uname().nodename,
                 "pid": os.getpid(),
@@ -268,6 +272,28 @@ def resident_bytes() -> int:
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def reset_peak_rss() -> None:
+    """Start this process's peak resident memory (VmHWM) afresh at its current size (Linux >= 4.0;
+    elsewhere nothing), so that peak_rss_mb measures one shard."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory since reset_peak_rss, in MB (None where /proc is not there)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 def release_memory(above: int = 0) -> None:

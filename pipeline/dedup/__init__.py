@@ -44,8 +44,9 @@ pairs fit the budget, from the number of images; it is recorded in
 from __future__ import annotations
 
 from pipeline.dedup.components import plan_components, run_components
-from pipeline.dedup.config import CENTROIDS, COMPONENTS, EMBED, MAP, PLAN, REDUCE, DedupConfig
+from pipeline.dedup.config import CENTROIDS, COMPONENTS, EMBED, LABEL, MAP, NODES, PLAN, REDUCE, ROUNDS, DedupConfig
 from pipeline.dedup.edges import plan_map, plan_reduce, run_map, run_reduce
+from pipeline.dedup.graph import plan_label, plan_nodes, plan_rounds, run_label, run_nodes, run_round
 from pipeline.dedup.output import plan_dedup, run_dedup
 from pipeline.dedup.semantic import plan_centroids, plan_embed, run_centroids, run_embed
 from pipeline.lineage import Reads
@@ -78,12 +79,38 @@ REDUCE_STAGE = Stage(
     config_key="dedup",
     reads=lambda c: Reads(every=(MAP,), files=(PLAN,)),
 )
+ROUNDS_STAGE = Stage(
+    name=ROUNDS,
+    plan=plan_rounds,
+    run_shard=run_round,
+    config_key="dedup",
+    shards_per_task=8,
+    repeat=True,  # planned again after each round until one finds every component a star
+    reads=lambda c: Reads(every=(REDUCE,), files=(PLAN,)),
+)
+LABEL_STAGE = Stage(
+    name=LABEL,
+    plan=plan_label,
+    run_shard=run_label,
+    config_key="dedup",
+    shards_per_task=8,
+    reads=lambda c: Reads(every=(REDUCE, ROUNDS), files=(PLAN,)),
+)
+NODES_STAGE = Stage(
+    name=NODES,
+    plan=plan_nodes,
+    run_shard=run_nodes,
+    config_key="dedup",
+    shards_per_task=8,
+    reads=lambda c: Reads(same=("crawl",), every=(LABEL,), files=(PLAN,)),
+)
 COMPONENTS_STAGE = Stage(
     name=COMPONENTS,
     plan=plan_components,
     run_shard=run_components,
     config_key="dedup",
-    reads=lambda c: Reads(every=(REDUCE, "crawl"), files=(PLAN,)),
+    shards_per_task=8,
+    reads=lambda c: Reads(every=(LABEL, NODES), files=(PLAN,)),
 )
 STAGE = Stage(
     name="dedup",
@@ -108,4 +135,14 @@ CENTROIDS_STAGE = Stage(
     config_key="dedup",
     reads=lambda c: Reads(every=(EMBED,)) if c.semantic else None,
 )
-STAGES = (EMBED_STAGE, CENTROIDS_STAGE, MAP_STAGE, REDUCE_STAGE, COMPONENTS_STAGE, STAGE)
+STAGES = (
+    EMBED_STAGE,
+    CENTROIDS_STAGE,
+    MAP_STAGE,
+    REDUCE_STAGE,
+    ROUNDS_STAGE,
+    LABEL_STAGE,
+    NODES_STAGE,
+    COMPONENTS_STAGE,
+    STAGE,
+)

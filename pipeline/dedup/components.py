@@ -1,25 +1,31 @@
-"""``dedup/_components``: connected components of the edges and one keeper per cluster.
+"""``dedup/_components``: the clusters of one graph partition and one keeper per cluster.
 
-One task over the edges only (memory O(duplicates), not O(N)): union-find in
-numpy, so A~B~C is one cluster; the keeper by a deterministic rule; the cluster
-rows written to one file partitioned by crawl shard for the output step.
+Per graph partition, over the edges and nodes of its components only (the graph
+steps, pipeline/dedup/graph.py, bring them together; memory O(duplicates / G)):
+union-find in numpy, so A~B~C is one cluster; the keeper by a deterministic rule;
+the cluster rows written to one file partitioned by crawl shard for the output step.
 """
 
 from __future__ import annotations
-
-import os
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipeline import layout
-from pipeline.dedup.config import CLUSTERS, CLUSTERS_SCHEMA, PLAN, REASONS, REDUCE, DedupConfig
-from pipeline.dedup.index import run_starts
-from pipeline.shuffle import write_gathered
-from pipeline.stage import PlanContext, ShardContext, release_memory
+from pipeline.dedup.config import (
+    CLUSTERS,
+    CLUSTERS_SCHEMA,
+    COMPONENTS,
+    EDGES_SCHEMA,
+    LABEL,
+    NODES,
+    NODES_SCHEMA,
+    PLAN,
+    REASONS,
+    DedupConfig,
+)
+from pipeline.shuffle import map_files, read_partition, write_gathered
+from pipeline.stage import PlanContext, ShardContext
 
 
 def corner_edges(edges: pl.DataFrame) -> pl.DataFrame:
@@ -70,7 +76,8 @@ def gid_index(ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     and the ends' rows are marked in a bitmap over them; the nodes are the marked rows in order,
     and an end's index is the number of marks before its own: a running count per 64-bit
     word plus a popcount within the word. Time O(ends + rows); memory one byte a row
-    while marking, then a bit (400 MB, then 50 MB, at 400M images).
+    while marking, then a bit (400 MB, then 50 MB, at 400M images), so where the rows are more
+    than 64 times the ends (one graph partition of many) it sorts instead (dense_index).
     """
     if not len(ends):
         return np.zeros(0, np.int64), np.zeros(0, np.int32)
@@ -81,6 +88,8 @@ def gid_index(ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         np.maximum.at(last, chunk >> 32, chunk)
     start = np.zeros(len(base) + 1, dtype=np.int64)
     np.cumsum(last - base + 1, out=start[1:])
+    if start[-1] > 64 * len(ends):  # a graph partition's few nodes among many rows: a sort costs less
+        return dense_index(ends)
     shift = start[:-1] - base  # a node's position: its gid + its shard's shift
 
     def positions(chunk: np.ndarray) -> np.ndarray:
@@ -215,94 +224,52 @@ def keepers_by_rule(root: np.ndarray, nodes: np.ndarray, uid_halves: list[np.nda
     return keeper[root]
 
 
-def read_node_attributes(ctx: ShardContext, shard: int, gids: np.ndarray, area: np.ndarray, halves: np.ndarray):
-    """Area (width x height) and uid halves (see parse_uids) of nodes `gids` (sorted) of one crawl
-    shard, written into `area` and the two rows of `halves`, which are theirs alone. Returns
-    their uids, or None when they are docs/design.md's uids (hex_uids rebuilds them from the halves)."""
-    columns = ["uid", "original_width", "original_height"]
-    rows = pa.array(gids & 0xFFFFFFFF)  # a node's low 32 bits are its crawl row
-    table = ctx.read_table(layout.crawl_parquet(shard), columns=columns).take(rows)
-    uid = table["uid"].combine_chunks()
-    w, h = (table[c].to_numpy().astype(np.int64) for c in columns[1:])
-    np.multiply(w, h, out=area)
-    halves[:], canonical = parse_uids(uid)
-    return None if canonical else uid
-
-
 def plan_components(ctx: PlanContext) -> list[int]:
-    return [0]
+    return list(range(ctx.storage.read_json(PLAN)["graph_partitions"]))
 
 
 def run_components(ctx: ShardContext) -> dict:
-    # One task, so the machine's other cores would idle: the crawl reads run on a thread
-    # pool (arrow works outside the GIL) while this thread finds the components.
-    pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
-    try:
-        return _components(ctx, pool)
-    finally:
-        pool.shutdown(cancel_futures=True)
-
-
-def _components(ctx: ShardContext, pool: ThreadPoolExecutor) -> dict:
+    """One graph partition: every edge and node of its components (pipeline/dedup/graph.py), so
+    the clusters, keepers and relations come out exactly as from all edges at once."""
     config: DedupConfig = ctx.config
-    edge_files = ctx.storage.list(REDUCE, suffix=".parquet")
     stats: dict = {"rows": 0, "clusters": 0, "duplicates": 0, "by_reason": {}, "cluster_sizes": {}}
-    edges = [ctx.read_table(f) for f in edge_files]
-    if not sum(t.num_rows for t in edges):
+    edges = read_partition(ctx.storage, map_files(ctx.storage, f"{LABEL}/edges"), ctx.shard, EDGES_SCHEMA)
+    if not edges.num_rows:
         return stats
-    edges = [corner_edges(pl.from_arrow(pa.concat_tables(edges))).to_arrow()]  # weak corner edges: 2 windows or none
-    ends = np.concatenate([t["a"].to_numpy() for t in edges] + [t["b"].to_numpy() for t in edges])
-    edge_reason = np.concatenate([t["reason"].to_numpy() for t in edges]).astype(np.int16)
+    ends = np.concatenate([edges["a"].to_numpy(), edges["b"].to_numpy()])
+    edge_reason = edges["reason"].to_numpy().astype(np.int16)
     del edges
-    release_memory()  # the decoded edge files (Arrow's pool keeps them): 190 MB at 10M images
     nodes, index = gid_index(ends)
     del ends
-    # uid and resolution of the clustered nodes, straight from the crawl: a node's low 32 bits
-    # are its crawl row, and nodes are sorted, so each shard's are one slice. They are read
-    # while this thread finds the components; each shard fills its own slice of the node
-    # arrays (no per-shard pieces held alongside their concatenation).
-    node_shards = nodes >> 32
-    shards = node_shards[run_starts(node_shards)].tolist()
-    bounds = np.searchsorted(node_shards, [*shards, shards[-1] + 1])
-    spans = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-    area = np.empty(len(nodes), dtype=np.int64)
-    halves = np.empty((2, len(nodes)), dtype=np.uint64)
-    reading = pool.map(
-        partial(read_node_attributes, ctx),
-        shards,
-        [nodes[span] for span in spans],
-        [area[span] for span in spans],
-        [halves[:, span] for span in spans],
-    )
+    attributes = read_partition(ctx.storage, map_files(ctx.storage, NODES), ctx.shard, NODES_SCHEMA).sort_by("gid")
+    if not np.array_equal(attributes["gid"].to_numpy(), nodes):
+        raise AssertionError(f"{COMPONENTS}/{ctx.name}: the nodes of the edges and of their uids differ")
+    uid = attributes["uid"].combine_chunks()
+    halves, canonical = parse_uids(uid)
+    area = attributes["area"].to_numpy()
+    del attributes
     root = roots(index, len(nodes))
-    uids = list(reading)
     keeper_of = keepers_by_rule(root, nodes, list(halves), None if config.keep == "lowest_uid" else area)
-    del area
     is_keeper = keeper_of == np.arange(len(nodes))
     reasons = keeper_relation(index, edge_reason, keeper_of)
     del edge_reason, index
     per_root = np.bincount(root, minlength=len(nodes))
     sizes = per_root[root]
     reasons[is_keeper] = len(REASONS)
-    if all(u is None for u in uids):  # docs/design.md's uids: every dup_of straight from its keeper's halves
+    if canonical:  # docs/design.md's uids: every dup_of straight from its keeper's halves
         dup_of = hex_uids(halves[:, keeper_of[~is_keeper]], is_keeper)
-    else:  # one take from every node's uid, in node order (a take across 100 chunks: 100x slower)
-        no_nulls = np.zeros(len(nodes), dtype=bool)
-        uid = pa.concat_arrays(
-            [hex_uids(halves[:, span], no_nulls[span]) if u is None else u for u, span in zip(uids, spans, strict=True)]
-        )
+    else:
         dup_of = uid.take(pa.array(keeper_of, mask=is_keeper))
-        del uid
-    del uids, halves
+    del uid, halves
     clusters = pa.record_batch([nodes, dup_of, reasons.astype(np.int8), sizes.astype(np.int32)], schema=CLUSTERS_SCHEMA)
     del dup_of
 
     def gather(rows: np.ndarray) -> pa.RecordBatch:  # one crawl shard's nodes: a run, as nodes are sorted
         return clusters.slice(int(rows[0]), len(rows))
 
-    # One file, partitioned by crawl shard (pipeline/shuffle.py): each final task reads its piece.
+    # Partitioned by crawl shard (pipeline/shuffle.py): each final task reads its piece of every partition's file.
     partitions = max(ctx.storage.read_json(PLAN)["crawl_shards"]) + 1
-    write_gathered(ctx, CLUSTERS, CLUSTERS_SCHEMA, node_shards, partitions, gather)
+    write_gathered(ctx, f"{CLUSTERS}/{ctx.name}.arrow", CLUSTERS_SCHEMA, nodes >> 32, partitions, gather)
     counts = np.bincount(reasons[~is_keeper], minlength=len(REASONS))
     size_values, size_counts = np.unique(per_root[per_root > 0], return_counts=True)
     stats.update(

@@ -17,7 +17,12 @@ PLAN = "dedup/_plan.json"
 MAP, REDUCE, COMPONENTS = "dedup/_map", "dedup/_reduce", "dedup/_components"
 
 
-CLUSTERS = "dedup/_clusters.arrow"  # every clustered image's dup_of etc., partitioned by crawl shard
+# The graph steps between the edges and the clusters (pipeline/dedup/graph.py): connected-component
+# rounds, each edge labelled with its component, each node's uid and area brought to its component.
+ROUNDS, LABEL, NODES = "dedup/_rounds", "dedup/_label", "dedup/_nodes"
+
+
+CLUSTERS = "dedup/_clusters"  # per graph partition: its clustered images' dup_of etc., partitioned by crawl shard
 
 
 # Edge reasons, strongest first: a removed image gets the strongest reason among its own edges.
@@ -62,6 +67,8 @@ class DedupConfig:
     max_tables: int = 32  # emission budget of the near index, per image, for the whole image's pHash
     window_tables: int = 6  # the same for each of the 5 other windows (with near_windows: 6)
     rows_per_partition: int = field(default=1_000_000, metadata={IDENTITY: False})  # memory per reduce task
+    # memory per graph task (components rounds, keepers): the edges of about this many images
+    images_per_graph_partition: int = field(default=1_000_000, metadata={IDENTITY: False})
 
     def __post_init__(self):
         if self.near_windows not in (1, 6):
@@ -71,6 +78,18 @@ class DedupConfig:
 
 
 EMPTY_EDGES = {"a": pl.Int64, "b": pl.Int64, "reason": pl.Int8}
+
+
+EDGES_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("reason", pa.int8())])  # a < b
+
+
+PAIRS_SCHEMA = pa.schema([("u", pa.int64()), ("v", pa.int64())])  # a component round's directed edges
+
+
+NODE_LABELS_SCHEMA = pa.schema([("gid", pa.int64()), ("label", pa.int64())])  # a node and its component
+
+
+NODES_SCHEMA = pa.schema([("gid", pa.int64()), ("area", pa.int64()), ("uid", pa.string())])  # what keepers need
 
 
 # dup_reason as its index in REASONS (len(REASONS) for a keeper)

@@ -20,6 +20,7 @@ import pyarrow as pa
 from pipeline import layout
 from pipeline.dedup.config import (
     CENTROIDS,
+    EDGES_SCHEMA,
     EMPTY_EDGES,
     EXACT_SCHEMA,
     GRID_COLUMNS,
@@ -44,7 +45,7 @@ from pipeline.dedup.index import (
     window_arrays,
 )
 from pipeline.dedup.semantic import emit_semantic, semantic_edges, semantic_schema, vector_array, vectors_of
-from pipeline.shuffle import map_files, read_partition, write_gathered
+from pipeline.shuffle import map_files, node_partition, read_partition, write_gathered, write_partitioned
 from pipeline.stage import PlanContext, ShardContext, committed_shards
 from pipeline.storage import StorageError
 
@@ -73,11 +74,12 @@ def plan_map(ctx: PlanContext) -> list[int]:
         "near_index": design,  # the whole image's
         "window_index": windows,  # each other window's (images.WINDOWS), or None with near_windows: 1
         "partitions": max(1, math.ceil(emitted / config.rows_per_partition)),
+        "graph_partitions": max(1, math.ceil(images / config.images_per_graph_partition)),
         "embedding_dim": dim,
     }
     old = ctx.storage.read_json(PLAN) if ctx.storage.exists(PLAN) else None
     same_index = old is not None and (old["near_index"], old.get("window_index", -1)) == (design, windows)
-    if same_index and (old.get("crawl_shards"), old["images"]) == (shards, images):
+    if same_index and (old.get("crawl_shards"), old["images"]) == (shards, images) and old.keys() == plan.keys():
         plan = {**old, "embedding_dim": dim}  # keep the first run's partitioning (resume)
     # Otherwise the crawl changed (or the settings did): a new plan, and every step that reads it is redone.
     if plan != old:
@@ -330,5 +332,10 @@ def run_reduce(ctx: ShardContext) -> dict:
     edges = parts[0]  # exact edges alone are distinct (one per image and kind) and in a deterministic order
     if len(parts) > 1:
         edges = pl.concat(parts).unique().sort(["a", "b", "reason"])
-    ctx.write_table(f"{REDUCE}/{ctx.name}.parquet", edges.to_arrow(), work=True, distinct=("a", "b"))
+    # Partitioned by the pair's smaller node for the graph steps: a pair's edges (one per window
+    # that matched) meet in one partition, whichever reducers found them.
+    a, b = edges["a"].to_numpy(), edges["b"].to_numpy()
+    table = pa.table([np.minimum(a, b), np.maximum(a, b), edges["reason"].to_arrow()], schema=EDGES_SCHEMA)
+    parts = node_partition(table["a"].to_numpy(), plan["graph_partitions"])
+    write_partitioned(ctx, f"{REDUCE}/{ctx.name}.arrow", table, parts, plan["graph_partitions"])
     return {"rows": exact.height + fuzzy.height, "edges": edges.height, "caption_groups_skipped": skipped}

@@ -12,7 +12,7 @@ import pyarrow as pa
 from pipeline import layout, schema
 from pipeline.dedup.config import CLUSTERS, CLUSTERS_SCHEMA, PLAN, REASON_NAMES, REASONS
 from pipeline.dedup.index import image_rows
-from pipeline.shuffle import read_partition
+from pipeline.shuffle import map_files, read_partition
 from pipeline.stage import PlanContext, ShardContext
 
 
@@ -28,9 +28,8 @@ def run_dedup(ctx: ShardContext) -> dict:
     row = np.full(len(gid), -1, dtype=np.int64)
     reason = np.full(len(gid), len(REASONS), dtype=np.int8)  # a row of no cluster: kept, alone
     size = np.ones(len(gid), dtype=np.int32)
-    clusters = CLUSTERS_SCHEMA.empty_table()
-    if ctx.storage.exists(CLUSTERS):  # none when no image has a duplicate
-        clusters = read_partition(ctx.storage, [CLUSTERS], ctx.shard, CLUSTERS_SCHEMA)
+    # each graph partition's file (none for a partition without a cluster): this shard's pieces
+    clusters = read_partition(ctx.storage, map_files(ctx.storage, CLUSTERS), ctx.shard, CLUSTERS_SCHEMA)
     if clusters.num_rows:
         at = np.searchsorted(gid, clusters["gid"].to_numpy())
         row[at] = np.arange(clusters.num_rows)

@@ -494,6 +494,12 @@ def test_same_input_same_output_also_after_a_killed_run(crawled_web, tmp_path):
     second.delete("dedup/00001.parquet")
     dedup(second)
     assert outputs(first) == outputs(second)
+    # The graph steps in many partitions (a few dozen images each): the same clusters, keepers, reasons.
+    third = copy_of(crawled_web[0], tmp_path, "c")
+    dedup(third, executor="ray", images_per_graph_partition=40)
+    assert third.read_json("dedup/_plan.json")["graph_partitions"] >= 8
+    final = lambda st: {n: st.read_bytes(n) for n in st.list("dedup", suffix=".parquet") if n.count("/") == 1}  # noqa: E731
+    assert final(third) == final(first) and len(final(first)) == 4
 
 
 def test_a_crawl_that_changed_since_dedup_ran_is_deduped_again(tmp_path):
