@@ -11,9 +11,10 @@ Politeness: URLs are handed to the download threads by a per-host scheduler,
 with at most `per_host_concurrency` requests in flight to one host and at
 least 1/`per_host_rps` seconds between request starts. A 429/503 (with or
 without Retry-After) or a 5xx backs off that host only and puts the URL back
-in the queue, up to `max_attempts`. The limits hold per crawl task; with many
-tasks at once a host sees at most tasks × the limit, and hash-partitioned
-ingest shards spread each host's URLs over many tasks.
+in the queue, up to `max_attempts`. On a Ray cluster the limits hold across
+every crawl task (`cluster_politeness`): a task fetches from a host only while
+it holds the host's lease (pipeline/hostlease.py), so hash-partitioned ingest
+shards, which spread each host's URLs over many tasks, never add up its load.
 
 `clipline crawl --retry-failed` fetches again only the transient failures
 (timeouts, 5xx, 429, connection errors) of committed shards and commits new
@@ -24,10 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import json
 import logging
+import random
 import threading
 import time
+import uuid
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -39,6 +43,7 @@ import pyarrow as pa
 from pipeline import layout, schema
 from pipeline.fetch import AddressGuard, Fetcher, FetchError, FetchPolicy, Network, RobotsCache
 from pipeline.formats import TarWriter, group_samples, iter_tar_members
+from pipeline.hostlease import cluster_leases
 from pipeline.images import ImagePolicy, ImageRefused, process
 from pipeline.lineage import Reads
 from pipeline.pdq import HashList
@@ -85,8 +90,10 @@ class CrawlConfig:
     blocklist_image_pdq: tuple[str, ...] = ()  # files of PDQ hashes (64 hex digits), each optionally with a distance
     pdq: bool = True  # store each image's PDQ hash (~2 ms an image); without it no PDQ list can match later
     threads: int = field(default=32, metadata=RUNTIME_ONLY)  # downloads in flight per crawl task
-    per_host_concurrency: int = field(default=4, metadata=RUNTIME_ONLY)  # requests in flight per host, per crawl task
+    per_host_concurrency: int = field(default=4, metadata=RUNTIME_ONLY)  # requests in flight per host
     per_host_rps: float = field(default=20.0, metadata=RUNTIME_ONLY)  # request starts per second per host; 0: no cap
+    # the two limits above hold across every crawl task of the Ray cluster (host leases); False: per task
+    cluster_politeness: bool = field(default=True, metadata=RUNTIME_ONLY)
 
     def image_policy(self) -> ImagePolicy:
         return ImagePolicy(
@@ -131,24 +138,52 @@ class HostScheduler:
 
     Hosts with work and a free slot wait in a heap keyed by the earliest time
     they may start another request; a backoff pushes that time out for one host.
+    With `leases` (pipeline/hostlease.py) the limits hold across every task of
+    the cluster: a host enters the heap only while this task holds its lease,
+    which a thread of its own asks for, renews, and gives back when the host has
+    nothing left here in flight or queued.
     """
 
-    def __init__(self, items: list[tuple[int, str]], limit: int, rps: float):
+    LEASE_POLL_S = 0.05  # how often hosts still waiting for a lease are asked for again
+    LEASE_BATCH = 256  # hosts asked for in one call
+
+    def __init__(
+        self,
+        items: list[tuple[int, str]],
+        limit: int,
+        rps: float,
+        leases=None,
+        max_leased: int = 256,
+        holder: str | None = None,
+    ):
         self.limit, self.interval = max(1, limit), 1.0 / rps if rps > 0 else 0.0
         self.queues: dict[str, deque[int]] = {}
         for item, host in items:
             self.queues.setdefault(host, deque()).append(item)
         self.active: Counter = Counter()
         self.not_before: dict[str, float] = {}
-        self.heap = [(0.0, i, h) for i, h in enumerate(self.queues)]
-        heapq.heapify(self.heap)
-        self.in_heap = set(self.queues)
+        self.heap: list = []
+        self.in_heap: set[str] = set()
         self.pending = len(items)
-        self.seq = len(self.heap)
+        self.seq = 0
         self.cond = threading.Condition()
+        self.leases, self.max_leased = leases, max_leased  # hosts held at once: enough to keep the threads busy
+        self.leased: set[str] = set()  # hosts whose lease this task holds (with leases)
+        self.waiting: dict[str, None] = {}  # hosts with work and no lease yet, in order
+        if leases is None:
+            self.leased = set(self.queues)
+            for host in self.queues:
+                self._push(host)
+        else:
+            # A shard's retry (its worker died) comes back as the same holder: its leases are still its own.
+            self.holder = holder or uuid.uuid4().hex
+            self.waiting = dict.fromkeys(random.Random(self.holder).sample(list(self.queues), len(self.queues)))
+            self.finished = threading.Event()
+            self.lease_thread = threading.Thread(target=self._lease_loop, name="crawl-leases", daemon=True)
+            self.lease_thread.start()
 
     def _push(self, host: str) -> None:
-        if host not in self.in_heap and self.queues[host] and self.active[host] < self.limit:
+        if host in self.leased and host not in self.in_heap and self.queues[host] and self.active[host] < self.limit:
             self.seq += 1
             heapq.heappush(self.heap, (self.not_before.get(host, 0.0), self.seq, host))
             self.in_heap.add(host)
@@ -177,15 +212,68 @@ class HostScheduler:
             self.active[host] -= 1
             if backoff_s > 0:
                 self.not_before[host] = max(self.not_before.get(host, 0.0), time.monotonic() + backoff_s)
-                if host in self.in_heap:  # re-key it: drop the stale entry
-                    self.heap = [e for e in self.heap if e[2] != host]
-                    heapq.heapify(self.heap)
-                    self.in_heap.discard(host)
+                self._unheap(host)  # re-keyed below
             if retry_item is not None:
                 self.queues[host].append(retry_item)
                 self.pending += 1
+                if host not in self.leased and self.leases is not None:
+                    self.waiting[host] = None
+            if self.leases is not None and host in self.leased and not self.active[host] and not self.queues[host]:
+                self.leased.discard(host)  # nothing of it here any more: another task may have it
+                self.leases.release(self.holder, host, self._wall(self.not_before.get(host, 0.0)))
             self._push(host)
             self.cond.notify_all()
+
+    def _unheap(self, host: str) -> None:
+        if host in self.in_heap:  # drop its entry (a backoff re-keys it; a lost lease parks it)
+            self.heap = [e for e in self.heap if e[2] != host]
+            heapq.heapify(self.heap)
+            self.in_heap.discard(host)
+
+    @staticmethod
+    def _wall(monotonic: float) -> float:
+        return time.time() + (monotonic - time.monotonic())
+
+    def _lease_loop(self) -> None:
+        renewed = time.monotonic()
+        while not self.finished.is_set():
+            with self.cond:
+                room = min(self.LEASE_BATCH, self.max_leased - len(self.leased))
+                ask = list(itertools.islice(self.waiting, max(0, room)))
+            granted = self.leases.acquire(self.holder, ask) if ask else {}
+            lost = []
+            if time.monotonic() - renewed > self.leases_ttl_s() / 6:
+                with self.cond:
+                    held = list(self.leased)
+                lost = self.leases.renew(self.holder, held)
+                renewed = time.monotonic()
+            with self.cond:
+                for host in ask:  # asked for and held elsewhere: the next call asks for other hosts first
+                    if host not in granted and self.waiting.pop(host, False) is None:
+                        self.waiting[host] = None
+                for host, wall in granted.items():
+                    self.waiting.pop(host, None)
+                    self.leased.add(host)
+                    start = time.monotonic() + max(0.0, wall - time.time())  # the last holder's spacing
+                    self.not_before[host] = max(self.not_before.get(host, 0.0), start)
+                    self._push(host)
+                for host in lost:  # expired (this task stalled) and taken by another: stop starting there
+                    self.leased.discard(host)
+                    self._unheap(host)
+                    if self.queues[host]:
+                        self.waiting[host] = None
+                self.cond.notify_all()
+            self.finished.wait(0 if len(granted) == len(ask) > 0 else self.LEASE_POLL_S)
+
+    def leases_ttl_s(self) -> float:
+        return getattr(self.leases, "ttl_s", 20.0)
+
+    def close(self) -> None:
+        """Stop asking for leases and give back any still held (all of them at the end of a crawl)."""
+        if self.leases is not None:
+            self.finished.set()
+            self.lease_thread.join()
+            self.leases.finish(self.holder)
 
 
 # --- one URL ---------------------------------------------------------------------------------
@@ -294,16 +382,25 @@ def host_key(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc.lower()}"
 
 
-def crawl_rows(urls: list[str], config: CrawlConfig, fetcher: Fetcher | None = None) -> list[tuple[Outcome, int]]:
-    """Download `urls` politely with `config.threads` threads; (outcome, attempts) per URL, in order."""
+def crawl_rows(
+    urls: list[str], config: CrawlConfig, fetcher: Fetcher | None = None, holder: str | None = None
+) -> list[tuple[Outcome, int]]:
+    """Download `urls` politely with `config.threads` threads; (outcome, attempts) per URL, in order.
+    `holder` names this work for the cluster's host leases (a crawl shard: the same on a retry)."""
     fetcher = fetcher or Fetcher(config.network(), config.fetch_policy(), _ROBOTS)
     policy = config.image_policy()
     blocked = read_hash_lists(config.blocklist_image_sha256)
     pdq_lists = HashList.load(config.blocklist_image_pdq) if config.blocklist_image_pdq else None
     results: list[tuple[Outcome, int] | None] = [None] * len(urls)
     attempts = [0] * len(urls)
+    leases = cluster_leases() if config.cluster_politeness and urls else None
     scheduler = HostScheduler(
-        [(i, host_key(u)) for i, u in enumerate(urls)], config.per_host_concurrency, config.per_host_rps
+        [(i, host_key(u)) for i, u in enumerate(urls)],
+        config.per_host_concurrency,
+        config.per_host_rps,
+        leases,
+        max_leased=2 * -(-config.threads // max(1, config.per_host_concurrency)),
+        holder=holder,
     )
 
     def worker() -> None:
@@ -325,6 +422,7 @@ def crawl_rows(urls: list[str], config: CrawlConfig, fetcher: Fetcher | None = N
             for future in [pool.submit(worker) for _ in range(threads)]:
                 future.result()
     finally:
+        scheduler.close()
         fetcher.close()
     assert all(r is not None for r in results), "every URL ends with an outcome"
     return results  # type: ignore[return-value]
@@ -416,7 +514,7 @@ def run_crawl(ctx: ShardContext) -> dict:
     gone = {i for i, u in enumerate(urls) if taken_down and hashlib.sha256(u.encode()).hexdigest() in taken_down}
     todo = [i for i, s in enumerate(statuses) if s is None and i not in bad_uid and i not in gone]
     started = time.time()
-    results = crawl_rows([urls[i] for i in todo], config)
+    results = crawl_rows([urls[i] for i in todo], config, holder=f"{ctx.storage.url()}#crawl/{ctx.name}")
     outcomes = dict(zip(todo, results, strict=True))
     for i in gone:
         outcomes[i] = (Outcome("blocked", "URL taken down (the run's takedown list)"), 0)
@@ -450,7 +548,7 @@ def run_retry(ctx: ShardContext) -> dict:
     with ctx.storage.open_read(layout.crawl_tar(ctx.shard)) as f:
         kept = {key: sample for key, sample in group_samples(iter_tar_members(f))}
     todo = [i for i, r in enumerate(rows) if schema.is_transient(r["status"])]
-    results = crawl_rows([rows[i]["url"] for i in todo], config)
+    results = crawl_rows([rows[i]["url"] for i in todo], config, holder=f"{ctx.storage.url()}#retry/{ctx.name}")
     fresh = dict(zip(todo, results, strict=True))
     counts = Counter()
     with TarWriter(ctx.output_path(layout.crawl_tar(ctx.shard))) as tar:

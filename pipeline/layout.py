@@ -18,7 +18,7 @@ STAGES: dict[str, str] = {
     "dedup": "pipeline.dedup:STAGES",
     "filter": "pipeline.filter:STAGES",
     "shard": "pipeline.shard:STAGES",
-    "stats": "pipeline.stats:STAGE",
+    "stats": "pipeline.stats:STAGES",
 }
 STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
 

@@ -1,8 +1,11 @@
 """Stats: the dataset statistics report, ``dataset/stats/stats.json`` and a self-contained ``report.html``.
 
-One task reads the stage outputs one shard at a time (only the columns it
-needs) and adds up per-shard aggregates with polars, so memory stays at a few
-shards whatever the dataset size. What it reports:
+A map and a reduce. ``stats/_crawl`` (per crawl shard) and ``stats/_final`` (per
+final dataset shard) each write their shard's aggregates as a small JSON part,
+reading only the columns they need; ``stats`` (one task) adds the parts up and
+renders the report. Counts and fixed-bin histograms add exactly; the per-domain
+table is a mergeable top-k summary (merge_domains), so the reduce's memory does
+not grow with the number of domains. What it reports:
 
 - ``funnel``: input rows → unique URLs → fetched → not duplicates → kept by the
   filter → in the final dataset;
@@ -35,6 +38,7 @@ import polars as pl
 from pipeline import layout, schema, variants
 from pipeline.filter import domain_of
 from pipeline.formats import group_samples, image_member, iter_tar_members
+from pipeline.layout import shard_name
 from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards, read_marker
 
 STATS, REPORT, MANIFEST = layout.STATS_JSON, layout.REPORT_HTML, layout.MANIFEST
@@ -48,6 +52,7 @@ OPT_OUT = ("opted_out", "robots_disallowed")
 @dataclass(frozen=True)
 class StatsConfig:
     top_domains: int = 25  # domains in the report and stats.json
+    domain_summary: int = 10_000  # domains each shard's summary keeps (memory of the reduce; see merge_domains)
     thumbnails: int = field(default=24, metadata={IDENTITY: False})  # samples shown in the report
     # thumbnails of dropped samples per reason in the report
     dropped_per_reason: int = field(default=6, metadata={IDENTITY: False})
@@ -77,8 +82,10 @@ def _read(store, rel: str, columns: list[str]) -> pl.DataFrame | None:
     return pl.from_arrow(store.read_parquet(rel, columns=columns)) if store.exists(rel) else None
 
 
-def _crawl_shard(store, s: int, acc: dict) -> None:
-    """Add one crawl shard (and its dedup and filter rows) to the accumulators."""
+def crawl_part(store, s: int, config: StatsConfig) -> dict:
+    """One crawl shard's aggregates (and its dedup and filter rows'): what the reduce adds up. The
+    per-domain counts are a summary of at most `domain_summary` domains (see merge_domains)."""
+    acc = empty_totals()
     crawl = _read(store, layout.crawl_parquet(s), ["uid", "url", "status"])
     crawl = crawl.with_columns(domain=pl.col("url").map_elements(domain_of, return_dtype=pl.Utf8))
     acc["funnel"]["unique_urls"] += crawl.height
@@ -103,11 +110,10 @@ def _crawl_shard(store, s: int, acc: dict) -> None:
         opted_out=pl.col("status").is_in(list(OPT_OUT)).sum(),
         kept=pl.col("uid").is_in(kept.implode()).sum(),
     )
-    for row in per.iter_rows(named=True):
-        acc["domains"].setdefault(row.pop("domain"), Counter()).update(row)
+    acc["domains"] = summarise_domains(per, config.domain_summary)
     marker = read_marker(store, "crawl", s) or {}
     stats = marker.get("stats", {})
-    acc["crawl"].append(
+    acc["crawl"] = [
         {
             "shard": s,
             "finished_at": marker.get("finished_at"),
@@ -116,7 +122,54 @@ def _crawl_shard(store, s: int, acc: dict) -> None:
             "success": stats.get("success"),
             "failures": {k: v for k, v in stats.get("statuses", {}).items() if k != schema.SUCCESS},
         }
+    ]
+    acc["entries_after"] = [[e, n] for e, n in sorted(acc["entries_after"].items())]  # int keys, not JSON's strings
+    return acc
+
+
+def summarise_domains(per: pl.DataFrame, keep: int) -> dict:
+    """A shard's per-domain counts (domain, urls, success, opted_out, kept) as merge_domains takes
+    them: its `keep` largest domains by URLs exactly, and the URLs of the largest left out."""
+    per = per.select("domain", "urls", "success", "opted_out", "kept")
+    per = per.sort(["urls", "domain"], descending=[True, False])
+    return {"top": per.head(keep).rows(), "error": int(per["urls"][keep]) if per.height > keep else 0}
+
+
+def merge_domains(summaries, keep: int) -> tuple[dict[str, list[int]], int]:
+    """Per-domain [urls, success, opted_out, kept] from per-shard summaries, holding at most 2 x `keep`
+    domains at any time, and the error bound: a domain's true URL count is at least the one
+    reported (0 if absent) and at most that plus the bound. Each summary lists its shard's `keep`
+    largest domains exactly and, as its error, the URLs of the largest one it left out; whenever
+    the merged table passes 2 x `keep` domains, the smallest go and the largest of them is added
+    to the error (a mergeable top-k summary, in the manner of Misra-Gries). Error 0: exact."""
+    domains: dict[str, list[int]] = {}
+    error = 0
+    for summary in summaries:
+        error += int(summary["error"])
+        for domain, *counts in summary["top"]:
+            total = domains.setdefault(domain, [0, 0, 0, 0])
+            for i, n in enumerate(counts):
+                total[i] += int(n)
+        if len(domains) > 2 * keep:
+            ordered = sorted(domains.items(), key=lambda kv: (-kv[1][0], kv[0]))
+            error += ordered[keep][1][0]
+            domains = dict(ordered[:keep])
+    return domains, error
+
+
+def final_part(store, shard: dict) -> dict:
+    """One final dataset shard's histograms (fixed bins, so they add up exactly)."""
+    final = _read(
+        store, layout.in_dataset(shard["parquet"]), ["caption", "language", "original_width", "original_height"]
     )
+    w, h = final["original_width"].to_numpy().astype(float), final["original_height"].to_numpy().astype(float)
+    return {
+        "final": final.height,
+        "languages": dict(_counts(final["language"])),
+        "caption_length": _hist(final["caption"].str.len_chars().fill_null(0).to_numpy(), CAPTION_BINS),
+        "image_size": _hist(np.maximum(w, h), SIZE_BINS),
+        "aspect_ratio": _hist(np.maximum(w, h) / np.maximum(1.0, np.minimum(w, h)), ASPECT_BINS),
+    }
 
 
 def _entries_after(store, rel: str, acc: dict) -> None:
@@ -169,38 +222,49 @@ def metadata_balance(store, after: Counter, head: int = 12) -> dict:
     }
 
 
-def collect(store, config: StatsConfig) -> dict:
-    """Every aggregate of stats.json, one shard at a time."""
-    acc = {
+def empty_totals() -> dict:
+    return {
         "funnel": Counter(),
         "statuses": Counter(),
         "reasons": Counter(),
         "dup_reasons": Counter(),
         "clusters": Counter(),
-        "domains": {},
+        "domains": None,
         "crawl": [],
         "entries_after": Counter(),
         "metadata": False,
         "eval_overlap": Counter(),
     }
-    acc["funnel"]["input_rows"] = _marker_total(store, "ingest/_map", "rows")
-    for s in committed_shards(store, "crawl"):
-        _crawl_shard(store, s, acc)
+
+
+def collect(store, config: StatsConfig, crawl_parts=None, final_parts=None) -> dict:
+    """Every aggregate of stats.json, added up from the per-shard parts (computed here, one shard
+    at a time, when not given): memory a part at a time, plus 2 x `domain_summary` domains."""
+    if crawl_parts is None:
+        crawl_parts = (crawl_part(store, s, config) for s in committed_shards(store, "crawl"))
     manifest = store.read_json(MANIFEST) if store.exists(MANIFEST) else {"shards": []}
-    languages, captions, sizes, aspects = Counter(), [], [], []
-    for shard in manifest["shards"]:
-        final = _read(
-            store, layout.in_dataset(shard["parquet"]), ["caption", "language", "original_width", "original_height"]
-        )
-        acc["funnel"]["final"] += final.height
-        languages += _counts(final["language"])
-        captions.append(final["caption"].str.len_chars().fill_null(0).to_numpy())
-        w, h = final["original_width"].to_numpy().astype(float), final["original_height"].to_numpy().astype(float)
-        sizes.append(np.maximum(w, h))
-        aspects.append(np.maximum(w, h) / np.maximum(1.0, np.minimum(w, h)))
-    flat = lambda parts: np.concatenate(parts) if parts else np.zeros(0)  # noqa: E731 (one shard's values each)
-    top = sorted(acc["domains"].items(), key=lambda kv: (-kv[1]["urls"], kv[0]))[: config.top_domains]
+    if final_parts is None:
+        final_parts = (final_part(store, shard) for shard in manifest["shards"])
+    acc = empty_totals()
+    summaries = []
+    for part in crawl_parts:
+        for key in ("funnel", "statuses", "reasons", "dup_reasons", "clusters", "eval_overlap"):
+            acc[key].update(part[key])
+        acc["entries_after"].update(dict((e, n) for e, n in part["entries_after"]))
+        acc["metadata"] |= part["metadata"]
+        acc["crawl"] += part["crawl"]
+        summaries.append(part["domains"])
+    domains, domain_error = merge_domains(summaries, config.domain_summary)
+    acc["funnel"]["input_rows"] = _marker_total(store, "ingest/_map", "rows")
+    languages, hists = Counter(), {name: Counter() for name in ("caption_length", "image_size", "aspect_ratio")}
+    for part in final_parts:
+        acc["funnel"]["final"] += part["final"]
+        languages.update(part["languages"])
+        for name, counts in hists.items():
+            counts.update(part[name])
+    top = sorted(domains.items(), key=lambda kv: (-kv[1][0], kv[0]))[: config.top_domains]
     rate = lambda n, d: round(n / d, 4) if d else 0.0  # noqa: E731
+    bins = lambda name, edges: {**_hist([], edges), **hists[name]}  # noqa: E731 (every bin, in order)
     return {
         "funnel": {k: int(acc["funnel"][k]) for k in FUNNEL},
         "drop_reasons": {
@@ -208,19 +272,20 @@ def collect(store, config: StatsConfig) -> dict:
             **{f"filter/{k}": int(v) for k, v in sorted(acc["reasons"].items())},
         },
         "languages": dict(languages.most_common()),
-        "caption_length": _hist(flat(captions), CAPTION_BINS),
-        "image_size": _hist(flat(sizes), SIZE_BINS),
-        "aspect_ratio": _hist(flat(aspects), ASPECT_BINS),
+        "caption_length": bins("caption_length", CAPTION_BINS),
+        "image_size": bins("image_size", SIZE_BINS),
+        "aspect_ratio": bins("aspect_ratio", ASPECT_BINS),
         "top_domains": [
             {
                 "domain": d,
-                "urls": int(c["urls"]),
-                "success_rate": rate(c["success"], c["urls"]),
-                "opt_out_rate": rate(c["opted_out"], c["urls"]),
-                "kept": int(c["kept"]),
+                "urls": int(urls),
+                "success_rate": rate(success, urls),
+                "opt_out_rate": rate(opted_out, urls),
+                "kept": int(kept),
             }
-            for d, c in top
+            for d, (urls, success, opted_out, kept) in top
         ],  # fmt: skip
+        "top_domains_error": domain_error,  # 0: exact; else a count may be low by up to this many URLs
         "duplicate_clusters": {
             "sizes": dict(sorted(acc["clusters"].items(), key=lambda kv: int(kv[0]))),
             "by_reason": dict(sorted(acc["dup_reasons"].items())),
@@ -486,8 +551,42 @@ figure {{ margin: 0; width: 110px; font-size: 11px; }} figure img {{ width: 96px
 # --- the stage -------------------------------------------------------------------------------------
 
 
+CRAWL_PARTS, FINAL_PARTS = "stats/_crawl", "stats/_final"  # the map: one part per crawl / final shard
+
+
 def plan_stats(ctx: PlanContext) -> list[int]:
     return [0] if committed_shards(ctx.storage, "crawl") else []
+
+
+def _manifest_shards(storage) -> list[dict]:
+    return storage.read_json(MANIFEST)["shards"] if storage.exists(MANIFEST) else []
+
+
+def plan_crawl_parts(ctx: PlanContext) -> list[int]:
+    return committed_shards(ctx.storage, "crawl")
+
+
+def run_crawl_part(ctx: ShardContext) -> dict:
+    part = crawl_part(ctx.storage, ctx.shard, ctx.config)
+    ctx.output_path(f"{CRAWL_PARTS}/{ctx.name}.json", work=True).write_text(json.dumps(part))
+    return {"rows": part["funnel"]["unique_urls"]}
+
+
+def plan_final_parts(ctx: PlanContext) -> list[int]:
+    return list(range(len(_manifest_shards(ctx.storage))))
+
+
+def run_final_part(ctx: ShardContext) -> dict:
+    part = final_part(ctx.storage, _manifest_shards(ctx.storage)[ctx.shard])
+    ctx.output_path(f"{FINAL_PARTS}/{ctx.name}.json", work=True).write_text(json.dumps(part))
+    return {"rows": part["final"]}
+
+
+def _parts(storage, step: str, shards, compute):
+    """Each shard's part as the map step wrote it (computed here if it did not: a shard committed since)."""
+    for s in shards:
+        rel = f"{step}/{shard_name(s)}.json"
+        yield storage.read_json(rel) if storage.exists(rel) else compute(s)
 
 
 def variant_comparison(storage, own: dict) -> dict:
@@ -507,7 +606,14 @@ def variant_comparison(storage, own: dict) -> dict:
 
 
 def run_stats(ctx: ShardContext) -> dict:
-    stats = collect(ctx.storage, ctx.config)
+    store, config = ctx.storage, ctx.config
+    shards, crawled = _manifest_shards(store), committed_shards(store, "crawl")
+    stats = collect(
+        store,
+        config,
+        crawl_parts=_parts(store, CRAWL_PARTS, crawled, lambda s: crawl_part(store, s, config)),
+        final_parts=_parts(store, FINAL_PARTS, range(len(shards)), lambda i: final_part(store, shards[i])),
+    )
     stats["variants"] = variant_comparison(ctx.storage, stats)
     stats["variant"] = getattr(ctx.storage, "variant", "") or "(main)"
     final, dropped = sample_images(ctx.storage, ctx.config)
@@ -516,5 +622,22 @@ def run_stats(ctx: ShardContext) -> dict:
     return {"rows": stats["funnel"]["final"], **stats["funnel"]}
 
 
-# Always recomputed: the report describes whatever is committed now (a takedown changes it).
+# Always recomputed, parts and all: the report describes whatever is committed now (a takedown changes it).
+CRAWL_PARTS_STAGE = Stage(
+    name=CRAWL_PARTS,
+    plan=plan_crawl_parts,
+    run_shard=run_crawl_part,
+    config_key="stats",
+    redo=True,
+    shards_per_task=8,
+)
+FINAL_PARTS_STAGE = Stage(
+    name=FINAL_PARTS,
+    plan=plan_final_parts,
+    run_shard=run_final_part,
+    config_key="stats",
+    redo=True,
+    shards_per_task=8,
+)
 STAGE = Stage(name="stats", plan=plan_stats, run_shard=run_stats, config_key="stats", redo=True)
+STAGES = (CRAWL_PARTS_STAGE, FINAL_PARTS_STAGE, STAGE)

@@ -122,6 +122,8 @@ class _Handler(BaseHTTPRequestHandler):
         handler = getattr(self, f"_fault_{behaviour}", None)
         if handler is not None:
             return handler(entry, hit)
+        if self.web.delay_s:
+            time.sleep(self.web.delay_s)
         return self._send(200, self._file(entry), entry["content_type"])
 
     def _robots(self):
@@ -299,8 +301,9 @@ class _QuietServer(ThreadingHTTPServer):
 class SyntheticWeb:
     """A generated corpus served on loopback; use as a context manager or start()/stop()."""
 
-    def __init__(self, root: str | Path, port: int = 0):
+    def __init__(self, root: str | Path, port: int = 0, delay_s: float = 0.0):
         self.root = Path(root)
+        self.delay_s = delay_s  # every plain image answer waits this long first (a slow host, for politeness tests)
         catalog = pq.read_table(self.root / "catalog.parquet")
         self.catalog = catalog
         self.entries = {(r["site"], r["path"]): r for r in catalog.to_pylist()}

@@ -288,6 +288,55 @@ def test_per_host_limit_seen_by_the_server(tmp_path):
         assert web.log.max_inflight[0] <= 2
 
 
+def test_host_leases_are_exclusive_carry_the_rate_and_expire_when_not_renewed():
+    from pipeline.hostlease import HostLeases
+
+    leases = HostLeases(ttl_s=0.3)
+    assert leases.acquire("a", ["x", "y"]) == {"x": 0.0, "y": 0.0}
+    assert leases.acquire("b", ["x", "z"]) == {"z": 0.0}  # x is a's
+    leases.release("a", "x", not_before=1234.5)
+    assert leases.acquire("b", ["x"]) == {"x": 1234.5}  # handed over with the time its next request may start
+    time.sleep(0.35)
+    assert leases.renew("b", ["x", "z"]) == []  # b renewed in time (its expiry had passed, no one took them)
+    time.sleep(0.35)
+    assert leases.acquire("c", ["y"]) == {"y": 0.0}  # a stopped renewing: its lease expired
+    assert leases.renew("a", ["y"]) == ["y"]  # and a learns it lost y
+    leases.finish("b")
+    assert leases.acquire("c", ["x", "z"]) == {"x": 1234.5, "z": 0.0}
+
+
+def crawl_task_at(start: float, urls: list[str], config: CrawlConfig) -> list[str]:
+    """A crawl task's work (as in run_crawl), begun at wall time `start` so that all begin together."""
+    time.sleep(max(0.0, start - time.time()))
+    return [o.status for o, _ in crawl_rows(urls, config)]
+
+
+def busiest_second(times: list[float]) -> int:
+    """The most of `times` within any one second."""
+    times = sorted(times)
+    return max((sum(1 for u in times[i:] if u < t + 1.0) for i, t in enumerate(times)), default=0)
+
+
+@pytest.mark.parametrize("cluster", [True, False])
+def test_per_host_limits_hold_across_four_concurrent_crawl_tasks(ray_local, tmp_path, cluster):
+    root = generate(tmp_path / "one-site", WebSpec(images=160, heldout=0, content_sites=1, faults=False))
+    task = ray_local.remote(num_cpus=0.25)(crawl_task_at)
+    with SyntheticWeb(root, delay_s=0.05) as web:  # a slow host: requests overlap when limits allow
+        urls = [r["url"] for r in web.truth().to_pylist() if r["behaviour"] == "image"]
+        limits = dict(per_host_concurrency=2, per_host_rps=25, cluster_politeness=cluster)
+        config = crawl_config(root, threads=8, blocklist_image_sha256=(), **limits)
+        start = time.time() + 4  # the four tasks' workers are up by then
+        statuses = ray_local.get([task.remote(start, urls[i::4], config) for i in range(4)])
+        images = [t for site, path, _, t in web.log.requests if path != "/robots.txt"]
+        inflight, rate = web.log.max_inflight[0], busiest_second(images)
+    assert [Counter(s) for s in statuses] == [{"success": len(urls[i::4])} for i in range(4)]
+    print(f"cluster_politeness={cluster}: at most {inflight} in flight, {rate} requests in one second")
+    if cluster:  # the host saw the configured limits, whatever the number of tasks
+        assert inflight <= 2 and rate <= 25 + 1
+    else:  # per task, the limits add up: the control that shows this test can fail
+        assert inflight > 2 and rate > 25 + 1
+
+
 def test_names_are_pinned_without_dns(tmp_path):
     root = generate(tmp_path / "w", WebSpec(images=6, heldout=0, faults=False))
     with SyntheticWeb(root) as web:

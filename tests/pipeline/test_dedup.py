@@ -773,7 +773,7 @@ def test_clip_wit_preset_end_to_end_on_the_synthetic_web(crawled_web, tmp_path):
     from pipeline.curation import build_metadata, match
     from pipeline.filter import STAGES as FILTER_STAGES
     from pipeline.filter import FilterConfig
-    from pipeline.stats import STAGE as STATS
+    from pipeline.stats import STAGES as STATS
 
     store = copy_of(crawled_web[0], tmp_path, "wit")
     crawled = pl.concat([pl.from_arrow(store.read_parquet(f"crawl/{s:05d}.parquet")) for s in range(4)])
@@ -784,7 +784,7 @@ def test_clip_wit_preset_end_to_end_on_the_synthetic_web(crawled_web, tmp_path):
     config = FilterConfig(preset="clip-wit", metadata=str(tmp_path / "meta.txt"), balance_per_entry=0.01,
                           drop_duplicates=False)  # fmt: skip
     run = RunConfig(out=store.uri, filter=config)
-    run_pipeline([*FILTER_STAGES, STATS], store, run, executor="inline", progress=False)
+    run_pipeline([*FILTER_STAGES, *STATS], store, run, executor="inline", progress=False)
     out = pl.concat([pl.from_arrow(store.read_parquet(f"filter/{s:05d}.parquet")) for s in range(4)])
     fetched = crawled.filter(pl.col("status") == "success")
     assert sorted(out["uid"].to_list()) == sorted(fetched["uid"].to_list())

@@ -120,3 +120,63 @@ def test_two_corner_windows_found_by_two_reducers_join_a_pair_and_one_corner_doe
     found, _ = label_nodes(store)
     low = int(min(ids[0], ids[1]))
     assert found == {int(ids[0]): low, int(ids[1]): low}
+
+
+NODE_LOSS = r"""
+import json, sys, threading, time
+import ray
+from ray.cluster_utils import Cluster
+from pipeline.config import RunConfig
+from pipeline.dedup import STAGES, DedupConfig
+from pipeline.runner import run_pipeline
+from pipeline.stage import committed_shards
+from pipeline.storage import open_storage
+
+out = sys.argv[1]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+workers = [cluster.add_node(num_cpus=1, memory=1 << 30) for _ in range(3)]
+cluster.wait_for_nodes()
+ray.init(address=cluster.address)
+store = open_storage(out)
+run = RunConfig(out=out, dedup=DedupConfig(images_per_graph_partition=4))  # ~80 graph partitions
+killed = []
+def kill_one():  # a node lost while the component rounds run: its tasks and their shards with it
+    while len(committed_shards(store, "dedup/_rounds")) < 100:
+        time.sleep(0.01)
+    cluster.remove_node(workers[0], allow_graceful=False)
+    killed.append(len(committed_shards(store, "dedup/_rounds")))
+threading.Thread(target=kill_one, daemon=True).start()
+reports = run_pipeline(list(STAGES), store, run, progress=False)
+rounds = next(r for r in reports if r.stage == "dedup/_rounds")
+print(json.dumps({"killed_after": killed, "rounds_ran": len(rounds.ran)}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_a_node_lost_during_the_component_rounds_and_the_clusters_come_out_the_same(crawled_web, tmp_path):
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from pipeline.config import RunConfig
+    from pipeline.dedup import STAGES
+    from pipeline.runner import run_pipeline
+    from tests.conftest import REPO
+
+    reference = open_storage(tmp_path / "reference")
+    shutil.copytree(crawled_web[0].uri, reference.uri, dirs_exist_ok=True, ignore=shutil.ignore_patterns("dedup"))
+    run_pipeline(list(STAGES), reference, RunConfig(out=reference.uri), executor="inline", progress=False)
+    out = tmp_path / "cluster"
+    shutil.copytree(crawled_web[0].uri, out, ignore=shutil.ignore_patterns("dedup"))
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", NODE_LOSS, str(out)], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith('{"killed_after"')))
+    assert result["killed_after"] and result["killed_after"][0] < result["rounds_ran"]  # lost mid-rounds
+    final = lambda root: {p.name: p.read_bytes() for p in (root / "dedup").glob("0*.parquet")}  # noqa: E731
+    assert final(out) == final(tmp_path / "reference") and len(final(out)) == 4

@@ -21,7 +21,7 @@ from pipeline.runner import run_pipeline
 from pipeline.shard import STAGES as SHARD_STAGES
 from pipeline.shard import Permutation, ShardConfig
 from pipeline.stage import marker_path
-from pipeline.stats import STAGE as STATS_STAGE
+from pipeline.stats import STAGES as STATS_STAGES
 from pipeline.storage import file_sha256, open_storage
 from pipeline.takedown import takedown
 
@@ -271,7 +271,7 @@ def test_takedown_on_s3_rewrites_only_affected_shards_and_keeps_the_old_manifest
 def test_stats_report_counts_add_up(filtered, tmp_path):
     store = copy(filtered, tmp_path)
     manifest = shard(store)
-    run_pipeline([STATS_STAGE], store, run_config(store), executor="inline", progress=False)
+    run_pipeline(list(STATS_STAGES), store, run_config(store), executor="inline", progress=False)
     stats = store.read_json("dataset/stats/stats.json")
     funnel = stats["funnel"]
     crawl = pl.concat([pl.read_parquet(Path(store.uri) / f"crawl/{s:05d}.parquet") for s in range(4)])

@@ -14,7 +14,7 @@ from pipeline.formats import group_samples, image_member, iter_tar_members
 from pipeline.runner import run_pipeline
 from pipeline.shard import STAGES as SHARD_STAGES
 from pipeline.shard import ShardConfig
-from pipeline.stats import STAGE as STATS_STAGE
+from pipeline.stats import STAGES as STATS_STAGES
 from pipeline.stats import THUMBNAIL_REASONS, _grid, _thumb
 from pipeline.storage import open_storage
 from pipeline.takedown import takedown
@@ -49,7 +49,7 @@ def test_blocklisted_and_taken_down_images_are_counted_never_shown(filtered, tmp
     gone = final["uid"][:2].to_list()
     (tmp_path / "gone.txt").write_text("\n".join(gone) + "\n")
     takedown(f"{store.uri}/{layout.MANIFEST}", str(tmp_path / "gone.txt"), reason="request")
-    run_pipeline([STATS_STAGE], store, config, executor="inline", progress=False)
+    run_pipeline(list(STATS_STAGES), store, config, executor="inline", progress=False)
 
     stats = store.read_json(layout.STATS_JSON)
     page = (tmp_path / "run" / layout.REPORT_HTML).read_text()
@@ -79,7 +79,7 @@ def test_every_value_is_escaped_and_captions_are_cut_before_escaping(filtered, t
     manifest = store.read_json(layout.MANIFEST)
     manifest.update(name="<b>n</b>", version='<img src=x onerror="alert(1)">')
     store.write_bytes(layout.MANIFEST, json.dumps(manifest).encode())
-    run_pipeline([STATS_STAGE], store, config, executor="inline", progress=False)
+    run_pipeline(list(STATS_STAGES), store, config, executor="inline", progress=False)
     page = (tmp_path / "run" / layout.REPORT_HTML).read_text()
     assert "<img src=x" not in page and "<b>n</b>" not in page
     assert f"(manifest version {html.escape(manifest['version'])})" in page
@@ -87,3 +87,48 @@ def test_every_value_is_escaped_and_captions_are_cut_before_escaping(filtered, t
     image = crawl_images(store)[pl.read_parquet(tmp_path / "run" / layout.crawl_parquet(0))["uid"][0]]
     cell = _grid([(image, "a" * 79 + "&b<c")])
     assert "<figcaption>" + "a" * 79 + "&amp;</figcaption>" in cell  # cut at 80 characters, then escaped
+
+
+def shard_domains(rng, shards: int, domains: int) -> list[pl.DataFrame]:
+    """Per-shard domain counts drawn from a Zipf law over `domains` domains (the web's shape)."""
+    import numpy as np
+
+    frames = []
+    for _ in range(shards):
+        drawn = np.minimum(rng.zipf(1.3, 4000), domains) - 1
+        urls = np.bincount(drawn, minlength=domains)
+        seen = np.flatnonzero(urls)
+        frames.append(
+            pl.DataFrame(
+                {
+                    "domain": [f"site{d}.example" for d in seen],
+                    "urls": urls[seen],
+                    "success": urls[seen] // 2,
+                    "opted_out": urls[seen] % 3,
+                    "kept": urls[seen] // 4,
+                }
+            )
+        )
+    return frames
+
+
+def test_domain_summaries_merge_within_their_error_bound_and_exactly_when_they_hold_every_domain():
+    import numpy as np
+
+    from pipeline.stats import merge_domains, summarise_domains
+
+    frames = shard_domains(np.random.default_rng(7), shards=30, domains=20_000)
+    true = pl.concat(frames).group_by("domain").agg(pl.col("urls", "success", "opted_out", "kept").sum())
+    true = {d: list(c) for d, *c in true.rows()}
+    # A summary holding every domain: the exact table.
+    exact, error = merge_domains([summarise_domains(f, 100_000) for f in frames], 100_000)
+    assert error == 0 and exact == true
+    # 50 a shard, out of thousands: memory bounded, every count within the bound, the head exact.
+    merged, error = merge_domains([summarise_domains(f, 50) for f in frames], 50)
+    assert 0 < error and len(merged) <= 100 < len(true)
+    for domain, (urls, *_) in true.items():
+        reported = merged.get(domain, [0])[0]
+        assert reported <= urls <= reported + error
+    head = sorted(true, key=lambda d: (-true[d][0], d))[:5]
+    assert sorted(merged, key=lambda d: (-merged[d][0], d))[:5] == head
+    assert all(merged[d] == true[d] for d in head)
