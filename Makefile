@@ -7,12 +7,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 OUT    ?= demo-out
 SIZE   ?= small
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -m "not slow"
 
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
-.PHONY: setup fashion-mnist demo test bench bench-quick clean
+.PHONY: setup fashion-mnist demo test test-slow bench bench-quick clean
 
 FASHION := .cache/datasets/usr/share/datasets/fashion-mnist
 
@@ -41,6 +41,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The slow tier (clusters, killed nodes, Ray jobs, the S3 demo: ~8 minutes); CI runs it after `make test`.
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
 
 # Benchmarks run in their own venv: clipline plus its peers (img2dataset ...).
 $(BENCH_STAMP): pyproject.toml Makefile

@@ -143,6 +143,7 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     assert json.loads((out / "eval/eval.json").read_text())["zeroshot"] == results["zeroshot"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_demo_against_the_s3_endpoint(tmp_path, s3, ray_local, capsys):
     """--storage s3://...: the data outputs go to the bucket; training reads the manifest from there.

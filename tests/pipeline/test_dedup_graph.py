@@ -154,6 +154,7 @@ cluster.shutdown()
 """
 
 
+@pytest.mark.slow
 def test_a_node_lost_during_the_component_rounds_and_the_clusters_come_out_the_same(crawled_web, tmp_path):
     import json
     import os

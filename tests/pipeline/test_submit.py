@@ -87,6 +87,7 @@ def clipline(*args, env, timeout=300):
                           timeout=timeout, cwd=REPO)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_submitted_job_crawls_and_shards_into_the_s3_bucket(ray_head, s3, web, tmp_path):
     address, env = ray_head
     prefix = f"s3://{BUCKET}/submitted-{secrets.token_hex(4)}"
@@ -150,6 +151,7 @@ def test_only_non_secret_settings_travel_unless_credentials_are_shipped(monkeypa
     assert masked("AWS_ENDPOINT_URL", "http://a:b@host:9000") == "http://a:***@host:9000"
 
 
+@pytest.mark.slow
 def test_no_wait_then_jobs_list_logs_and_stop(ray_head):
     address, env = ray_head
     done = clipline("submit", "--address", address, "--no-wait", "--", "web", "--help", env=env)
@@ -164,6 +166,7 @@ def test_no_wait_then_jobs_list_logs_and_stop(ray_head):
     assert stop.returncode == 0 and json.loads(stop.stdout)["job"] == job_id
 
 
+@pytest.mark.slow
 def test_wrong_token_or_no_cluster_is_one_clear_line(ray_head):
     address, env = ray_head
     done = clipline("jobs", "list", "--address", address, env=dict(env, RAY_AUTH_TOKEN="not-the-token"))
@@ -207,6 +210,7 @@ cluster.shutdown()
 """
 
 
+@pytest.mark.slow
 def test_a_node_lost_mid_crawl_and_the_job_still_completes(web, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
@@ -224,6 +228,7 @@ def test_a_node_lost_mid_crawl_and_the_job_still_completes(web, tmp_path):
     assert len(store.list("crawl/_committed")) == result["planned"]  # no shard twice, none missing
 
 
+@pytest.mark.slow
 def test_ray_train_never_waits_in_silence(ray_head, tmp_path):
     """A 2-CPU head: 2 Ray Train workers (and the trainer's own CPU) can never be placed: one line, at once;
     1 worker trains, checkpoints and says what it trained."""

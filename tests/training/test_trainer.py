@@ -241,6 +241,7 @@ def test_accumulation_steps_count_micro_batches_and_show_progress(tmp_path, capf
     assert "data_wait_ms_per_step" in rows[-1]
 
 
+@pytest.mark.slow
 def test_resume_onto_other_world_sizes_repeats_and_skips_nothing(tmp_path):
     """2 ranks x 2 workers, then 1 x 3, then 4 x 1 within one epoch (gloo processes): every sample is trained
     on at most once, and what was trained on plus what the last checkpoint has left is the whole epoch."""
