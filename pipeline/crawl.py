@@ -170,6 +170,7 @@ class HostScheduler:
         self.leases, self.max_leased = leases, max_leased  # hosts held at once: enough to keep the threads busy
         self.leased: set[str] = set()  # hosts whose lease this task holds (with leases)
         self.waiting: dict[str, None] = {}  # hosts with work and no lease yet, in order
+        self.draining: set[str] = set()  # leased hosts being handed back: no new starts
         if leases is None:
             self.leased = set(self.queues)
             for host in self.queues:
@@ -183,7 +184,13 @@ class HostScheduler:
             self.lease_thread.start()
 
     def _push(self, host: str) -> None:
-        if host in self.leased and host not in self.in_heap and self.queues[host] and self.active[host] < self.limit:
+        if (
+            host in self.leased
+            and host not in self.draining
+            and host not in self.in_heap
+            and self.queues[host]
+            and self.active[host] < self.limit
+        ):
             self.seq += 1
             heapq.heappush(self.heap, (self.not_before.get(host, 0.0), self.seq, host))
             self.in_heap.add(host)
@@ -218,11 +225,21 @@ class HostScheduler:
                 self.pending += 1
                 if host not in self.leased and self.leases is not None:
                     self.waiting[host] = None
-            if self.leases is not None and host in self.leased and not self.active[host] and not self.queues[host]:
-                self.leased.discard(host)  # nothing of it here any more: another task may have it
-                self.leases.release(self.holder, host, self._wall(self.not_before.get(host, 0.0)))
+            if self.leases is not None and host in self.leased and not self.queues[host]:
+                self.draining.add(host)  # nothing of it left here: another task may have it
+            self._hand_back(host)
             self._push(host)
             self.cond.notify_all()
+
+    def _hand_back(self, host: str) -> None:
+        """Release a draining host once nothing of it is in flight here; what is still queued waits
+        for a lease again."""
+        if host in self.draining and not self.active[host]:
+            self.draining.discard(host)
+            self.leased.discard(host)
+            self.leases.release(self.holder, host, self._wall(self.not_before.get(host, 0.0)))
+            if self.queues[host]:
+                self.waiting[host] = None
 
     def _unheap(self, host: str) -> None:
         if host in self.in_heap:  # drop its entry (a backoff re-keys it; a lost lease parks it)
@@ -241,11 +258,11 @@ class HostScheduler:
                 room = min(self.LEASE_BATCH, self.max_leased - len(self.leased))
                 ask = list(itertools.islice(self.waiting, max(0, room)))
             granted = self.leases.acquire(self.holder, ask) if ask else {}
-            lost = []
-            if time.monotonic() - renewed > self.leases_ttl_s() / 6:
+            lost, give_back = [], []
+            if time.monotonic() - renewed > min(1.0, self.leases_ttl_s() / 6):
                 with self.cond:
                     held = list(self.leased)
-                lost = self.leases.renew(self.holder, held)
+                lost, give_back = self.leases.renew(self.holder, held)
                 renewed = time.monotonic()
             with self.cond:
                 for host in ask:  # asked for and held elsewhere: the next call asks for other hosts first
@@ -259,9 +276,15 @@ class HostScheduler:
                     self._push(host)
                 for host in lost:  # expired (this task stalled) and taken by another: stop starting there
                     self.leased.discard(host)
+                    self.draining.discard(host)
                     self._unheap(host)
                     if self.queues[host]:
                         self.waiting[host] = None
+                for host in give_back:  # more than our share while others wait: no new starts, then hand back
+                    if host in self.leased:
+                        self.draining.add(host)
+                        self._unheap(host)
+                        self._hand_back(host)
                 self.cond.notify_all()
             self.finished.wait(0 if len(granted) == len(ask) > 0 else self.LEASE_POLL_S)
 

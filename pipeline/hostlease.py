@@ -8,6 +8,10 @@ load. So a task only fetches from a host while it holds the host's lease:
 
 - leases are exclusive, granted by one small Ray actor that every crawl task of
   the cluster asks (`HostLeases`; named, so two crawl jobs on one cluster share it);
+- shares are fair: while others wait, a task holds at most its share of the
+  hosts in demand (hosts over live holders), and one holding more is told at its
+  next renewal to hand the extra back once nothing of them is in flight, so a
+  few hosts are spread over the tasks instead of all going to the first to ask;
 - the holder gives a host back when it has nothing of it in flight or queued,
   saying when the next request may start, so the rate holds across handovers;
 - a holder renews its leases while it runs; a lease not renewed within `ttl_s`
@@ -29,28 +33,50 @@ ACTOR_NAME, NAMESPACE = "clipline-host-leases", "clipline"
 
 
 class HostLeases:
-    """The lease table: host -> (holder, expiry), and when each host's next request may start (wall time)."""
+    """The lease table: host -> (holder, expiry), when each host's next request may start (wall time),
+    and who is waiting for what, for fair shares."""
 
     def __init__(self, ttl_s: float = 20.0):
         self.ttl_s = ttl_s
         self.held: dict[str, tuple[str, float]] = {}
         self.by_holder: dict[str, set[str]] = {}
+        self.wanted: dict[str, set[str]] = {}  # holder -> hosts it asked for and did not get
+        self.seen: dict[str, float] = {}  # holder -> when it last called (alive while within ttl_s)
         self.not_before: dict[str, float] = {}
         self.forget_at = 1024  # not_before entries in the past are dropped when the table passes this
 
+    def _share(self, now: float) -> int:
+        """Hosts one holder may hold while others wait: the hosts in demand (held, or asked for) over
+        the live holders that hold or want any."""
+        for holder in [h for h, t in self.seen.items() if t < now - self.ttl_s]:  # dead: its wants go
+            del self.seen[holder]
+            self.wanted.pop(holder, None)
+        waiting = set().union(*self.wanted.values()) - self.held.keys() if self.wanted else set()
+        contenders = sum(1 for h in self.seen if self.by_holder.get(h) or self.wanted.get(h))
+        return max(1, -(-(len(self.held) + len(waiting)) // max(1, contenders)))
+
     def acquire(self, holder: str, hosts: Iterable[str]) -> dict[str, float]:
-        """The hosts of `hosts` now leased to `holder` (free, expired, or its own already), each with
-        the wall time before which it must not start a request there."""
+        """The hosts of `hosts` now leased to `holder` (free or expired, while it holds under its fair
+        share, or its own already), each with the wall time before which it must not start a request there."""
         now = time.time()
+        self.seen[holder] = now
+        hosts = list(hosts)
+        mine = self.by_holder.setdefault(holder, set())
+        self.wanted[holder] = set(hosts) - mine
+        share = self._share(now)
         granted = {}
         for host in hosts:
             lease = self.held.get(host)
             if lease is not None and lease[0] != holder and lease[1] >= now:
                 continue
-            if lease is not None and lease[0] != holder:
-                self.by_holder.get(lease[0], set()).discard(host)
+            if lease is None or lease[0] != holder:
+                if len(mine) >= share:
+                    continue
+                if lease is not None:
+                    self.by_holder.get(lease[0], set()).discard(host)
             self.held[host] = (holder, now + self.ttl_s)
-            self.by_holder.setdefault(holder, set()).add(host)
+            mine.add(host)
+            self.wanted[holder].discard(host)
             granted[host] = self.not_before.get(host, 0.0)
         return granted
 
@@ -66,22 +92,30 @@ class HostLeases:
             self.not_before = {h: t for h, t in self.not_before.items() if t > now}
             self.forget_at = max(1024, 2 * len(self.not_before))
 
-    def renew(self, holder: str, hosts: Iterable[str]) -> list[str]:
-        """Extend `holder`'s leases; returns those of `hosts` it no longer holds (expired and taken)."""
-        expires = time.time() + self.ttl_s
+    def renew(self, holder: str, hosts: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Extend `holder`'s leases. Returns (lost, give_back): those of `hosts` it no longer holds
+        (expired and taken), and hosts it should hand back (once nothing of them is in flight)
+        because it holds more than its share while others wait for them."""
+        now = time.time()
+        self.seen[holder] = now
         mine = self.by_holder.get(holder, set())
         for host in mine:
-            self.held[host] = (holder, expires)
-        return [h for h in hosts if h not in mine]
+            self.held[host] = (holder, now + self.ttl_s)
+        lost = [h for h in hosts if h not in mine]
+        share = self._share(now)
+        give_back = []
+        if len(mine) > share:
+            others = set().union(*(w for h, w in self.wanted.items() if h != holder)) if self.wanted else set()
+            give_back = sorted(mine & others)[: len(mine) - share]
+        return lost, give_back
 
     def finish(self, holder: str) -> None:
         """`holder` is done: every lease it still holds is free (a crawl task's last call)."""
         for host in self.by_holder.pop(holder, set()):
             if self.held.get(host, ("",))[0] == holder:
                 del self.held[host]
-
-    def holders(self) -> int:
-        return len(self.by_holder)
+        self.wanted.pop(holder, None)
+        self.seen.pop(holder, None)
 
 
 class RemoteLeases:
@@ -102,7 +136,7 @@ class RemoteLeases:
     def release(self, holder: str, host: str, not_before: float) -> None:
         self.actor.release.remote(holder, host, not_before)  # in order with this caller's later calls
 
-    def renew(self, holder: str, hosts: Iterable[str]) -> list[str]:
+    def renew(self, holder: str, hosts: Iterable[str]) -> tuple[list[str], list[str]]:
         return self._ray.get(self.actor.renew.remote(holder, list(hosts)))
 
     def finish(self, holder: str) -> None:

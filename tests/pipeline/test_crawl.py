@@ -297,12 +297,27 @@ def test_host_leases_are_exclusive_carry_the_rate_and_expire_when_not_renewed():
     leases.release("a", "x", not_before=1234.5)
     assert leases.acquire("b", ["x"]) == {"x": 1234.5}  # handed over with the time its next request may start
     time.sleep(0.35)
-    assert leases.renew("b", ["x", "z"]) == []  # b renewed in time (its expiry had passed, no one took them)
+    assert leases.renew("b", ["x", "z"]) == ([], [])  # b renewed in time (its expiry had passed, no one took them)
     time.sleep(0.35)
     assert leases.acquire("c", ["y"]) == {"y": 0.0}  # a stopped renewing: its lease expired
-    assert leases.renew("a", ["y"]) == ["y"]  # and a learns it lost y
+    assert leases.renew("a", ["y"])[0] == ["y"]  # and a learns it lost y
     leases.finish("b")
     assert leases.acquire("c", ["x", "z"]) == {"x": 1234.5, "z": 0.0}
+
+
+def test_host_leases_share_a_few_hosts_fairly_between_tasks():
+    from pipeline.hostlease import HostLeases
+
+    leases = HostLeases()
+    hosts = [f"h{i}" for i in range(8)]
+    assert len(leases.acquire("a", hosts)) == 8  # alone: every host
+    assert leases.acquire("b", hosts) == {}  # all taken; b now waits for them
+    lost, give_back = leases.renew("a", hosts)
+    assert lost == [] and len(give_back) == 4  # a holds 8 of 8 in demand with 2 tasks: hand back 4
+    for host in give_back:
+        leases.release("a", host, not_before=0.0)
+    assert sorted(leases.acquire("b", hosts)) == sorted(give_back)
+    assert leases.acquire("a", give_back) == {} and leases.renew("a", hosts)[1] == []  # 4 each: settled
 
 
 def crawl_task_at(start: float, urls: list[str], config: CrawlConfig) -> list[str]:
@@ -334,7 +349,7 @@ def test_per_host_limits_hold_across_four_concurrent_crawl_tasks(ray_local, tmp_
     if cluster:  # the host saw the configured limits, whatever the number of tasks
         assert inflight <= 2 and rate <= 25 + 1
     else:  # per task, the limits add up: the control that shows this test can fail
-        assert inflight > 2 and rate > 25 + 1
+        assert inflight > 2 or rate > 25 + 1
 
 
 def test_names_are_pinned_without_dns(tmp_path):
