@@ -234,7 +234,7 @@ class HostScheduler:
     def _hand_back(self, host: str) -> None:
         """Release a draining host once nothing of it is in flight here; what is still queued waits
         for a lease again."""
-        if host in self.draining and not self.active[host]:
+        if host in self.draining and not self.active[host] and self.leases is not None:
             self.draining.discard(host)
             self.leased.discard(host)
             self.leases.release(self.holder, host, self._wall(self.not_before.get(host, 0.0)))
@@ -252,6 +252,20 @@ class HostScheduler:
         return time.time() + (monotonic - time.monotonic())
 
     def _lease_loop(self) -> None:
+        try:
+            self._lease_rounds()
+        except Exception as e:  # noqa: BLE001 - the lease actor unreachable: never a hung crawl
+            log.warning("host leases unavailable (%s): this crawl task keeps the per-host limits to itself", e)
+            with self.cond:
+                self.leases = None
+                self.draining.clear()
+                for host in self.waiting:
+                    self.leased.add(host)
+                    self._push(host)
+                self.waiting.clear()
+                self.cond.notify_all()
+
+    def _lease_rounds(self) -> None:
         renewed = time.monotonic()
         while not self.finished.is_set():
             with self.cond:
@@ -293,10 +307,14 @@ class HostScheduler:
 
     def close(self) -> None:
         """Stop asking for leases and give back any still held (all of them at the end of a crawl)."""
-        if self.leases is not None:
+        if hasattr(self, "lease_thread"):
             self.finished.set()
             self.lease_thread.join()
-            self.leases.finish(self.holder)
+        if self.leases is not None:
+            try:
+                self.leases.finish(self.holder)
+            except Exception as e:  # noqa: BLE001 - unrenewed, they expire on their own
+                log.warning("host leases: could not give back this task's leases (%s)", e)
 
 
 # --- one URL ---------------------------------------------------------------------------------

@@ -26,8 +26,11 @@ Tasks waiting for a busy host work on their other hosts meanwhile. Without Ray
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
+
+log = logging.getLogger(__name__)
 
 ACTOR_NAME, NAMESPACE = "clipline-host-leases", "clipline"
 
@@ -149,4 +152,10 @@ def cluster_leases() -> RemoteLeases | None:
         import ray
     except ImportError:  # pragma: no cover - ray is a dependency
         return None
-    return RemoteLeases() if ray.is_initialized() else None
+    if not ray.is_initialized():
+        return None
+    try:
+        return RemoteLeases()
+    except Exception as e:  # noqa: BLE001 - no actor: the limits per task, said once per task
+        log.warning("host leases unavailable (%s): the per-host limits hold per crawl task", e)
+        return None

@@ -28,6 +28,8 @@ partition, every edge and every node of its components (pipeline/dedup/component
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -76,10 +78,11 @@ def plan_rounds(ctx: PlanContext) -> list[int]:
     partitions = ctx.storage.read_json(PLAN)["graph_partitions"]
     inputs = expected_inputs(ROUNDS_STAGE.reads, ctx.config, ctx.storage, [0])[0]  # every shard reads the same
     config_hash = config_sha256(ctx.config)
-    committed = set(committed_shards(ctx.storage, ROUNDS))
+    committed = committed_shards(ctx.storage, ROUNDS)
+    with ThreadPoolExecutor(16) as pool:  # every round's markers, once a pass (round trips on S3)
+        found = dict(zip(committed, pool.map(lambda s: read_marker(ctx.storage, ROUNDS, s), committed), strict=True))
     for r in range(MAX_ROUNDS):
-        shards = round_shards(r, partitions)
-        markers = [read_marker(ctx.storage, ROUNDS, s) if s in committed else None for s in shards]
+        markers = [found.get(s) for s in round_shards(r, partitions)]
         if any(m is None or staleness(m, config_hash, inputs) is not None for m in markers):
             return round_shards_upto(r, partitions)
         if r > 0 and not sum(m["stats"]["unsettled"] for m in markers):

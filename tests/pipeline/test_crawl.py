@@ -305,6 +305,23 @@ def test_host_leases_are_exclusive_carry_the_rate_and_expire_when_not_renewed():
     assert leases.acquire("c", ["x", "z"]) == {"x": 1234.5, "z": 0.0}
 
 
+def test_a_lease_actor_that_fails_leaves_the_task_its_own_limits_never_a_hung_crawl():
+    class Unreachable:
+        def acquire(self, holder, hosts):
+            raise ConnectionError("the actor's node is gone")
+
+        def finish(self, holder):
+            raise ConnectionError("the actor's node is gone")
+
+    scheduler = HostScheduler([(i, f"h{i % 3}") for i in range(9)], 2, 0.0, Unreachable())
+    done = []
+    while (job := scheduler.get()) is not None:
+        done.append(job[0])
+        scheduler.done(job[1])
+    scheduler.close()
+    assert sorted(done) == list(range(9))
+
+
 def test_host_leases_share_a_few_hosts_fairly_between_tasks():
     from pipeline.hostlease import HostLeases
 
