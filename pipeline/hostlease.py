@@ -129,8 +129,13 @@ class RemoteLeases:
 
         self._ray = ray
         actor = ray.remote(num_cpus=0, max_restarts=-1)(HostLeases)
+        # On the head node, which the cluster lives and dies with (a worker node may be lost mid-crawl).
         self.actor = actor.options(
-            name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
+            name=ACTOR_NAME,
+            namespace=NAMESPACE,
+            get_if_exists=True,
+            lifetime="detached",
+            resources={"node:__internal_head__": 0.001},
         ).remote()
 
     def acquire(self, holder: str, hosts: Iterable[str]) -> dict[str, float]:
