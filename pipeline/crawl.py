@@ -273,7 +273,7 @@ class HostScheduler:
                 ask = list(itertools.islice(self.waiting, max(0, room)))
             granted = self.leases.acquire(self.holder, ask) if ask else {}
             lost, give_back = [], []
-            if time.monotonic() - renewed > min(1.0, self.leases_ttl_s() / 6):
+            if time.monotonic() - renewed > min(1.0, self.leases.ttl_s / 6):
                 with self.cond:
                     held = list(self.leased)
                 lost, give_back = self.leases.renew(self.holder, held)
@@ -301,9 +301,6 @@ class HostScheduler:
                         self._hand_back(host)
                 self.cond.notify_all()
             self.finished.wait(0 if len(granted) == len(ask) > 0 else self.LEASE_POLL_S)
-
-    def leases_ttl_s(self) -> float:
-        return getattr(self.leases, "ttl_s", 20.0)
 
     def close(self) -> None:
         """Stop asking for leases and give back any still held (all of them at the end of a crawl)."""

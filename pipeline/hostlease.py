@@ -33,13 +33,14 @@ from collections.abc import Iterable
 log = logging.getLogger(__name__)
 
 ACTOR_NAME, NAMESPACE = "clipline-host-leases", "clipline"
+TTL_S = 20.0  # a lease not renewed for this long is free again
 
 
 class HostLeases:
     """The lease table: host -> (holder, expiry), when each host's next request may start (wall time),
     and who is waiting for what, for fair shares."""
 
-    def __init__(self, ttl_s: float = 20.0):
+    def __init__(self, ttl_s: float = TTL_S):
         self.ttl_s = ttl_s
         self.held: dict[str, tuple[str, float]] = {}
         self.by_holder: dict[str, set[str]] = {}
@@ -123,6 +124,8 @@ class HostLeases:
 
 class RemoteLeases:
     """HostLeases' interface over the cluster's lease actor (made on first use)."""
+
+    ttl_s = TTL_S  # the actor's, made with the default
 
     def __init__(self):
         import ray

@@ -82,6 +82,10 @@ def _read(store, rel: str, columns: list[str]) -> pl.DataFrame | None:
     return pl.from_arrow(store.read_parquet(rel, columns=columns)) if store.exists(rel) else None
 
 
+def _manifest_shards(storage) -> list[dict]:
+    return storage.read_json(MANIFEST)["shards"] if storage.exists(MANIFEST) else []
+
+
 def crawl_part(store, s: int, config: StatsConfig) -> dict:
     """One crawl shard's aggregates (and its dedup and filter rows'): what the reduce adds up. The
     per-domain counts are a summary of at most `domain_summary` domains (see merge_domains)."""
@@ -250,7 +254,7 @@ def collect(store, config: StatsConfig, crawl_parts=None, final_parts=None) -> d
     for part in crawl_parts:
         for key in ("funnel", "statuses", "reasons", "dup_reasons", "clusters", "eval_overlap"):
             acc[key].update(part[key])
-        acc["entries_after"].update(dict((e, n) for e, n in part["entries_after"]))
+        acc["entries_after"].update(dict(part["entries_after"]))
         acc["metadata"] |= part["metadata"]
         acc["crawl"] += part["crawl"]
         summaries.append(part["domains"])
@@ -385,10 +389,10 @@ def _images_from_tar(store, rel: str, wanted: set[str]) -> dict[str, bytes]:
 
 def sample_images(store, config: StatsConfig) -> tuple[list, dict[str, list]]:
     """Thumbnails of final samples (first shard) and of dropped samples per filter reason in THUMBNAIL_REASONS."""
-    manifest = store.read_json(MANIFEST) if store.exists(MANIFEST) else {"shards": []}
+    shards = _manifest_shards(store)
     final = []
-    if manifest["shards"]:
-        first = manifest["shards"][0]
+    if shards:
+        first = shards[0]
         rows = store.read_parquet(layout.in_dataset(first["parquet"]), columns=["key", "caption"]).to_pylist()[
             : config.thumbnails
         ]
@@ -556,10 +560,6 @@ CRAWL_PARTS, FINAL_PARTS = "stats/_crawl", "stats/_final"  # the map: one part p
 
 def plan_stats(ctx: PlanContext) -> list[int]:
     return [0] if committed_shards(ctx.storage, "crawl") else []
-
-
-def _manifest_shards(storage) -> list[dict]:
-    return storage.read_json(MANIFEST)["shards"] if storage.exists(MANIFEST) else []
 
 
 def plan_crawl_parts(ctx: PlanContext) -> list[int]:

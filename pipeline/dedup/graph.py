@@ -53,6 +53,9 @@ from pipeline.shuffle import map_files, node_partition, read_partition, write_pa
 from pipeline.stage import PlanContext, ShardContext, committed_shards, config_sha256, read_marker
 
 ROUND = 1 << 20  # a round's shard index: round * ROUND + partition
+
+# Over a node u's pairs (u, v): the smallest node of its neighbourhood, u included (a star's centre for a leaf).
+LOWEST = pl.min_horizontal(pl.col("v").min(), pl.col("u").first())
 MAX_ROUNDS = 200  # O(log² n) rounds: ~ 2 log2(n) in practice, far under this at any n
 
 
@@ -139,7 +142,7 @@ def star_round(pairs: pl.DataFrame, large: bool) -> tuple[pl.DataFrame, int]:
     hood = pairs.group_by("u").agg(
         n=pl.len(),
         smaller=(pl.col("v") < pl.col("u")).sum(),
-        low=pl.min_horizontal(pl.col("v").min(), pl.col("u").first()),
+        low=LOWEST,
     )
     settled = (pl.col("smaller") == 0) | ((pl.col("n") == 1) & (pl.col("smaller") == 1))
     unsettled = hood.filter(~settled).height
@@ -162,13 +165,7 @@ def run_label(ctx: ShardContext) -> dict:
     partitions = plan["graph_partitions"]
     stars = read_partition(ctx.storage, round_files(last_round(ctx.storage), partitions), ctx.shard, PAIRS_SCHEMA)
     # A node's component: the centre of its star, the smallest node (itself for a centre).
-    label = (
-        pl.from_arrow(stars)
-        .group_by("u")
-        .agg(label=pl.min_horizontal(pl.col("v").min(), pl.col("u").first()))
-        .sort("u")
-        .rename({"u": "gid"})
-    )
+    label = pl.from_arrow(stars).group_by("u").agg(label=LOWEST).sort("u").rename({"u": "gid"})
     edges = strong_edges(ctx.storage, ctx.shard).join(label, left_on="a", right_on="gid", how="left")
     if edges["label"].null_count():
         raise AssertionError(f"{LABEL}/{ctx.name}: an edge's node has no component")
