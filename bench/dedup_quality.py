@@ -17,7 +17,8 @@ duplicate of its original) and false merges: pairs of distinct images (originals
 different originals) the method calls duplicates, and how many distinct images end up in a
 cluster with another. clipline's figures come from its dedup stage itself, run inline over
 crawl rows of these images; they are clusters, so the other methods are shown both pairwise
-and as the clusters their pairs would join into. `exact_pixels` across formats is reported too.
+and as the clusters their pairs would join into. `exact_pixels` across formats and across
+JPEGs with the same coefficients is reported too.
 
     python bench/dedup_quality.py            # every photo, 2x3 tiles each
     python bench/dedup_quality.py --quick    # 60 tiles
@@ -56,7 +57,7 @@ TRANSFORMS = (
     "rotate",
     "flip",
 )
-EXACT_FORMATS = ("png", "webp")  # the same pixels in another format: must be exact_pixels duplicates
+EXACT_FORMATS = ("png", "webp")  # the same pixels in another format: exact_pixels when the JPEG decodes at full scale
 REPORTED_APART = ("flip",)  # a mirror image is not a copy every user wants merged
 
 
@@ -337,15 +338,38 @@ def scores(same: np.ndarray, origin: np.ndarray, kind: list[str]) -> dict:
     }
 
 
-def exact_pixels(processed: list[images.ProcessedImage], origin: np.ndarray, kind: list[str]) -> dict:
-    """Per lossless format, how many copies share the original's pixel hash (must be all)."""
-    first = {int(o): p for o, p, k in zip(origin, processed, kind, strict=True) if k == "original"}
-    out = {}
+def restamped(jpeg: bytes, text: bytes = b"re-served") -> bytes:
+    """The same JPEG with a COM segment after its SOI: the same coefficients (so the same decoded
+    pixels at every DCT scale) in other bytes, as a CDN that adds or strips metadata serves it."""
+    return jpeg[:2] + b"\xff\xfe" + (len(text) + 2).to_bytes(2, "big") + text + jpeg[2:]
+
+
+def dct_scale(data: bytes, policy: images.ImagePolicy) -> int:
+    """The DCT scale (1, 2, 4 or 8) the crawl decodes a JPEG at: Pillow's draft rule for the target."""
+    width, height = Image.open(io.BytesIO(data)).size
+    tw, th = images.target_size(width, height, policy)
+    fit = min(width // tw, height // th)
+    return next(s for s in (8, 4, 2, 1) if fit >= s)
+
+
+def exact_pixels(
+    data: list[bytes], processed: list[images.ProcessedImage], origin: np.ndarray, kind: list[str], policy
+) -> dict:
+    """How many copies share their original's pixel hash.
+    - `jpeg_same_coefficients`: each original with a COM segment added; must be all.
+    - per lossless format, the original's decoded pixels in it: equal when the original JPEG decodes
+      at full scale (`full_scale` of them: under twice the output); a DCT-scaled one's PNG has other
+      pixels at that scale, and is found as a near duplicate (the format's recall)."""
+    first = {int(o): i for i, (o, k) in enumerate(zip(origin, kind, strict=True)) if k == "original"}
+    again = {o: images.process(restamped(data[i]), policy) for o, i in first.items()}
+    same = sum(p.pixel_hash == processed[first[o]].pixel_hash for o, p in again.items())
+    out = {"jpeg_same_coefficients": {"equal": same, "of": len(again)}}
     for fmt in EXACT_FORMATS:
         rows = [(int(o), p) for o, p, k in zip(origin, processed, kind, strict=True) if k == fmt]
         out[f"jpeg_vs_{fmt}_of_its_pixels"] = {
-            "equal": sum(p.pixel_hash == first[o].pixel_hash for o, p in rows),
+            "equal": sum(p.pixel_hash == processed[first[o]].pixel_hash for o, p in rows),
             "of": len(rows),
+            "full_scale": sum(dct_scale(data[first[o]], policy) == 1 for o, _ in rows),
         }
     return out
 
@@ -390,7 +414,7 @@ def main() -> None:
         "photos": {"pictures": len(paths), "tiles": len(photos), "images": len(data), "packages": PACKAGES},
         "pairwise": {name: scores(m, origin, kind) for name, m in methods.items()},
         "clustered": {name: scores(closure(m), origin, kind) for name, m in methods.items()},
-        "exact_pixels": exact_pixels(processed, origin, kind),
+        "exact_pixels": exact_pixels(data, processed, origin, kind, policy),
         "pdq_quality_below_50": int((quality < 50).sum()),
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -47,7 +47,7 @@ from pipeline.hostlease import cluster_leases
 from pipeline.images import ImagePolicy, ImageRefused, process
 from pipeline.lineage import Reads
 from pipeline.pdq import HashList
-from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards
+from pipeline.stage import IDENTITY, PlanContext, ShardContext, Stage, committed_shards, keep_freed_blocks
 from pipeline.storage import read_hash_lists
 
 log = logging.getLogger(__name__)
@@ -425,6 +425,7 @@ def crawl_rows(
 ) -> list[tuple[Outcome, int]]:
     """Download `urls` politely with `config.threads` threads; (outcome, attempts) per URL, in order.
     `holder` names this work for the cluster's host leases (a crawl shard: the same on a retry)."""
+    keep_freed_blocks()
     fetcher = fetcher or Fetcher(config.network(), config.fetch_policy(), _ROBOTS)
     policy = config.image_policy()
     blocked = read_hash_lists(config.blocklist_image_sha256)

@@ -95,7 +95,24 @@ def pdq(rgb: np.ndarray, exact_up_to: int = 512) -> tuple[str, int]:
         from PIL import Image
 
         rgb = np.asarray(Image.fromarray(rgb).reduce(factor))
-    coeffs, quality = pdq_floats(luma(rgb))
+    return _hash(luma(rgb))
+
+
+def pdq_of_image(img, exact_up_to: int = 512) -> tuple[str, int]:
+    """`pdq` of an RGB PIL image as the crawl hashes it: Pillow's integer luma (a third of the time
+    of the float one) and the reduction after it, on one channel. On 196 web-sized photos through the
+    crawl's decode this lands as far from the reference as `pdq` does (median 4 bits, at most 20)."""
+    if min(img.size) < _MIN_SIDE:
+        return "0" * 64, 0
+    grey = img.convert("L")
+    factor = min(img.size) // (exact_up_to // 2)
+    if factor >= 2:
+        grey = grey.reduce(factor)
+    return _hash(np.asarray(grey, dtype=np.float32))
+
+
+def _hash(grey: np.ndarray) -> tuple[str, int]:
+    coeffs, quality = pdq_floats(grey)
     flat = coeffs.ravel()
     median = np.partition(flat, 127)[127]  # the lower median of 256, as the reference's torben()
     bits = flat > median  # bit k = i * 16 + j

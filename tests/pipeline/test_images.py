@@ -134,22 +134,52 @@ def test_large_jpeg_is_reduced_to_the_target():
     assert (out.width, out.height, out.original_width, out.original_height) == (64, 64, 2400, 1600)
 
 
+def with_comment(jpeg: bytes, text: bytes) -> bytes:
+    """The same JPEG (same coefficients, so the same pixels) with a COM segment: other bytes."""
+    return jpeg[:2] + b"\xff\xfe" + (len(text) + 2).to_bytes(2, "big") + text + jpeg[2:]
+
+
 @pytest.mark.parametrize("name", ["aitzgorri", "life", "picosdeeuropa", "sunset"])
-@pytest.mark.parametrize("size", [256, 96])
-def test_a_jpegs_exact_pixels_in_png_or_webp_have_its_pixel_hash(name, size):
+def test_a_jpegs_exact_pixels_in_png_or_webp_have_its_pixel_hash(name):
     """exact_pixels does not depend on the format: a PNG/WebP holding exactly the pixels a JPEG
-    decodes to is the same image, also when the crawl reduces it (a 640 px photo to 96 px: 6x)."""
+    decodes to is the same image, when the JPEG decodes at full scale (under twice the output:
+    a 640x426 photo to 256 px center_crop is resized from 640 px, and reduced as the PNG is)."""
     data = (REPO / "tests/data/photos" / f"{name}.jpg").read_bytes()
     pixels = Image.open(io.BytesIO(data)).convert("RGB")
-    policy = ImagePolicy(image_size=size)
+    policy = ImagePolicy(image_size=256, resize_mode="center_crop")
     jpeg = process(data, policy)
     for fmt, options in (("PNG", {}), ("WEBP", {"lossless": True})):
         buf = io.BytesIO()
         pixels.save(buf, fmt, **options)
         copy = process(buf.getvalue(), policy)
         assert (copy.pixel_hash, copy.phash, copy.colour_sig) == (jpeg.pixel_hash, jpeg.phash, jpeg.colour_sig)
+        assert copy.window_sig == jpeg.window_sig
     requantised = process(encode(pixels, "jpeg", quality=95), policy)
     assert requantised.pixel_hash != jpeg.pixel_hash  # other pixels: not exact, only near
+
+
+@pytest.mark.parametrize("name", ["aitzgorri", "life", "picosdeeuropa", "sunset"])
+def test_a_dct_scaled_jpeg_is_exact_with_its_coefficients_and_near_its_png(name):
+    """A JPEG over twice the output decodes DCT-scaled (a 640 px photo to 96 px: at 1/4), so its
+    pixel hash is that of its scaled pixels: equal for every JPEG with the same coefficients (metadata
+    added or stripped, as CDNs do), while a PNG of its full-size pixels is a near duplicate."""
+    data = (REPO / "tests/data/photos" / f"{name}.jpg").read_bytes()
+    policy = ImagePolicy(image_size=96, resize_mode="center_crop")
+    jpeg = process(data, policy)
+    restamped = process(with_comment(data, b"re-served by a CDN"), policy)
+    assert (restamped.pixel_hash, restamped.window_sig, restamped.pdq) == (jpeg.pixel_hash, jpeg.window_sig, jpeg.pdq)
+    assert restamped.data == jpeg.data  # the same output bytes too
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").save(buf, "PNG")
+    png = process(buf.getvalue(), policy)
+    assert png.pixel_hash != jpeg.pixel_hash
+    # near: within a few bits (dedup.near_threshold is 10) and one colour step
+    assert hamming(png.phash, jpeg.phash) <= 6 and colour_distance(png.colour_sig, jpeg.colour_sig) <= 1
+    assert (png.width, png.height, png.original_width, png.original_height) == (96, 96, *jpeg_size(data))
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    return Image.open(io.BytesIO(data)).size
 
 
 def test_limits_from_the_policy():
