@@ -36,6 +36,28 @@ def tree_rss(pid: int, proportional: bool = False) -> int:
     return total
 
 
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process, its reaped children (a process pool
+    that came and went) and its live descendants (Ray's raylet and workers). The difference over a
+    timed region is what the region cost in cores; a child reaped by a live descendant is counted
+    only once it has been waited for."""
+    import resource
+
+    import psutil
+
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def run_subprocess(script: str, args: list[str]) -> dict:
     """Run `python script args` (which prints one JSON line last); its report plus peak RSS of its tree."""
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=str(REPO), WANDB_MODE="disabled")

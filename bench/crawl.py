@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import machine, run_subprocess  # noqa: E402
+from bench.common import machine, run_subprocess, tree_cpu_seconds  # noqa: E402
 
 
 def run_side(side: str, shards: Path, work: Path, size: int, allow: str) -> dict:
@@ -68,6 +69,7 @@ def bench_config(urls: Path, work: Path, size: int, allow: str):
             per_host_concurrency=16,
             per_host_rps=0.0,
             timeout_s=10,
+            cluster_politeness=__import__("os").environ.get("LEASES", "1") == "1",
         ),
     )
 
@@ -96,10 +98,10 @@ def side_clipline(shards: Path, work: Path, size: int, allow: str) -> dict:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     store = open_storage(work)
     run = bench_config(shards, work, size, allow)
-    started = time.perf_counter()
+    cpu, started = tree_cpu_seconds(), time.perf_counter()
     report = run_stage(STAGE, store, run, progress=False)
-    seconds = time.perf_counter() - started
-    return {"seconds": seconds, "urls": report.total("rows"), "success": report.total("success")}
+    seconds, cpu = time.perf_counter() - started, tree_cpu_seconds() - cpu
+    return {"seconds": seconds, "cpu_s": cpu, "urls": report.total("rows"), "success": report.total("success")}
 
 
 def side_img2dataset(shards: Path, work: Path, size: int, allow: str) -> dict:
@@ -108,7 +110,7 @@ def side_img2dataset(shards: Path, work: Path, size: int, allow: str) -> dict:
     import pyarrow.parquet as pq
     from img2dataset import download
 
-    started = time.perf_counter()
+    cpu, started = tree_cpu_seconds(), time.perf_counter()
     download(
         url_list=str(shards),  # the folder of work-shard parquet files
         input_format="parquet",
@@ -128,10 +130,10 @@ def side_img2dataset(shards: Path, work: Path, size: int, allow: str) -> dict:
         enable_wandb=False,
         distributor="multiprocessing",
     )
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, tree_cpu_seconds() - cpu
     stats = [pq.read_table(p) for p in glob.glob(str(work / "*.parquet"))]
     success = sum(sum(1 for s in t["status"].to_pylist() if s == "success") for t in stats)
-    return {"seconds": seconds, "urls": sum(t.num_rows for t in stats), "success": success}
+    return {"seconds": seconds, "cpu_s": cpu, "urls": sum(t.num_rows for t in stats), "success": success}
 
 
 def plant_photos(root: Path, files: list[str], seed: int = 0) -> dict:
@@ -222,10 +224,12 @@ def main() -> None:
             for side in ("img2dataset", "clipline") if r % 2 else ("clipline", "img2dataset"):
                 rep = run_side(side, shards, base / f"{side}-{r}", args.size, web.allow_list()[0])
                 rep["images_per_s"] = rep["success"] / rep["seconds"]
+                rep["cpu_ms_per_image"] = 1000 * rep["cpu_s"] / max(1, rep["success"])
                 results[side].append(rep)
                 print(
                     f"round {r}: {side:<11} {rep['success']:>6}/{rep['urls']} images in {rep['seconds']:6.2f}s "
-                    f"= {rep['images_per_s']:7.1f} img/s, peak RSS {rep['peak_rss_mb']} MB",
+                    f"= {rep['images_per_s']:7.1f} img/s, {rep['cpu_ms_per_image']:5.1f} CPU-ms an image, "
+                    f"peak RSS {rep['peak_rss_mb']} MB",
                     flush=True,
                 )
 
@@ -249,6 +253,10 @@ def main() -> None:
         "img2dataset": best["img2dataset"],
         "all_rounds": results,
         "ratio_images_per_s": round(ratio, 3),
+        # the cores each side's whole command used per image (median over rounds): what a cluster pays
+        "cpu_ms_per_image": {
+            s: round(statistics.median(r["cpu_ms_per_image"] for r in v), 2) for s, v in results.items()
+        },  # noqa: E501
         "same_success_count": best["clipline"]["success"] == best["img2dataset"]["success"],
     }
     print()
@@ -257,6 +265,8 @@ def main() -> None:
         b = best[side]
         print(f"{side:<12}{b['images_per_s']:>10.1f}{b['success']:>10}{b['peak_rss_mb']:>13}")
     print(f"ratio clipline/img2dataset: {ratio:.2f}x   same successes: {summary['same_success_count']}")
+    cpu = summary["cpu_ms_per_image"]
+    print(f"CPU-ms an image (median): clipline {cpu['clipline']}, img2dataset {cpu['img2dataset']}")
     out = REPO / "bench" / "results" / ("crawl-photos.json" if args.photos else "crawl.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1) + "\n")

@@ -349,7 +349,7 @@ def dct_scale(data: bytes, policy: images.ImagePolicy) -> int:
     width, height = Image.open(io.BytesIO(data)).size
     tw, th = images.target_size(width, height, policy)
     fit = min(width // tw, height // th)
-    return next(s for s in (8, 4, 2, 1) if fit >= s)
+    return next((s for s in (8, 4, 2, 1) if fit >= s), 1)  # an image under the target: full scale
 
 
 def exact_pixels(

@@ -23,6 +23,7 @@ versions of those shards.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import itertools
@@ -90,6 +91,9 @@ class CrawlConfig:
     blocklist_image_pdq: tuple[str, ...] = ()  # files of PDQ hashes (64 hex digits), each optionally with a distance
     pdq: bool = True  # store each image's PDQ hash (~2 ms an image); without it no PDQ list can match later
     threads: int = field(default=32, metadata=RUNTIME_ONLY)  # downloads in flight per crawl task
+    # images decoded at once per crawl task: the other threads wait for a slot instead of contending for
+    # the GIL (2: one thread's Python work overlaps the other's decode; 20% faster than 32 at once)
+    decode_threads: int = field(default=2, metadata=RUNTIME_ONLY)
     per_host_concurrency: int = field(default=4, metadata=RUNTIME_ONLY)  # requests in flight per host
     per_host_rps: float = field(default=20.0, metadata=RUNTIME_ONLY)  # request starts per second per host; 0: no cap
     # the two limits above hold across every crawl task of the Ray cluster (host leases); False: per task
@@ -367,9 +371,15 @@ class Outcome:
 
 
 def download(
-    url: str, fetcher: Fetcher, policy: ImagePolicy, blocked: frozenset[str], pdq_lists: HashList | None = None
+    url: str,
+    fetcher: Fetcher,
+    policy: ImagePolicy,
+    blocked: frozenset[str],
+    pdq_lists: HashList | None = None,
+    decode_slots: threading.Semaphore | None = None,
 ) -> Outcome:
-    """Fetch, check and process one URL into an Outcome; never raises for the URL's faults."""
+    """Fetch, check and process one URL into an Outcome; never raises for the URL's faults.
+    `decode_slots` bounds how many threads process images at once (CrawlConfig.decode_threads)."""
     started = time.monotonic()
     try:
         result = fetcher.get(url)
@@ -389,7 +399,8 @@ def download(
     if digest in blocked:
         return Outcome("blocked", "image hash is on a blocklist", **base)
     try:
-        image = process(result.body, policy)
+        with decode_slots or contextlib.nullcontext():
+            image = process(result.body, policy)
     except ImageRefused as e:
         return Outcome(e.status, str(e), **base)
     if pdq_lists is not None and (name := pdq_lists.match([image.pdq], [image.pdq_quality])[0]):
@@ -432,6 +443,7 @@ def crawl_rows(
     pdq_lists = HashList.load(config.blocklist_image_pdq) if config.blocklist_image_pdq else None
     results: list[tuple[Outcome, int] | None] = [None] * len(urls)
     attempts = [0] * len(urls)
+    decode_slots = threading.BoundedSemaphore(max(1, config.decode_threads))
     leases = cluster_leases() if config.cluster_politeness and urls else None
     scheduler = HostScheduler(
         [(i, host_key(u)) for i, u in enumerate(urls)],
@@ -446,7 +458,7 @@ def crawl_rows(
         while (job := scheduler.get()) is not None:
             index, host = job
             attempts[index] += 1
-            outcome = download(urls[index], fetcher, policy, blocked, pdq_lists)
+            outcome = download(urls[index], fetcher, policy, blocked, pdq_lists, decode_slots)
             if outcome.status in RETRIED_IN_CRAWL and attempts[index] < config.max_attempts:
                 wait = outcome.retry_after
                 wait = config.backoff_s * 2 ** (attempts[index] - 1) if wait is None else wait

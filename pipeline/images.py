@@ -4,12 +4,14 @@
 2. the dimensions from the header only, against a pixel limit (decompression
    bombs are refused before any pixel is allocated), then min size / max area /
    aspect ratio;
-3. decode at full size under a per-process pixel budget, box-reduced at once by an
-   integer factor that still covers 1.5x the target, EXIF orientation applied,
-   converted to RGB (CMYK, 16-bit, palette+alpha, LA/RGBA composited on white,
-   first frame of an animation). JPEGs too: a draft-mode (DCT-scaled) decode gives
-   other pixels than the same image's PNG, and the pixel hash must be equal for
-   equal pixels whatever the format;
+3. decode: a JPEG DCT-scaled (libjpeg's 1/2, 1/4, 1/8) to the smallest scale that
+   still covers the target; other formats at full size under a per-process pixel
+   budget, box-reduced at once by an integer factor that still covers 1.5x the
+   target; EXIF orientation applied, converted to RGB (CMYK, 16-bit, palette+alpha,
+   LA/RGBA composited on white, first frame of an animation). The pixel hash is of
+   the decoded pixels, so it is equal across formats when a JPEG decodes at full
+   scale (under twice the target), and across JPEGs with the same coefficients at
+   every scale; a PNG of a larger JPEG's full-size pixels is a near duplicate;
 4. resize per img2dataset's modes and encode.
 """
 
@@ -129,7 +131,7 @@ class ProcessedImage:
     format: str  # the source format
     phash: int  # 64-bit DCT perceptual hash of the whole upright image (as a signed int64)
     colour_sig: str  # 4x4 grid of mean colours, 4 bits a channel, as 48 hex digits: pHash is grey-only
-    pixel_hash: int  # 64-bit hash of the pixels at a canonical small size: equal for lossless re-encodes
+    pixel_hash: int  # 64-bit hash of the decoded pixels at 32x32: equal for equal decoded pixels
     window_sig: bytes  # WINDOWS x (pHash, 8-bit colour grid, texture): the near-duplicate signature (WINDOW_BYTES)
     pdq: str | None  # PDQ (pipeline/pdq.py), 64 hex digits: what abuse hash lists are shared in
     pdq_quality: int | None  # PDQ's quality, 0-100 (below 50: too flat to match on); None: not computed

@@ -131,7 +131,7 @@ CRAWL = pa.schema(
         pa.field("colour_sig", pa.string()),  # 4x4 mean colours, 4 bits a channel: 48 hex digits
         # near-dup signature: 6 windows x (pHash, 4x4 colours at 8 bits, texture), 342 bytes (images.WINDOWS)
         pa.field("window_sig", pa.binary()),
-        pa.field("pixel_hash", pa.int64()),  # pixels at 32x32, 5 bits a channel: lossless re-encodes
+        pa.field("pixel_hash", pa.int64()),  # decoded pixels at 32x32, 5 bits a channel: lossless re-encodes
         pa.field("pdq", pa.string()),  # PDQ perceptual hash, 64 hex digits (hash lists: blocklist_image_pdq)
         pa.field("pdq_quality", pa.int8()),  # PDQ's quality 0-100; under 50 never matched
     ]

@@ -202,7 +202,7 @@ def execute_shard(stage: Stage, shard: int, storage: Storage, run: Any, inputs: 
     try:
         ctx = ShardContext(stage.name, shard, storage, config, run, staging)
         reset_peak_rss()
-        started = time.time()
+        started, cpu = time.time(), time.process_time()
         try:
             stats = dict(stage.run_shard(ctx) or {})
         except ClipError as e:
@@ -233,6 +233,8 @@ def execute_shard(stage: Stage, shard: int, storage: Storage, run: Any, inputs: 
                 "outputs": outputs,
                 "stats": stats,
                 "duration_s": round(time.time() - started, 3),
+                # the process's CPU time (every thread) over this shard: the cores a shard costs (cost model)
+                "cpu_s": round(time.process_time() - cpu, 3),
                 "peak_rss_mb": peak_rss_mb(),  # the process's, over this shard (bench/dedup.py's per-task memory)
                 "finished_at": round(time.time(), 3),  # for throughput over time in the stats report
                 "host": os.uname().nodename,

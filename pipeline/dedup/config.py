@@ -43,7 +43,7 @@ class DedupConfig:
     """What counts as a duplicate, and which copy is kept."""
 
     exact_bytes: bool = True  # same sha256 of the bytes
-    exact_pixels: bool = True  # same pixels at 32x32 (lossless re-encodes)
+    exact_pixels: bool = True  # same decoded pixels at 32x32 (lossless re-encodes, JPEGs with equal coefficients)
     near: bool = True  # in one window: pHash within near_threshold and colours within colour_tolerance
     near_threshold: int = 10  # max pHash Hamming distance
     colour_tolerance: float = 8.0  # max colour residual after a gain/offset fit per channel (0-255 levels)

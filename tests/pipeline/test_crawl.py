@@ -288,6 +288,38 @@ def test_per_host_limit_seen_by_the_server(tmp_path):
         assert web.log.max_inflight[0] <= 2
 
 
+@pytest.mark.parametrize("slots", [2, 16])
+def test_images_are_processed_by_at_most_decode_threads_at_once(tmp_path, monkeypatch, slots):
+    """16 download threads: with 2 decode slots no more than 2 images are processed at once (the
+    others wait for a slot, not for the GIL); with 16 slots more than 2 are. Every URL succeeds."""
+    import pipeline.crawl as crawl
+
+    inside, most, lock, real = 0, 0, threading.Lock(), crawl.process
+
+    def counted(data, policy):
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        try:
+            time.sleep(0.01)  # hold the slot while the other threads' downloads arrive
+            return real(data, policy)
+        finally:
+            with lock:
+                inside -= 1
+
+    monkeypatch.setattr(crawl, "process", counted)
+    root = generate(tmp_path / "web", WebSpec(images=60, heldout=0, content_sites=2, faults=False))
+    with SyntheticWeb(root) as web:
+        urls = [r["url"] for r in web.truth().to_pylist() if r["behaviour"] == "image"]
+        config = crawl_config(
+            root, threads=16, per_host_concurrency=8, per_host_rps=0, decode_threads=slots, blocklist_image_sha256=()
+        )
+        results = crawl_rows(urls, config)
+    assert Counter(o.status for o, _ in results) == {"success": len(urls)}
+    assert most == 2 if slots == 2 else most > 2
+
+
 def test_host_leases_are_exclusive_carry_the_rate_and_expire_when_not_renewed():
     from pipeline.hostlease import HostLeases
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.images import ImagePolicy, ImageRefused, colour_distance, process, sniff_format
+from pipeline.images import ImagePolicy, ImageRefused, colour_distance, process, resize, sniff_format, target_size
 from pipeline.web.corpus import encode, render
 from tests.conftest import REPO
 
@@ -180,6 +180,21 @@ def test_a_dct_scaled_jpeg_is_exact_with_its_coefficients_and_near_its_png(name)
 
 def jpeg_size(data: bytes) -> tuple[int, int]:
     return Image.open(io.BytesIO(data)).size
+
+
+@pytest.mark.parametrize("size", [(640, 426), (426, 640), (301, 299), (1000, 200), (97, 400)])
+def test_center_crop_resamples_only_what_it_keeps(size):
+    """center_crop resizes only the region the crop keeps: the crop of the whole resize, within
+    rounding (the filter's weights are taken at the region's fractional edges)."""
+    img = Image.open(REPO / "tests/data/photos/life.jpg").convert("RGB").resize(size)
+    policy = ImagePolicy(image_size=96, resize_mode="center_crop")
+    w, h = target_size(*img.size, policy)
+    whole = img.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (w - 96) // 2, (h - 96) // 2
+    expected = np.asarray(whole.crop((left, top, left + 96, top + 96)), dtype=int)
+    got = resize(img, policy)
+    assert got.size == (96, 96)
+    assert np.abs(np.asarray(got, dtype=int) - expected).max() <= 2
 
 
 def test_limits_from_the_policy():
