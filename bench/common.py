@@ -7,7 +7,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -58,25 +57,35 @@ def tree_cpu_seconds() -> float:
     return total
 
 
+def _sample_peaks(pid: int, stop, peaks) -> None:
+    """Sample the tree under `pid` for peak RSS and PSS every 0.2 s until `stop` is set (in its own process)."""
+    peak, peak_pss = 0, 0
+    while not stop.is_set():
+        peak = max(peak, tree_rss(pid))
+        peak_pss = max(peak_pss, tree_rss(pid, proportional=True))
+        stop.wait(0.2)
+    peaks.put((peak, peak_pss))
+
+
 def run_subprocess(script: str, args: list[str]) -> dict:
-    """Run `python script args` (which prints one JSON line last); its report plus peak RSS of its tree."""
+    """Run `python script args` (which prints one JSON line last); its report plus peak RSS of its tree.
+
+    The sampler runs in a process of its own: reading every process's smaps for PSS holds the GIL for
+    tens of milliseconds, and in the benchmark's own process it stalled what else runs there (the
+    crawl benchmark's loopback web server: a third of clipline's crawl time at 1,500 images)."""
+    import multiprocessing
+
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=str(REPO), WANDB_MODE="disabled")
     proc = subprocess.Popen(
         [sys.executable, script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
-    peak, peak_pss, stop = 0, 0, threading.Event()
-
-    def sample():
-        nonlocal peak, peak_pss
-        while not stop.is_set():
-            peak = max(peak, tree_rss(proc.pid))
-            peak_pss = max(peak_pss, tree_rss(proc.pid, proportional=True))
-            time.sleep(0.2)
-
-    sampler = threading.Thread(target=sample, daemon=True)
+    spawn = multiprocessing.get_context("spawn")
+    stop, peaks = spawn.Event(), spawn.Queue()
+    sampler = spawn.Process(target=_sample_peaks, args=(proc.pid, stop, peaks), daemon=True)
     sampler.start()
     out, err = proc.communicate()
     stop.set()
+    peak, peak_pss = peaks.get(timeout=60)
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{err[-3000:]}")
