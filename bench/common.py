@@ -35,36 +35,33 @@ def tree_rss(pid: int, proportional: bool = False) -> int:
     return total
 
 
-def tree_cpu_seconds() -> float:
-    """CPU seconds (user + system) used so far by this process, its reaped children (a process pool
-    that came and went) and its live descendants (Ray's raylet and workers). The difference over a
-    timed region is what the region cost in cores; a child reaped by a live descendant is counted
-    only once it has been waited for."""
-    import resource
-
+def _sample_peaks(pid: int, stop, peaks) -> None:
+    """Sample the tree under `pid` every 0.2 s until `stop` is set (in a process of its own): peak RSS,
+    peak PSS, and the CPU seconds (user + system) of every process seen in it, each at its last
+    sample (a process that exits between two samples loses at most 0.2 s; Ray workers come and go)."""
     import psutil
 
-    total = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        usage = resource.getrusage(who)
-        total += usage.ru_utime + usage.ru_stime
-    for child in psutil.Process().children(recursive=True):
-        try:
-            times = child.cpu_times()
-            total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-def _sample_peaks(pid: int, stop, peaks) -> None:
-    """Sample the tree under `pid` for peak RSS and PSS every 0.2 s until `stop` is set (in its own process)."""
-    peak, peak_pss = 0, 0
-    while not stop.is_set():
+    peak, peak_pss, cpu = 0, 0, {}
+    while True:
+        last = stop.is_set()
         peak = max(peak, tree_rss(pid))
         peak_pss = max(peak_pss, tree_rss(pid, proportional=True))
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            procs = []
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+                key = (proc.pid, proc.create_time())
+                cpu[key] = max(cpu.get(key, 0.0), times.user + times.system)
+            except psutil.NoSuchProcess:
+                pass
+        if last:
+            break
         stop.wait(0.2)
-    peaks.put((peak, peak_pss))
+    peaks.put((peak, peak_pss, sum(cpu.values())))
 
 
 def run_subprocess(script: str, args: list[str]) -> dict:
@@ -85,13 +82,14 @@ def run_subprocess(script: str, args: list[str]) -> dict:
     sampler.start()
     out, err = proc.communicate()
     stop.set()
-    peak, peak_pss = peaks.get(timeout=60)
+    peak, peak_pss, cpu = peaks.get(timeout=60)
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{err[-3000:]}")
     report = json.loads(out.strip().splitlines()[-1])
     report["peak_rss_mb"] = round(peak / 2**20, 1)
     report["peak_pss_mb"] = round(peak_pss / 2**20, 1)
+    report["cpu_s"] = round(cpu, 2)  # the whole command's process tree, start-up included
     return report
 
 
