@@ -37,15 +37,16 @@ def tree_rss(pid: int, proportional: bool = False) -> int:
 
 def _sample_peaks(pid: int, stop, peaks) -> None:
     """Sample the tree under `pid` every 0.2 s until `stop` is set (in a process of its own): peak RSS,
-    peak PSS, and the CPU seconds (user + system) of every process seen in it, each at its last
+    peak PSS (every 1 s), and the CPU seconds (user + system) of every process seen in it, each at its last
     sample (a process that exits between two samples loses at most 0.2 s; Ray workers come and go)."""
     import psutil
 
-    peak, peak_pss, cpu = 0, 0, {}
+    peak, peak_pss, cpu, n = 0, 0, {}, 0
     while True:
-        last = stop.is_set()
+        last, n = stop.is_set(), n + 1
         peak = max(peak, tree_rss(pid))
-        peak_pss = max(peak_pss, tree_rss(pid, proportional=True))
+        if n % 5 == 1 or last:  # PSS reads every process's smaps: a second apart, not to take a core from the side
+            peak_pss = max(peak_pss, tree_rss(pid, proportional=True))
         try:
             root = psutil.Process(pid)
             procs = [root, *root.children(recursive=True)]
