@@ -4,6 +4,7 @@ gets its exact status, the rest of each shard succeeds, and the output is img2da
 import glob
 import hashlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -151,7 +152,9 @@ def test_every_url_gets_exactly_its_expected_status(ray_local, fresh_web, tmp_pa
     ]
     assert path_hits("robots_disallowed") == 0 and not any("/private/" in p for p in web.log.paths())
     assert all(agent == UA for _, _, agent, _ in web.log.requests)
-    assert hits[(0, "/robots.txt")] <= 2  # once per worker process (2 CPUs)
+    # robots.txt once per worker process that crawled (Ray may place shards on an idle third worker)
+    workers = {json.loads(store.read_bytes(f"crawl/_committed/{s:05d}.json"))["pid"] for s in range(4)}
+    assert 1 <= hits[(0, "/robots.txt")] <= len(workers) <= 4
     flaky = [t for s, p, _, t in web.log.requests if p.endswith("/fault/flaky_429.jpg")]
     assert flaky[1] - flaky[0] >= 0.95  # Retry-After: 1 was honoured
     assert got[[u for u in expected if u.endswith("/fault/flaky_429.jpg")][0]]["attempts"] == 2
