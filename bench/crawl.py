@@ -69,7 +69,6 @@ def bench_config(urls: Path, work: Path, size: int, allow: str):
             per_host_concurrency=16,
             per_host_rps=0.0,
             timeout_s=10,
-            cluster_politeness=__import__("os").environ.get("LEASES", "1") == "1",
         ),
     )
 
@@ -257,7 +256,7 @@ def main() -> None:
         # workers' imports; img2dataset's pool), median over rounds: what a cluster pays
         "cpu_ms_per_image": {
             s: round(statistics.median(r["cpu_ms_per_image"] for r in v), 2) for s, v in results.items()
-        },  # noqa: E501
+        },
         "same_success_count": best["clipline"]["success"] == best["img2dataset"]["success"],
     }
     print()

@@ -345,11 +345,11 @@ def restamped(jpeg: bytes, text: bytes = b"re-served") -> bytes:
 
 
 def dct_scale(data: bytes, policy: images.ImagePolicy) -> int:
-    """The DCT scale (1, 2, 4 or 8) the crawl decodes a JPEG at: Pillow's draft rule for the target."""
-    width, height = Image.open(io.BytesIO(data)).size
-    tw, th = images.target_size(width, height, policy)
-    fit = min(width // tw, height // th)
-    return next((s for s in (8, 4, 2, 1) if fit >= s), 1)  # an image under the target: full scale
+    """The DCT scale (1, 2, 4 or 8) the crawl decodes a JPEG at: Pillow's own draft for the target."""
+    img = Image.open(io.BytesIO(data))
+    width = img.width
+    img.draft(None, images.target_size(img.width, img.height, policy))
+    return round(width / img.width)  # the scaled width is rounded up
 
 
 def exact_pixels(

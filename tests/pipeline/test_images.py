@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from bench.dedup_quality import restamped as bench_restamped
 from pipeline.images import ImagePolicy, ImageRefused, colour_distance, process, resize, sniff_format, target_size
 from pipeline.web.corpus import encode, render
 from tests.conftest import REPO
@@ -134,11 +135,6 @@ def test_large_jpeg_is_reduced_to_the_target():
     assert (out.width, out.height, out.original_width, out.original_height) == (64, 64, 2400, 1600)
 
 
-def with_comment(jpeg: bytes, text: bytes) -> bytes:
-    """The same JPEG (same coefficients, so the same pixels) with a COM segment: other bytes."""
-    return jpeg[:2] + b"\xff\xfe" + (len(text) + 2).to_bytes(2, "big") + text + jpeg[2:]
-
-
 @pytest.mark.parametrize("name", ["aitzgorri", "life", "picosdeeuropa", "sunset"])
 def test_a_jpegs_exact_pixels_in_png_or_webp_have_its_pixel_hash(name):
     """exact_pixels does not depend on the format: a PNG/WebP holding exactly the pixels a JPEG
@@ -166,7 +162,7 @@ def test_a_dct_scaled_jpeg_is_exact_with_its_coefficients_and_near_its_png(name)
     data = (REPO / "tests/data/photos" / f"{name}.jpg").read_bytes()
     policy = ImagePolicy(image_size=96, resize_mode="center_crop")
     jpeg = process(data, policy)
-    restamped = process(with_comment(data, b"re-served by a CDN"), policy)
+    restamped = process(bench_restamped(data, b"re-served by a CDN"), policy)
     assert (restamped.pixel_hash, restamped.window_sig, restamped.pdq) == (jpeg.pixel_hash, jpeg.window_sig, jpeg.pdq)
     assert restamped.data == jpeg.data  # the same output bytes too
     buf = io.BytesIO()
