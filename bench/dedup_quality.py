@@ -16,8 +16,10 @@ Reported per method: recall per transform (a copy is found when the method calls
 duplicate of its original) and false merges: pairs of distinct images (originals and copies of
 different originals) the method calls duplicates, and how many distinct images end up in a
 cluster with another. clipline's figures come from its dedup stage itself, run inline over
-crawl rows of these images; they are clusters, so the other methods are shown both pairwise
-and as the clusters their pairs would join into. `exact_pixels` across formats and across
+crawl rows of these images (`clusters: star`, the default, and `clusters: components`); they
+are clusters, so the other methods are shown pairwise, as the connected components their pairs
+join into, and as the greedy stars the stage's default makes of them (each duplicate matches its
+keeper itself). `exact_pixels` across formats and across
 JPEGs with the same coefficients is reported too.
 
     python bench/dedup_quality.py            # every photo, 2x3 tiles each
@@ -382,6 +384,18 @@ def closure(same: np.ndarray) -> np.ndarray:
     return label[:, None] == label[None, :]
 
 
+def stars(same: np.ndarray, area: np.ndarray) -> np.ndarray:
+    """The clusters of dedup's `clusters: star` over a pairwise matrix: images in keeper order (the
+    largest area, then the lowest index, as the stage's uids are); each one not yet taken is kept
+    and takes every image it matches that is not taken yet."""
+    owner = np.full(len(same), -1)
+    for i in np.lexsort((np.arange(len(same)), -area)):
+        if owner[i] < 0:
+            owner[i] = i
+            owner[np.flatnonzero(same[i] & (owner < 0))] = i
+    return owner[:, None] == owner[None, :]
+
+
 def main() -> None:
     import tempfile
 
@@ -401,9 +415,12 @@ def main() -> None:
     pdq, quality = pdq_matrix(decoded)
     with tempfile.TemporaryDirectory() as work:
         ours = clipline_matrix(processed, Path(work) / "default")
+        components = clipline_matrix(processed, Path(work) / "components", clusters="components")
         whole = clipline_matrix(processed, Path(work) / "whole", near_windows=1)
+    area = np.array([p.original_width * p.original_height for p in processed])
     methods = {
         "clipline dedup (6 windows, pHash<=10, colour fit<=8)": ours,
+        "clipline dedup, clusters: components": components,
         "clipline dedup, whole image only (near_windows: 1)": whole,
         "clipline's rule as all-pairs decisions (no index)": window_rule_matrix(processed),
         "clipline before windows (pHash<=8, 4-bit colour<=1)": legacy_matrix(processed),
@@ -414,6 +431,7 @@ def main() -> None:
         "photos": {"pictures": len(paths), "tiles": len(photos), "images": len(data), "packages": PACKAGES},
         "pairwise": {name: scores(m, origin, kind) for name, m in methods.items()},
         "clustered": {name: scores(closure(m), origin, kind) for name, m in methods.items()},
+        "stars": {name: scores(stars(m, area), origin, kind) for name, m in methods.items()},
         "exact_pixels": exact_pixels(data, processed, origin, kind, policy),
         "pdq_quality_below_50": int((quality < 50).sum()),
         "seconds": round(time.perf_counter() - t0, 1),

@@ -17,12 +17,14 @@ from pipeline.dedup.config import (
     CLUSTERS_SCHEMA,
     COMPONENTS,
     EDGES_SCHEMA,
+    IDENTICAL,
     LABEL,
     NODES,
     NODES_SCHEMA,
     PLAN,
     REASONS,
     DedupConfig,
+    joins_as_one,
 )
 from pipeline.shuffle import map_files, read_partition, write_gathered
 from pipeline.stage import PlanContext, ShardContext
@@ -200,28 +202,60 @@ def hex_uids(halves: np.ndarray, null: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.string(), len(null), buffers, null_count=int(null.sum()))
 
 
-def keepers_by_rule(root: np.ndarray, nodes: np.ndarray, uid_halves: list[np.ndarray], area: np.ndarray | None):
-    """For each node, the index of its cluster's keeper: the largest area (when given), then the
-    lowest uid, then the lowest gid. The uid (32 hex digits) comes as two integers (`uid_halves`,
-    see parse_uids) that order exactly like the string. No sort: each criterion in turn keeps, of
-    the candidates left in a cluster, those at the cluster's minimum (one scatter-min a criterion);
-    gids are distinct, so one candidate a cluster is left."""
-    clusters = int((root == np.arange(len(root))).sum())
-    candidate, at = None, root  # None: every node (no gathers for the first criterion)
-    best_buffer = np.empty(len(nodes), dtype=np.uint64)  # one buffer for every criterion's minima
-    for values in [*([] if area is None else [-area]), *uid_halves, nodes]:
-        if candidate is not None:
-            if len(candidate) == clusters:  # one left in every cluster (uids rarely tie): done
-                break
-            values, at = values[candidate], root[candidate]
-        best = best_buffer.view(values.dtype)
-        best.fill(np.iinfo(values.dtype).max)
-        np.minimum.at(best, at, values)
-        kept = values == best[at]
-        candidate = np.flatnonzero(kept) if candidate is None else candidate[kept]
-    keeper = np.empty(len(nodes), dtype=np.int64)
-    keeper[root[candidate]] = candidate  # by root: the node index of its cluster's keeper
-    return keeper[root]
+def keeper_ranks(nodes: np.ndarray, uid_halves: list[np.ndarray], area: np.ndarray | None) -> np.ndarray:
+    """Each node's place in the order keepers are chosen in (0 first): the largest area (when
+    given), then the lowest uid, then the lowest gid. The uid (32 hex digits) comes as two
+    integers (`uid_halves`, see parse_uids) that order exactly like the string."""
+    order = np.lexsort([nodes, *uid_halves[::-1], *([] if area is None else [-area])])
+    rank = np.empty(len(nodes), dtype=np.int64)
+    rank[order] = np.arange(len(nodes))
+    return rank
+
+
+def star_keepers(index: np.ndarray, as_one: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(keeper_of, ties): each node's keeper (a node index) and the edges that tie members to
+    their keepers, for the edges index[:half] -- index[half:].
+
+    Edges marked `as_one` join their ends into one image (a group; every edge: connected
+    components). Between groups, keepers are chosen greedily in rank order: a group is kept
+    unless an edge joins it to a group kept before it, and a removed group goes to the best kept
+    group it has an edge to. So every duplicate matches its keeper itself: a chain A~B~C of
+    distinct images keeps C when C does not match A. The same keepers as the one-at-a-time
+    greedy, found in rounds: each round keeps the open groups with no better open neighbour and
+    removes their open neighbours (rounds grow with the longest chain of ever better groups)."""
+    n, half = len(rank), len(as_one)
+    ea, eb = index[:half], index[half:]
+    group = roots(np.concatenate([ea[as_one], eb[as_one]]), n)  # each node's group, by its smallest node
+    best = np.full(n, n, dtype=np.int64)  # by group: the best rank in it, its head's
+    np.minimum.at(best, group, rank)
+    heads = np.flatnonzero(rank == best[group])
+    node_of_rank = np.empty(n, dtype=np.int64)
+    node_of_rank[rank] = np.arange(n)
+    u, v = group[ea[~as_one]], group[eb[~as_one]]
+    between = u != v
+    u, v = u[between], v[between]
+    state = np.zeros(n, dtype=np.int8)  # by group: 0 open, 1 kept, 2 removed
+    open_u, open_v, blocked = u, v, np.zeros(n, dtype=bool)
+    while len(open_u):
+        blocked[np.where(best[open_u] < best[open_v], open_v, open_u)] = True  # has a better open neighbour
+        ends = np.concatenate([open_u, open_v])
+        state[ends[~blocked[ends]]] = 1
+        blocked[ends] = False
+        state[open_v[state[open_u] == 1]] = 2
+        state[open_u[state[open_v] == 1]] = 2
+        still = (state[open_u] == 0) & (state[open_v] == 0)
+        open_u, open_v = open_u[still], open_v[still]
+    owner = best.copy()  # by group: its keeper's rank (a kept group's own head)
+    owner[state == 2] = n
+    for member, kept in ((u, v), (v, u)):
+        joined = (state[member] == 2) & (state[kept] != 2)
+        np.minimum.at(owner, member[joined], best[kept[joined]])
+    keeper_group = group[node_of_rank[owner[group[heads]]]]  # by head: its keeper's group
+    keeper_of_group = np.empty(n, dtype=np.int64)
+    keeper_of_group[group[heads]] = keeper_group
+    gu, gv = group[ea], group[eb]
+    ties = as_one | (keeper_of_group[gu] == gv) | (keeper_of_group[gv] == gu)
+    return node_of_rank[owner[group]], ties
 
 
 def plan_components(ctx: PlanContext) -> list[int]:
@@ -248,13 +282,16 @@ def run_components(ctx: ShardContext) -> dict:
     halves, canonical = parse_uids(uid)
     area = attributes["area"].to_numpy()
     del attributes
-    root = roots(index, len(nodes))
-    keeper_of = keepers_by_rule(root, nodes, list(halves), None if config.keep == "lowest_uid" else area)
+    rank = keeper_ranks(nodes, list(halves), None if config.keep == "lowest_uid" else area)
+    as_one = np.ones(len(edge_reason), dtype=bool) if config.clusters == "components" else joins_as_one(edge_reason)
+    keeper_of, ties = star_keepers(index, as_one, rank)
+    del rank, as_one
     is_keeper = keeper_of == np.arange(len(nodes))
-    reasons = keeper_relation(index, edge_reason, keeper_of)
-    del edge_reason, index
-    per_root = np.bincount(root, minlength=len(nodes))
-    sizes = per_root[root]
+    edge_reason[edge_reason >= IDENTICAL] -= IDENTICAL
+    reasons = keeper_relation(index[np.concatenate([ties, ties])], edge_reason[ties], keeper_of)
+    del edge_reason, index, ties
+    per_keeper = np.bincount(keeper_of, minlength=len(nodes))
+    sizes = per_keeper[keeper_of]
     reasons[is_keeper] = len(REASONS)
     if canonical:  # docs/design.md's uids: every dup_of straight from its keeper's halves
         dup_of = hex_uids(halves[:, keeper_of[~is_keeper]], is_keeper)
@@ -271,7 +308,7 @@ def run_components(ctx: ShardContext) -> dict:
     partitions = max(ctx.storage.read_json(PLAN)["crawl_shards"]) + 1
     write_gathered(ctx, f"{CLUSTERS}/{ctx.name}.arrow", CLUSTERS_SCHEMA, nodes >> 32, partitions, gather)
     counts = np.bincount(reasons[~is_keeper], minlength=len(REASONS))
-    size_values, size_counts = np.unique(per_root[per_root > 0], return_counts=True)
+    size_values, size_counts = np.unique(per_keeper[per_keeper > 0], return_counts=True)
     stats.update(
         rows=len(nodes),
         clusters=int(is_keeper.sum()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -27,6 +28,17 @@ CLUSTERS = "dedup/_clusters"  # per graph partition: its clustered images' dup_o
 
 # Edge reasons, strongest first: a removed image gets the strongest reason among its own edges.
 REASONS = ("exact_bytes", "exact_pixels", "near", "caption", "semantic")
+
+
+# Added to a near or caption edge's reason by the reduce when its two ends have identical signatures
+# (a group of identical windows is collapsed onto one image, so its edges are a star, not a clique).
+IDENTICAL = 8
+
+
+def joins_as_one(reason: np.ndarray) -> np.ndarray:
+    """Edges whose two ends count as one image when clusters are stars (DedupConfig.clusters): equal
+    bytes or pixels, identical signatures, and semantic groups (whose edges are spanning stars)."""
+    return (reason <= REASONS.index("exact_pixels")) | (reason == REASONS.index("semantic")) | (reason >= IDENTICAL)
 
 
 REASON_NAMES = pa.array([*REASONS, None], pa.string())  # by index; the last (null) for a kept image
@@ -54,6 +66,9 @@ class DedupConfig:
     max_caption_group: int = 2000  # bigger same-caption groups ("photo") are not compared, but counted
     keep_different_captions: bool = False  # True: a duplicate image with another caption is kept
     keep: Literal["largest", "lowest_uid"] = "largest"  # largest resolution (then lowest uid), or lowest uid
+    # star: every duplicate matches its keeper itself (exact copies, identical signatures and semantic
+    # groups count as one image); components: A~B~C is one cluster, whatever A and C are to each other
+    clusters: Literal["star", "components"] = "star"
     semantic: bool = False  # SemDeDup-style, over image embeddings of a CLIP checkpoint
     # a clipline run or .pt, an OpenAI/OpenCLIP file or directory, a Hugging Face CLIPModel directory; or s3://
     semantic_checkpoint: str | None = None

@@ -24,6 +24,7 @@ from pipeline.dedup.config import (
     EMPTY_EDGES,
     EXACT_SCHEMA,
     GRID_COLUMNS,
+    IDENTICAL,
     KIND_BYTES,
     KIND_CAPTION,
     KIND_NEAR,
@@ -275,9 +276,14 @@ def fuzzy_edges(frame: pl.DataFrame, config: DedupConfig, plan: dict) -> pl.Data
     signature = ["phash", *GRID_COLUMNS, *(["caption_key"] if config.keep_different_captions else [])]
     frame = frame.with_columns(rep=pl.col("gid").min().over([*group, *signature]))
     first_of_window = pl.col("kind").is_in(first_kinds)
+    # Their edges are a star: flagged IDENTICAL, so components can count a strong one's ends as one image.
     collapsed = frame.filter(
         (pl.col("gid") != pl.col("rep")) & (caption | first_of_window)  # identical: the window's table 0
-    ).select(a=pl.col("gid"), b="rep", reason=reason_of)
+    ).select(
+        a=pl.col("gid"),
+        b="rep",
+        reason=pl.when(reason_of >= 0).then(reason_of + IDENTICAL).otherwise(reason_of).cast(pl.Int8),
+    )
     reps = frame.filter(pl.col("gid") == pl.col("rep"))
     # Candidate pairs are joined narrow (most fail the Hamming test); the survivors get their signatures.
     narrow = reps.select([*group, "kind", "gid", "phash"])

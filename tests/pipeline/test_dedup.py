@@ -104,22 +104,96 @@ def test_uids_parse_into_halves_that_order_like_the_text_and_format_back():
 
 @pytest.mark.parametrize("with_area", [True, False])
 def test_keepers_are_the_largest_then_lowest_uid_then_lowest_gid_of_each_cluster(with_area):
-    from pipeline.dedup.components import keepers_by_rule
+    from pipeline.dedup.components import keeper_ranks, star_keepers
 
     rng = np.random.default_rng(3)
     n = 5000
-    root = np.sort(rng.integers(0, 800, n))
-    root = np.searchsorted(np.unique(root), root)  # dense cluster numbers ...
-    root = np.flatnonzero(np.r_[True, root[1:] != root[:-1]])[root]  # ... as the index of each cluster's first node
+    cluster = np.sort(rng.integers(0, 800, n))
     nodes = np.sort(rng.choice(1 << 40, n, replace=False)).astype(np.int64)
     area = rng.integers(1, 4, n) * 100  # many ties
     halves = [rng.integers(0, 3, n).astype(np.uint64), rng.integers(0, 3, n).astype(np.uint64)]  # ties too
-    keeper_of = keepers_by_rule(root, nodes, halves, area if with_area else None)
-    for r in np.unique(root):
-        members = np.flatnonzero(root == r)
+    chain = np.flatnonzero(cluster[1:] == cluster[:-1])  # each cluster a chain of its nodes, in a shuffled order
+    chain = rng.permutation(chain)
+    index = np.concatenate([chain, chain + 1]).astype(np.int32)
+    rank = keeper_ranks(nodes, halves, area if with_area else None)
+    keeper_of, ties = star_keepers(index, np.ones(len(chain), dtype=bool), rank)  # connected components
+    assert ties.all()
+    for c in np.unique(cluster):
+        members = np.flatnonzero(cluster == c)
         rule = (lambda i: (-area[i], halves[0][i], halves[1][i], nodes[i])) if with_area else None
         rule = rule or (lambda i: (halves[0][i], halves[1][i], nodes[i]))
         assert (keeper_of[members] == min(members, key=rule)).all()
+
+
+def greedy_stars(n: int, a: list[int], b: list[int], as_one: list[bool], rank: list[int]) -> tuple[list, set]:
+    """The reference for star_keepers, one group at a time: groups (joined by as_one edges) in rank
+    order; a group is kept unless it has an edge to a group kept before it; a removed group goes to
+    its best kept neighbour. Returns each node's keeper and the indices of the tying edges."""
+    group = list(range(n))
+
+    def find(x):
+        while group[x] != x:
+            x = group[x]
+        return x
+
+    for x, y, one in zip(a, b, as_one, strict=True):
+        if one:
+            group[max(find(x), find(y))] = min(find(x), find(y))
+    head = {}
+    for x in sorted(range(n), key=lambda x: rank[x]):
+        head.setdefault(find(x), x)
+    neighbours = {g: set() for g in head}
+    for x, y, one in zip(a, b, as_one, strict=True):
+        if not one and find(x) != find(y):
+            neighbours[find(x)].add(find(y))
+            neighbours[find(y)].add(find(x))
+    keeper_group = {}
+    for g in sorted(head, key=lambda g: rank[head[g]]):
+        kept = [k for k in neighbours[g] if keeper_group.get(k) == k]
+        keeper_group[g] = min(kept, key=lambda k: rank[head[k]]) if kept else g
+    keeper_of = [head[keeper_group[find(x)]] for x in range(n)]
+    ties = {
+        i for i, (x, y, one) in enumerate(zip(a, b, as_one, strict=True))
+        if one or keeper_group[find(x)] == find(y) or keeper_group[find(y)] == find(x)
+    }  # fmt: skip
+    return keeper_of, ties
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_star_keepers_are_the_one_at_a_time_greedy_on_random_graphs(seed):
+    """Chains, stars, cliques and sparse random edges, with some edges joining their ends as one
+    image: the rounds give the greedy's keepers and ties exactly, and every member has an edge to
+    its keeper's group."""
+    from pipeline.dedup.components import star_keepers
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(50, 400))
+    rank = rng.permutation(n)
+    order = rng.permutation(n)
+    a, b = [], []
+    for _ in range(3):  # a chain, ranks in the chain's order or not (long chains of ever better groups)
+        path = order[rng.integers(0, n, int(rng.integers(2, 40)))]
+        if rng.random() < 0.5:
+            path = path[np.argsort(rank[path])]
+        a += path[:-1].tolist()
+        b += path[1:].tolist()
+    centre = int(order[0])
+    a += [centre] * 20
+    b += rng.integers(0, n, 20).tolist()
+    clique = rng.integers(0, n, 8)
+    for i in range(8):
+        for j in range(i + 1, 8):
+            a.append(int(clique[i]))
+            b.append(int(clique[j]))
+    a += rng.integers(0, n, n // 2).tolist()
+    b += rng.integers(0, n, n // 2).tolist()
+    a, b = zip(*[(x, y) for x, y in zip(a, b, strict=True) if x != y], strict=True)
+    as_one = (rng.random(len(a)) < 0.15).tolist()
+    index = np.array([*a, *b], dtype=np.int32)
+    keeper_of, ties = star_keepers(index, np.array(as_one), rank)
+    want_keepers, want_ties = greedy_stars(n, list(a), list(b), as_one, rank.tolist())
+    assert keeper_of.tolist() == want_keepers
+    assert set(np.flatnonzero(ties).tolist()) == want_ties
 
 
 # --- stage on hand-made crawl shards ----------------------------------------------------------------
@@ -337,6 +411,37 @@ def test_dup_reason_is_the_members_relation_to_its_keeper(tmp_path):
     }
     by_reason = store.read_json(marker_path("dedup/_components", 0))["stats"]["by_reason"]
     assert by_reason == {"exact_bytes": 1, "exact_pixels": 2, "near": 4}  # the counts follow the relation
+
+
+def test_a_duplicate_matches_its_keeper_itself_unless_clusters_are_components(tmp_path):
+    """A~B~C with A and C 12 bits apart (over near_threshold 10): B is A's duplicate and C is kept,
+    as C is not a copy of A; `clusters: components` makes it one cluster. Images with identical
+    signatures count as one image: the reduce links r, k and s to the first of them only (a star),
+    and the keeper k, larger but not first, still takes both."""
+    base = -1234567890123456789
+    b = flip(base, list(range(6)))
+    sig = {"colour": picture(1), "phash": 4242424242}
+    rows = [
+        {"uid": "a", "phash": base, "colour": picture(1), "w": 300},
+        {"uid": "b", "phash": b, "colour": picture(1), "w": 200},
+        {"uid": "c", "phash": flip(b, list(range(20, 26))), "colour": picture(1)},
+        {"uid": "r", **sig},
+        {"uid": "k", **sig, "w": 300},
+        {"uid": "s", **sig},
+    ]
+    got = {}
+    for clusters in ("star", "components"):
+        out = dedup(store_with_shards(tmp_path, [rows[:2], rows[2:]], clusters), caption=False, clusters=clusters)
+        got[clusters] = {r["uid"]: (r["dup_of"], r["dup_reason"], r["cluster_size"]) for r in out.iter_rows(named=True)}
+    assert got["star"] == {
+        "a": (None, None, 2),
+        "b": ("a", "near", 2),
+        "c": (None, None, 1),
+        "r": ("k", "near", 3),
+        "k": (None, None, 3),
+        "s": ("k", "near", 3),
+    }
+    assert got["components"] == {**got["star"], "a": (None, None, 3), "b": ("a", "near", 3), "c": ("a", "near", 3)}
 
 
 def test_different_captions_can_be_kept(tmp_path):
