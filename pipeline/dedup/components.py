@@ -215,7 +215,26 @@ def keeper_ranks(nodes: np.ndarray, uid_halves: list[np.ndarray], area: np.ndarr
     return rank
 
 
-def star_keepers(index: np.ndarray, as_one: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def greedy_rest(u: np.ndarray, v: np.ndarray, best: np.ndarray, state: np.ndarray) -> None:
+    """star_keepers' rounds finished one group at a time, in rank order, over the open edges u -- v:
+    a group not removed yet is kept and removes its open neighbours. O(edges), in a Python loop
+    over the groups left: for components whose rounds would be many (a long chain of ever better
+    groups costs a round per two of them)."""
+    ends, other = np.concatenate([u, v]), np.concatenate([v, u])
+    order = np.argsort(ends, kind="stable")
+    ends, other = ends[order], other[order]
+    groups, starts = np.unique(ends, return_index=True)
+    stops = np.append(starts[1:], len(ends))
+    for i in np.argsort(best[groups]).tolist():
+        if state[groups[i]] == 0:
+            state[groups[i]] = 1
+            neighbours = other[starts[i] : stops[i]]
+            state[neighbours[state[neighbours] == 0]] = 2
+
+
+def star_keepers(
+    index: np.ndarray, as_one: np.ndarray, rank: np.ndarray, max_rounds: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
     """(keeper_of, ties): each node's keeper (a node index) and the edges that tie members to
     their keepers, for the edges index[:half] -- index[half:].
 
@@ -225,7 +244,7 @@ def star_keepers(index: np.ndarray, as_one: np.ndarray, rank: np.ndarray) -> tup
     group it has an edge to. So every duplicate matches its keeper itself: a chain A~B~C of
     distinct images keeps C when C does not match A. The same keepers as the one-at-a-time
     greedy, found in rounds: each round keeps the open groups with no better open neighbour and
-    removes their open neighbours (rounds grow with the longest chain of ever better groups)."""
+    removes their open neighbours; after `max_rounds`, greedy_rest finishes what is left."""
     n, half = len(rank), len(as_one)
     ea, eb = index[:half], index[half:]
     group = roots(np.concatenate([ea[as_one], eb[as_one]]), n)  # each node's group, by its smallest node
@@ -239,7 +258,9 @@ def star_keepers(index: np.ndarray, as_one: np.ndarray, rank: np.ndarray) -> tup
     u, v = u[between], v[between]
     state = np.zeros(n, dtype=np.int8)  # by group: 0 open, 1 kept, 2 removed
     open_u, open_v, blocked = u, v, np.zeros(n, dtype=bool)
-    while len(open_u):
+    for _ in range(max_rounds):
+        if not len(open_u):
+            break
         blocked[np.where(best[open_u] < best[open_v], open_v, open_u)] = True  # has a better open neighbour
         ends = np.concatenate([open_u, open_v])
         state[ends[~blocked[ends]]] = 1
@@ -248,6 +269,7 @@ def star_keepers(index: np.ndarray, as_one: np.ndarray, rank: np.ndarray) -> tup
         state[open_u[state[open_v] == 1]] = 2
         still = (state[open_u] == 0) & (state[open_v] == 0)
         open_u, open_v = open_u[still], open_v[still]
+    greedy_rest(open_u, open_v, best, state)
     owner = best.copy()  # by group: its keeper's rank (a kept group's own head)
     owner[state == 2] = n
     for member, kept in ((u, v), (v, u)):
