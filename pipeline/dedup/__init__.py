@@ -20,10 +20,11 @@ reduce compares the images of one centroid pairwise, SemDeDup-style):
    (shard << 32 | row), so no table of uids is written: later steps read them from the crawl.
 2. ``dedup/_reduce`` — per partition, with polars: rows sharing a key are
    candidates; pairs are confirmed (Hamming + colour fit for near) and become edges.
-3. ``dedup/_components`` — one task over the edges only (memory O(duplicates),
-   not O(N)): a pair's corner-window edges count where two corners matched;
-   connected components by union-find in numpy, so A~B~C is one cluster; one
-   keeper per cluster by a deterministic rule.
+3. the graph steps (``graph``) and ``dedup/_components``, per graph partition
+   (memory O(duplicates / partitions)): a pair's corner-window edges count where
+   two corners matched; connected components in rounds of map-reduce; per
+   component, keepers in a deterministic order, each duplicate matching its
+   keeper itself (``clusters: star``) or every component one cluster.
 4. ``dedup`` — per crawl shard: ``dedup/{shard}.parquet`` with ``uid, dup_of,
    dup_reason, cluster_size`` for every crawled image (dup_of null = kept).
 

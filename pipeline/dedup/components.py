@@ -2,8 +2,9 @@
 
 Per graph partition, over the edges and nodes of its components only (the graph
 steps, pipeline/dedup/graph.py, bring them together; memory O(duplicates / G)):
-union-find in numpy, so A~B~C is one cluster; the keeper by a deterministic rule;
-the cluster rows written to one file partitioned by crawl shard for the output step.
+keepers in a deterministic order, each duplicate matching its keeper itself (star_keepers; or
+each connected component one cluster, `clusters: components`), and each member's relation to
+its keeper, in numpy; the cluster rows written to one file partitioned by crawl shard for the output step.
 """
 
 from __future__ import annotations
