@@ -4,7 +4,7 @@ Input: N synthetic crawl rows (no images needed) in shards of 100k: random 64-bi
 pHashes and colour grids, and window signatures (images.WINDOWS: six windows, each a
 random pHash, colour grid and texture), with planted exact copies (same bytes) and
 planted near-duplicates (every window's pHash with the same 1-8 bits flipped, same
-colours). clipline runs its
+colours, a smaller resolution). clipline runs its
 four dedup steps on a local 2-CPU Ray; the peers run on the same rows:
 - exact: polars `group_by(sha256)` on the hex digests (what people write by hand on
   img2dataset output), rows/s; and the same on the integer `sha256_key` column that
@@ -120,7 +120,9 @@ def make_rows(n: int, work: Path, seed: int = 0) -> dict:
                 "colour_sig": [f"{v:015x}" * 3 + "000" for v in colour[s:e]],
                 "window_sig": window_sigs(phash[s:e], original[s:e], near_mask[s:e], rng),
                 "caption": [f"caption {i}" for i in range(s, e)],
-                "original_width": np.full(e - s, 256, dtype=np.int32),
+                # near copies smaller than their original, as the web's resized copies are: the original
+                # (or an exact copy of it) is the keeper, and with star clusters a copy joins it when it matches it
+                "original_width": np.where(near_mask[s:e] != 0, 200, 256).astype(np.int32),
                 "original_height": np.full(e - s, 256, dtype=np.int32),
             }
         )
