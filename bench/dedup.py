@@ -18,6 +18,7 @@ sides run --repeats times (default 3), interleaved, and report the median run.
 
     python bench/dedup.py --quick          # 1M rows
     python bench/dedup.py --rows 10000000
+    python bench/dedup.py --rows 10000000 --hold-radius-from 1000000 --clipline-only
 """
 
 from __future__ import annotations
@@ -137,7 +138,9 @@ def make_rows(n: int, work: Path, seed: int = 0) -> dict:
     }
 
 
-def side_clipline(work: Path, near_windows: int = 6, graph_images: int | None = None) -> dict:
+def side_clipline(
+    work: Path, near_windows: int = 6, graph_images: int | None = None, hold_from: int | None = None
+) -> dict:
     from pipeline.config import RunConfig
     from pipeline.dedup import COMPONENTS, STAGES, DedupConfig
     from pipeline.runner import run_pipeline
@@ -148,6 +151,7 @@ def side_clipline(work: Path, near_windows: int = 6, graph_images: int | None = 
     store = open_storage(work)
     started = time.perf_counter()
     settings = {"images_per_graph_partition": graph_images} if graph_images else {}
+    settings |= {"hold_radius_from": hold_from} if hold_from else {}
     run = RunConfig(out=str(work), dedup=DedupConfig(near_windows=near_windows, **settings))
     reports = run_pipeline(list(STAGES), store, run, progress=False)
     seconds = time.perf_counter() - started
@@ -164,6 +168,7 @@ def side_clipline(work: Path, near_windows: int = 6, graph_images: int | None = 
         "stage_seconds": {r.stage: round(r.seconds, 2) for r in reports},
         "task_peak_rss_mb": task_peak,
         "near_index": plan["near_index"],
+        "window_index": plan["window_index"],
         "partitions": plan["partitions"],
         "graph_partitions": plan["graph_partitions"],
         "component_rounds": len(rounds.ran) // plan["graph_partitions"],
@@ -248,6 +253,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--near-windows", type=int, default=6, help="dedup.near_windows (1: the whole image only)")
     parser.add_argument("--graph-images", type=int, default=None, help="dedup.images_per_graph_partition")
+    parser.add_argument("--hold-radius-from", type=int, default=None, help="dedup.hold_radius_from")
+    parser.add_argument(
+        "--clipline-only", action="store_true", help="no peers (no exact sides, no brute-force recall sample)"
+    )
     parser.add_argument(
         "--same-with-partitions",
         type=int,
@@ -265,7 +274,7 @@ def main() -> None:
             "near": side_near_peer,
         }[args.side]
         if args.side == "clipline":
-            print(json.dumps(fn(args.work, args.near_windows, args.graph_images)))
+            print(json.dumps(fn(args.work, args.near_windows, args.graph_images, args.hold_radius_from)))
         else:
             print(json.dumps(fn(args.work)))
         return
@@ -285,10 +294,10 @@ def main() -> None:
     # The exact sides take seconds, so this shared machine's noise (+-10%) moves them most:
     # each runs `repeats` times, interleaved, and reports its median run (with every time).
     runs: dict[str, list[dict]] = {side: [] for side in ("exact", "exact_int", "clipline_exact")}
-    for _ in range(args.repeats):
+    for _ in range(0 if args.clipline_only else args.repeats):
         for side, done in runs.items():
             done.append(run_subprocess(__file__, ["--side", side, "--work", str(work)]))
-    for side, done in runs.items():
+    for side, done in runs.items() if not args.clipline_only else []:
         results[side] = {
             **sorted(done, key=lambda r: r["seconds"])[len(done) // 2],
             "seconds_runs": [round(r["seconds"], 3) for r in done],
@@ -297,7 +306,10 @@ def main() -> None:
     clipline_args = ["--near-windows", str(args.near_windows)]
     if args.graph_images:
         clipline_args += ["--graph-images", str(args.graph_images)]
-    results["near"] = run_subprocess(__file__, ["--side", "near", "--work", str(work)])
+    if args.hold_radius_from:
+        clipline_args += ["--hold-radius-from", str(args.hold_radius_from)]
+    if not args.clipline_only:
+        results["near"] = run_subprocess(__file__, ["--side", "near", "--work", str(work)])
     results["clipline"] = run_subprocess(__file__, ["--side", "clipline", "--work", str(work), *clipline_args])
     same_with = None
     if args.same_with_partitions:  # the graph steps in G partitions: the same bytes as in the run above
@@ -323,8 +335,6 @@ def main() -> None:
     for row, (src, d) in truth["near"].items():
         by_distance.setdefault(d, []).append(int(cluster[row] == cluster[src]))
     recall = {d: round(sum(v) / len(v), 4) for d, v in sorted(by_distance.items())}
-    pairs = [(r, j) for r, js in results["near"]["neighbours"].items() for j in js]
-    sample_recall = sum(cluster[int(r)] == cluster[int(j)] for r, j in pairs) / max(1, len(pairs))
     clip = results["clipline"]
     summary = {
         "benchmark": "dedup",
@@ -337,44 +347,54 @@ def main() -> None:
             "near_threshold": 10,
             "colour_tolerance": 8,
             "near_windows": args.near_windows,
-            "exact_repeats": args.repeats,
+            "hold_radius_from": args.hold_radius_from,
+            "exact_repeats": 0 if args.clipline_only else args.repeats,
         },
         "clipline": {**clip, "rows_per_s": n / clip["seconds"]},
-        "clipline_exact_only": {**results["clipline_exact"], "rows_per_s": n / results["clipline_exact"]["seconds"]},
-        "exact_peer_polars_group_by": {**results["exact"], "rows_per_s": n / results["exact"]["seconds"]},
-        "exact_peer_polars_group_by_int_key": {
-            **results["exact_int"],
-            "rows_per_s": n / results["exact_int"]["seconds"],
-        },
         "clipline_other_partitions": results.get("clipline_partitions"),
         "outputs_identical_with_other_partitions": same_with,
-        "near_peer_brute_force": {k: v for k, v in results["near"].items() if k != "neighbours"},
         "near_recall_by_distance": recall,
-        "near_recall_vs_brute_force_sample": round(sample_recall, 4),
-        "ratio_exact_rows_per_s_vs_polars_group_by": round(
-            results["exact"]["seconds"] / results["clipline_exact"]["seconds"], 3
-        ),
-        "speedup_vs_brute_force": round(results["near"]["projected_seconds_all"] / clip["seconds"], 1),
     }
     print()
     print(
         f"clipline dedup (exact + near + caption): {n / clip['seconds']:,.0f} rows/s, peak RSS {clip['peak_rss_mb']} MB"
     )
-    print(
-        f"polars group-by (exact only):          {n / results['exact']['seconds']:,.0f} rows/s, "
-        f"peak RSS {results['exact']['peak_rss_mb']} MB"
-    )
-    print(
-        f"brute-force near (projected all rows): {results['near']['projected_seconds_all']:,.0f}s "
-        f"vs clipline {clip['seconds']:.0f}s = {summary['speedup_vs_brute_force']}x"
-    )
-    print(f"near index: {clip['near_index']}; recall by distance: {recall}; vs brute force sample: {sample_recall:.4f}")
+    if not args.clipline_only:
+        pairs = [(r, j) for r, js in results["near"]["neighbours"].items() for j in js]
+        sample_recall = sum(cluster[int(r)] == cluster[int(j)] for r, j in pairs) / max(1, len(pairs))
+        exact = results["exact"]
+        summary |= {
+            "clipline_exact_only": {
+                **results["clipline_exact"],
+                "rows_per_s": n / results["clipline_exact"]["seconds"],
+            },
+            "exact_peer_polars_group_by": {**exact, "rows_per_s": n / exact["seconds"]},
+            "exact_peer_polars_group_by_int_key": {
+                **results["exact_int"],
+                "rows_per_s": n / results["exact_int"]["seconds"],
+            },
+            "near_peer_brute_force": {k: v for k, v in results["near"].items() if k != "neighbours"},
+            "near_recall_vs_brute_force_sample": round(sample_recall, 4),
+            "ratio_exact_rows_per_s_vs_polars_group_by": round(
+                exact["seconds"] / results["clipline_exact"]["seconds"], 3
+            ),
+            "speedup_vs_brute_force": round(results["near"]["projected_seconds_all"] / clip["seconds"], 1),
+        }
+        rate = n / exact["seconds"]
+        print(f"polars group-by (exact only):          {rate:,.0f} rows/s, peak RSS {exact['peak_rss_mb']} MB")
+        print(
+            f"brute-force near (projected all rows): {results['near']['projected_seconds_all']:,.0f}s "
+            f"vs clipline {clip['seconds']:.0f}s = {summary['speedup_vs_brute_force']}x"
+        )
+        print(f"near recall vs brute force sample: {sample_recall:.4f}")
+    print(f"near index: {clip['near_index']}, windows: {clip['window_index']}; recall by distance: {recall}")
     print(f"per-task peak RSS by step (MB): {clip['task_peak_rss_mb']}")
     if same_with:
         print(f"outputs with {same_with['graph_partitions']} graph partitions identical: {same_with['identical']}")
     shutil.rmtree(work, ignore_errors=True)  # 8 GB at 10M rows
     shutil.rmtree(work.parent / (work.name + "-exact"), ignore_errors=True)
     suffix = "" if args.near_windows == 6 else f"-windows{args.near_windows}"
+    suffix += f"-held{args.hold_radius_from}" if args.hold_radius_from else ""
     out_path = REPO / "bench" / "results" / f"dedup-{n}{suffix}.json"
     out_path.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {out_path}")

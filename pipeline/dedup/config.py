@@ -80,8 +80,12 @@ class DedupConfig:
     semantic_batch_size: int = field(default=256, metadata={IDENTITY: False})  # images per forward pass
     pair_budget_per_image: int = 50  # candidate pairs the near index may cost, per image
     max_tables: int = 32  # emission budget of the near index, per image, for the whole image's pHash
+    # images at which the near index's guaranteed radius stops falling with N (null: it falls to keep
+    # pair_budget_per_image); past it, pairs per image grow with N, over more reduce partitions
+    hold_radius_from: int | None = None
     window_tables: int = 6  # the same for each of the 5 other windows (with near_windows: 6)
     rows_per_partition: int = field(default=1_000_000, metadata={IDENTITY: False})  # memory per reduce task
+    pairs_per_partition: int = field(default=20_000_000, metadata={IDENTITY: False})  # expected candidate pairs, too
     # memory per graph task (components rounds, keepers): the edges of about this many images
     images_per_graph_partition: int = field(default=1_000_000, metadata={IDENTITY: False})
 

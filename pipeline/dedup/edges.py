@@ -39,6 +39,7 @@ from pipeline.dedup.index import (
     caption_key,
     colour_residual,
     exact_key,
+    expected_pairs,
     image_rows,
     index_design,
     run_starts,
@@ -55,11 +56,13 @@ def plan_map(ctx: PlanContext) -> list[int]:
     config: DedupConfig = ctx.config
     shards = committed_shards(ctx.storage, "crawl")
     images = sum(int(ctx.storage.read_json(layout.marker("crawl", s))["stats"].get("success", 0)) for s in shards)
-    design = index_design(images, config.near_threshold, config.pair_budget_per_image, config.max_tables)
+    budget, hold = config.pair_budget_per_image, config.hold_radius_from
+    design = index_design(images, config.near_threshold, budget, config.max_tables, hold)
     windows = None
     if config.near_windows > 1:
-        windows = index_design(images, config.near_threshold, config.pair_budget_per_image, config.window_tables)
+        windows = index_design(images, config.near_threshold, budget, config.window_tables, hold)
     layout_ = window_layout({"near_index": design, "window_index": windows}, config.near_windows)
+    pairs = sum(expected_pairs(images, d) for _, d in layout_) if config.near else 0
     fuzzy = config.caption + (sum(d["tables"] for _, d in layout_) if config.near else 0)
     # Rows the map emits, one per image and kind turned on, in units of a 41-byte row (what
     # rows_per_partition was sized for): a fuzzy row carries a window's colours too, 74 bytes.
@@ -74,7 +77,9 @@ def plan_map(ctx: PlanContext) -> list[int]:
         "crawl_shards": shards,  # what every later step works on, whatever is committed since
         "near_index": design,  # the whole image's
         "window_index": windows,  # each other window's (images.WINDOWS), or None with near_windows: 1
-        "partitions": max(1, math.ceil(emitted / config.rows_per_partition)),
+        "partitions": max(
+            1, math.ceil(emitted / config.rows_per_partition), math.ceil(pairs / config.pairs_per_partition)
+        ),
         "graph_partitions": max(1, math.ceil(images / config.images_per_graph_partition)),
         "embedding_dim": dim,
     }

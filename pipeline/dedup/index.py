@@ -12,20 +12,39 @@ import pyarrow as pa
 from pipeline import schema
 
 
-def index_design(n: int, threshold: int, budget_per_image: int = 50, max_tables: int = 32) -> dict:
-    """The multi-index layout with the largest guaranteed radius whose expected pairs fit the budget."""
-    budget = max(1e6, budget_per_image * n)
-    best = {"blocks": 1, "match": 1, "tables": 1, "radius": 0}
+def expected_pairs(n: int, design: dict) -> float:
+    """Candidate pairs a design's tables give over n random hashes (pairs sharing a key)."""
+    key_bits = 64 * design["match"] / design["blocks"]
+    return design["tables"] * n * n / 2 ** (key_bits + 1)
+
+
+def _designs(threshold: int, max_tables: int):
     for m in range(1, 17):
         for match in range(1, m + 1):
             radius, tables = m - match, math.comb(m, match)
-            if radius > threshold or tables > max_tables:
-                continue
-            key_bits = 64 * match / m
-            pairs = tables * n * n / 2 ** (key_bits + 1)
-            better = (radius, -tables) > (best["radius"], -best["tables"])
-            if pairs <= budget and better:
-                best = {"blocks": m, "match": match, "tables": tables, "radius": radius}
+            if radius <= threshold and tables <= max_tables:
+                yield {"blocks": m, "match": match, "tables": tables, "radius": radius}
+
+
+def index_design(
+    n: int, threshold: int, budget_per_image: int = 50, max_tables: int = 32, hold_from: int | None = None
+) -> dict:
+    """The multi-index layout with the largest guaranteed radius whose expected pairs fit the budget.
+
+    With `hold_from`, the radius never falls below the one it has at that many images: past
+    it, the layout of that radius with the fewest expected pairs. Pairs per image then grow
+    with n (they are spread over more reduce partitions, edges.plan_map)."""
+    budget = max(1e6, budget_per_image * n)
+    best = {"blocks": 1, "match": 1, "tables": 1, "radius": 0}
+    for design in _designs(threshold, max_tables):
+        better = (design["radius"], -design["tables"]) > (best["radius"], -best["tables"])
+        if better and expected_pairs(n, design) <= budget:
+            best = design
+    if hold_from is not None and n > hold_from:
+        held = index_design(hold_from, threshold, budget_per_image, max_tables)["radius"]
+        if best["radius"] < held:
+            same = [d for d in _designs(threshold, max_tables) if d["radius"] == held]
+            best = min(same, key=lambda d: (expected_pairs(n, d), d["tables"]))
     return best
 
 

@@ -1,6 +1,7 @@
 """Dedup: the index guarantee, union-find, the edge rules, and the whole stage on the synthetic web."""
 
 import hashlib
+import math
 import random
 import shutil
 from dataclasses import replace
@@ -14,7 +15,8 @@ from pipeline import schema
 from pipeline.config import RunConfig
 from pipeline.dedup import EMBED_STAGE, STAGES, DedupConfig
 from pipeline.dedup.components import connected_components
-from pipeline.dedup.index import index_design, table_keys
+from pipeline.dedup.edges import window_layout
+from pipeline.dedup.index import expected_pairs, index_design, table_keys
 from pipeline.errors import ConfigError
 from pipeline.runner import run_pipeline
 from pipeline.stage import committed_shards, config_sha256, marker_path
@@ -45,6 +47,19 @@ def test_index_guarantees_recall_up_to_its_radius(n):
     for ka, kb in zip(a, b, strict=True):
         shared |= ka == kb
     assert shared.all()  # every pair within the radius meets in some table
+
+
+@pytest.mark.parametrize("n", [10_000_000, 100_000_000, 400_000_000])
+def test_a_held_radius_does_not_fall_with_n_and_its_pairs_grow_instead(n):
+    """Without hold_from the radius falls so that pairs per image stay at the budget; held from 1M it
+    stays at 1M's (5 for the whole image on 32 tables, 3 for a window on 6), and the pairs grow."""
+    for tables, radius in ((32, 5), (6, 3)):
+        assert index_design(1_000_000, 10, 50, tables)["radius"] == radius
+        free = index_design(n, 10, 50, tables)
+        held = index_design(n, 10, 50, tables, hold_from=1_000_000)
+        assert free["radius"] < radius == held["radius"] and held["tables"] <= tables
+        assert expected_pairs(n, free) <= 50 * n < expected_pairs(n, held)
+        assert index_design(999_999, 10, 50, tables, hold_from=1_000_000) == index_design(999_999, 10, 50, tables)
 
 
 def test_union_find_joins_chains_and_keeps_components_apart():
@@ -443,6 +458,33 @@ def test_a_duplicate_matches_its_keeper_itself_unless_clusters_are_components(tm
         "s": ("k", "near", 3),
     }
     assert got["components"] == {**got["star"], "a": (None, None, 3), "b": ("a", "near", 3), "c": ("a", "near", 3)}
+
+
+def test_a_held_radius_finds_a_copy_the_falling_one_misses_over_more_reduce_partitions(tmp_path):
+    """5,000 images: the radius the pair budget allows is 8 bits; held from 2,000 images it stays 10,
+    so a copy 10 bits away is found. Its pairs are spread over reduce partitions by
+    pairs_per_partition, with the same output as one partition."""
+    rng = random.Random(5)
+    rows = [{"uid": f"{i:032x}", "phash": rng.getrandbits(64) - (1 << 63), "colour": picture(i)} for i in range(5000)]
+    # 10 bits, one in each of the 9 blocks of the radius-8 layout (8 bits, then 7 each): no table shares a key
+    copy = flip(rows[0]["phash"], [0, 1, 8, 15, 22, 29, 36, 43, 50, 57])
+    rows[4999] = {**rows[4999], "phash": copy, "colour": picture(0), "w": 90}
+    shards = [rows[:2500], rows[2500:]]
+    store = store_with_shards(tmp_path, shards, "plain")
+    plain = dedup(store, caption=False)
+    assert store.read_json("dedup/_plan.json")["near_index"]["radius"] == 8
+    store = store_with_shards(tmp_path, shards, "held")
+    held = dedup(store, caption=False, hold_radius_from=2000)
+    plan = store.read_json("dedup/_plan.json")
+    assert plan["near_index"]["radius"] == 10 and plan["partitions"] == 1
+    assert plain.filter(pl.col("dup_of").is_not_null()).height == 0
+    found = held.filter(pl.col("dup_of").is_not_null()).select("uid", "dup_of").rows()
+    assert found == [(rows[4999]["uid"], rows[0]["uid"])]
+    store = store_with_shards(tmp_path, shards, "spread")
+    spread = dedup(store, caption=False, hold_radius_from=2000, pairs_per_partition=100_000)
+    pairs = sum(expected_pairs(5000, design) for _, design in window_layout(plan, 6))
+    assert store.read_json("dedup/_plan.json")["partitions"] == math.ceil(pairs / 100_000) > 1
+    assert spread.equals(held)
 
 
 def test_different_captions_can_be_kept(tmp_path):
