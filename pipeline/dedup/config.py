@@ -85,7 +85,8 @@ class DedupConfig:
     hold_radius_from: int | None = None
     window_tables: int = 6  # the same for each of the 5 other windows (with near_windows: 6)
     rows_per_partition: int = field(default=1_000_000, metadata={IDENTITY: False})  # memory per reduce task
-    pairs_per_partition: int = field(default=20_000_000, metadata={IDENTITY: False})  # expected candidate pairs, too
+    # candidate pairs a reduce task joins at once (memory): its groups go in batches of at most this many
+    pairs_per_batch: int = field(default=20_000_000, metadata={IDENTITY: False})
     # memory per graph task (components rounds, keepers): the edges of about this many images
     images_per_graph_partition: int = field(default=1_000_000, metadata={IDENTITY: False})
 

@@ -39,7 +39,6 @@ from pipeline.dedup.index import (
     caption_key,
     colour_residual,
     exact_key,
-    expected_pairs,
     image_rows,
     index_design,
     run_starts,
@@ -62,7 +61,6 @@ def plan_map(ctx: PlanContext) -> list[int]:
     if config.near_windows > 1:
         windows = index_design(images, config.near_threshold, budget, config.window_tables, hold)
     layout_ = window_layout({"near_index": design, "window_index": windows}, config.near_windows)
-    pairs = sum(expected_pairs(images, d) for _, d in layout_) if config.near else 0
     fuzzy = config.caption + (sum(d["tables"] for _, d in layout_) if config.near else 0)
     # Rows the map emits, one per image and kind turned on, in units of a 41-byte row (what
     # rows_per_partition was sized for): a fuzzy row carries a window's colours too, 74 bytes.
@@ -77,9 +75,7 @@ def plan_map(ctx: PlanContext) -> list[int]:
         "crawl_shards": shards,  # what every later step works on, whatever is committed since
         "near_index": design,  # the whole image's
         "window_index": windows,  # each other window's (images.WINDOWS), or None with near_windows: 1
-        "partitions": max(
-            1, math.ceil(emitted / config.rows_per_partition), math.ceil(pairs / config.pairs_per_partition)
-        ),
+        "partitions": max(1, math.ceil(emitted / config.rows_per_partition)),
         "graph_partitions": max(1, math.ceil(images / config.images_per_graph_partition)),
         "embedding_dim": dim,
     }
@@ -250,6 +246,20 @@ def grids_of(frame: pl.DataFrame, suffix: str = "") -> np.ndarray:
     return np.ascontiguousarray(packed).view(np.uint8).reshape(-1, 16, 3)
 
 
+def pair_batches(rows: pl.DataFrame, pairs_per_batch: int) -> list[pl.DataFrame]:
+    """`rows` in batches of whole groups (by the running count of candidate pairs, so a batch holds
+    under `pairs_per_batch` of them plus its last group's): a reduce task's join memory stays
+    bounded however many pairs its partition holds (with hold_radius_from they grow as N² while
+    rows grow as N)."""
+    sizes = rows.group_by("group").len().sort("group")
+    pairs = sizes["len"].cast(pl.Int64)
+    pairs = pairs * (pairs - 1) // 2
+    if pairs.sum() <= pairs_per_batch:
+        return [rows]
+    batch = sizes.select("group", batch=(pairs.cum_sum() - pairs) // pairs_per_batch)  # by the pairs before it
+    return [part.drop("batch") for part in rows.join(batch, on="group").partition_by("batch")]
+
+
 def fuzzy_edges(frame: pl.DataFrame, config: DedupConfig, plan: dict) -> pl.DataFrame:
     """Confirmed near / caption edges among rows of one kind sharing a key.
 
@@ -292,9 +302,15 @@ def fuzzy_edges(frame: pl.DataFrame, config: DedupConfig, plan: dict) -> pl.Data
     reps = frame.filter(pl.col("gid") == pl.col("rep"))
     # Candidate pairs are joined narrow (most fail the Hamming test); the survivors get their signatures.
     narrow = reps.select([*group, "kind", "gid", "phash"])
-    pairs = narrow.join(narrow, on=group, suffix="_b").filter(pl.col("gid") < pl.col("gid_b"))
     limit = pl.when(caption).then(config.caption_threshold).otherwise(config.near_threshold)
-    pairs = pairs.filter((pl.col("phash") ^ pl.col("phash_b")).bitwise_count_ones() <= limit)
+    pairs = pl.concat(
+        [
+            batch.join(batch, on=group, suffix="_b")
+            .filter(pl.col("gid") < pl.col("gid_b"))
+            .filter((pl.col("phash") ^ pl.col("phash_b")).bitwise_count_ones() <= limit)
+            for batch in pair_batches(narrow, config.pairs_per_batch)
+        ]
+    )
     signatures = reps.select(["gid", *signature[1:]]).unique("gid")
     pairs = pairs.join(signatures, on="gid").join(signatures, left_on="gid_b", right_on="gid", suffix="_b")
     if config.keep_different_captions:

@@ -1,7 +1,6 @@
 """Dedup: the index guarantee, union-find, the edge rules, and the whole stage on the synthetic web."""
 
 import hashlib
-import math
 import random
 import shutil
 from dataclasses import replace
@@ -15,7 +14,6 @@ from pipeline import schema
 from pipeline.config import RunConfig
 from pipeline.dedup import EMBED_STAGE, STAGES, DedupConfig
 from pipeline.dedup.components import connected_components
-from pipeline.dedup.edges import window_layout
 from pipeline.dedup.index import expected_pairs, index_design, table_keys
 from pipeline.errors import ConfigError
 from pipeline.runner import run_pipeline
@@ -460,10 +458,10 @@ def test_a_duplicate_matches_its_keeper_itself_unless_clusters_are_components(tm
     assert got["components"] == {**got["star"], "a": (None, None, 3), "b": ("a", "near", 3), "c": ("a", "near", 3)}
 
 
-def test_a_held_radius_finds_a_copy_the_falling_one_misses_over_more_reduce_partitions(tmp_path):
+def test_a_held_radius_finds_a_copy_the_falling_one_misses_in_batches_of_pairs(tmp_path):
     """5,000 images: the radius the pair budget allows is 8 bits; held from 2,000 images it stays 10,
-    so a copy 10 bits away is found. Its pairs are spread over reduce partitions by
-    pairs_per_partition, with the same output as one partition."""
+    so a copy 10 bits away is found. A reduce task joins its candidate pairs in batches of
+    pairs_per_batch, with the same output as all at once."""
     rng = random.Random(5)
     rows = [{"uid": f"{i:032x}", "phash": rng.getrandbits(64) - (1 << 63), "colour": picture(i)} for i in range(5000)]
     # 10 bits, one in each of the 9 blocks of the radius-8 layout (8 bits, then 7 each): no table shares a key
@@ -481,10 +479,28 @@ def test_a_held_radius_finds_a_copy_the_falling_one_misses_over_more_reduce_part
     found = held.filter(pl.col("dup_of").is_not_null()).select("uid", "dup_of").rows()
     assert found == [(rows[4999]["uid"], rows[0]["uid"])]
     store = store_with_shards(tmp_path, shards, "spread")
-    spread = dedup(store, caption=False, hold_radius_from=2000, pairs_per_partition=100_000)
-    pairs = sum(expected_pairs(5000, design) for _, design in window_layout(plan, 6))
-    assert store.read_json("dedup/_plan.json")["partitions"] == math.ceil(pairs / 100_000) > 1
+    spread = dedup(store, caption=False, hold_radius_from=2000, pairs_per_batch=20_000)
     assert spread.equals(held)
+
+
+def test_pair_batches_keep_groups_whole_and_pairs_bounded():
+    from pipeline.dedup.edges import pair_batches
+
+    rng = np.random.default_rng(2)
+    group = np.repeat(rng.permutation(3000), rng.integers(1, 40, 3000))
+    rows = pl.DataFrame({"group": group, "gid": np.arange(len(group))})
+    assert pair_batches(rows, 10**9) == [rows]
+    batches = pair_batches(rows, 5000)
+    assert len(batches) > 20
+    assert sorted(pl.concat(batches)["gid"].to_list()) == list(range(len(group)))
+    seen = set()
+    for batch in batches:
+        groups = set(batch["group"].unique().to_list())
+        assert not groups & seen  # a group is in one batch, whole
+        seen |= groups
+        sizes = batch.group_by("group").len()["len"].to_numpy()
+        pairs = sizes * (sizes - 1) // 2
+        assert pairs.sum() - pairs.max() < 5000  # under the budget but for one group
 
 
 def test_different_captions_can_be_kept(tmp_path):
