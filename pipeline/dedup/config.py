@@ -81,7 +81,7 @@ class DedupConfig:
     pair_budget_per_image: int = 50  # candidate pairs the near index may cost, per image
     max_tables: int = 32  # emission budget of the near index, per image, for the whole image's pHash
     # images at which the near index's guaranteed radius stops falling with N (null: it falls to keep
-    # pair_budget_per_image); past it, pairs per image grow with N, over more reduce partitions
+    # pair_budget_per_image); past it, pairs per image grow with N (the reduce joins them in batches)
     hold_radius_from: int | None = None
     window_tables: int = 6  # the same for each of the 5 other windows (with near_windows: 6)
     rows_per_partition: int = field(default=1_000_000, metadata={IDENTITY: False})  # memory per reduce task

@@ -249,8 +249,8 @@ def grids_of(frame: pl.DataFrame, suffix: str = "") -> np.ndarray:
 def pair_batches(rows: pl.DataFrame, pairs_per_batch: int) -> list[pl.DataFrame]:
     """`rows` in batches of whole groups (by the running count of candidate pairs, so a batch holds
     under `pairs_per_batch` of them plus its last group's): a reduce task's join memory stays
-    bounded however many pairs its partition holds (with hold_radius_from they grow as N² while
-    rows grow as N)."""
+    bounded however many pairs its partition holds (with hold_radius_from, a partition's pairs
+    grow with N while its rows do not)."""
     sizes = rows.group_by("group").len().sort("group")
     pairs = sizes["len"].cast(pl.Int64)
     pairs = pairs * (pairs - 1) // 2

@@ -33,7 +33,7 @@ def index_design(
 
     With `hold_from`, the radius never falls below the one it has at that many images: past
     it, the layout of that radius with the fewest expected pairs. Pairs per image then grow
-    with n (they are spread over more reduce partitions, edges.plan_map)."""
+    with n (a reduce task joins them in batches, edges.pair_batches)."""
     budget = max(1e6, budget_per_image * n)
     best = {"blocks": 1, "match": 1, "tables": 1, "radius": 0}
     for design in _designs(threshold, max_tables):
