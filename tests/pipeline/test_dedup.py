@@ -605,6 +605,27 @@ def test_spherical_kmeans_finds_planted_clusters_and_is_deterministic():
     assert len(pairs) == 4 and len({a for _, a in pairs}) == 4  # each planted cluster is exactly one centroid's
 
 
+def test_balance_splits_large_clusters_and_leaves_copies_and_small_ones_whole():
+    from pipeline.dedup.semantic import balance, nearest, spherical_kmeans
+
+    rng = np.random.default_rng(4)
+    centres = unit(rng.normal(size=(4, 16)))
+    truth = np.repeat(np.arange(4), [40, 40, 40, 400])
+    x = unit(centres[truth] + rng.normal(scale=0.05, size=(len(truth), 16))).astype(np.float32)
+    copies = np.repeat(unit(rng.normal(size=(1, 16))), 150, axis=0).astype(np.float32)  # one image, 150 times
+    x = np.concatenate([x, copies])
+    centroids = spherical_kmeans(x, 5, iterations=20)
+    assert np.bincount(nearest(x, centroids)).max() == 400
+    balanced = balance(x, centroids, most=100, iterations=20)
+    assert np.array_equal(balanced, balance(x, centroids, most=100, iterations=20))
+    sizes = np.bincount(nearest(x, balanced))
+    assert sorted(sizes.tolist())[-1] == 150  # the copies, which cannot split
+    assert (np.sort(sizes)[:-1] <= 100).all() and sizes.sum() == len(x) and len(balanced) > 5
+    for c in range(3):  # the small planted clusters keep their centroid
+        mine = nearest(x[: len(truth)][truth == c], centroids)[0]
+        assert any(np.array_equal(centroids[mine], b) for b in balanced)
+
+
 # --- on the synthetic web ----------------------------------------------------------------------
 
 
@@ -796,7 +817,9 @@ def test_semantic_dedup_on_the_synthetic_web(crawled_web, checkpoint, tmp_path):
     split_store = copy_of(crawled_web[0], tmp_path, "split")
     split = dedup(split_store, semantic_threshold=threshold, semantic_cluster_size=60, **semantic)
     marker = split_store.read_json(marker_path("dedup/_centroids", 0))
-    assert marker["stats"]["clusters"] == -(-len(uid) // 60)
+    k = -(-len(uid) // 60)
+    largest = marker["stats"]["largest_cluster_in_sample"]  # balanced: none over twice the mean of k-means' k
+    assert marker["stats"]["clusters"] >= k and largest["balanced"] <= 2 * len(uid) / k + 1 < largest["k_means"]
     got = clusters_of(split)
     assert all(any(g <= e for e in expected) for g in got)
     found = sum(len(g) - 1 for g in got) / sum(len(g) - 1 for g in expected)
