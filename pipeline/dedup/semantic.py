@@ -131,15 +131,16 @@ def spherical_kmeans(x: np.ndarray, k: int, iterations: int, seed: int = 0, devi
     return centroids
 
 
-def balance(x: np.ndarray, centroids: np.ndarray, most: int, iterations: int, device: str = "cpu") -> np.ndarray:
-    """Centroids whose clusters hold at most `most` rows of x (as SemDeDup balances its k-means):
-    a larger cluster is replaced by a k-means of its own rows into clusters of about most / 2,
-    for up to 4 passes. A cluster of rows too alike to split (copies of one image) stays whole.
-    The reduce compares a cluster's images pairwise, so its cost follows the largest cluster."""
+def balance(
+    x: np.ndarray, centroids: np.ndarray, assign: np.ndarray, most: int, iterations: int, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(centroids, assign): centroids whose clusters hold at most `most` rows of x (as SemDeDup
+    balances its k-means), and each row's nearest of them, from `assign`, each row's nearest of
+    `centroids`. A larger cluster is replaced by a k-means of its own rows into clusters of about
+    most / 2, for up to 4 passes. A cluster of rows too alike to split (copies of one image) stays
+    whole. The reduce compares a cluster's images pairwise, so its cost follows the largest cluster."""
     for _ in range(4):
-        assign = nearest(x, centroids, device)
-        sizes = np.bincount(assign, minlength=len(centroids))
-        large = np.flatnonzero(sizes > most)
+        large = np.flatnonzero(np.bincount(assign, minlength=len(centroids)) > most)
         if not len(large):
             break
         parts = [np.delete(centroids, large, axis=0)]
@@ -147,11 +148,12 @@ def balance(x: np.ndarray, centroids: np.ndarray, most: int, iterations: int, de
             rows = x[assign == c]
             parts.append(spherical_kmeans(rows, math.ceil(2 * len(rows) / most), iterations, seed=c, device=device))
         split = np.concatenate(parts)
-        split = split[np.unique(nearest(x, split, device))]  # none that no row is nearest to (copies do not split)
-        if len(split) <= len(centroids):
+        nearest_split = nearest(x, split, device)
+        used = np.unique(nearest_split)  # none that no row is nearest to (copies do not split)
+        if len(used) <= len(centroids):
             break
-        centroids = split
-    return centroids
+        centroids, assign = split[used], np.searchsorted(used, nearest_split)
+    return centroids, assign
 
 
 def plan_centroids(ctx: PlanContext) -> list[int]:
@@ -181,10 +183,10 @@ def run_centroids(ctx: ShardContext) -> dict:
     k = max(1, min(len(x), math.ceil(total / config.semantic_cluster_size)))
     device = pick_device(config.semantic_device)
     centroids = spherical_kmeans(x, k, config.semantic_iterations, device=device)
-    largest = int(np.bincount(nearest(x, centroids, device)).max())
-    most = max(2, math.ceil(2 * len(x) / k))  # twice the mean cluster, in the sample
-    centroids = balance(x, centroids, most, config.semantic_iterations, device)
     assign = nearest(x, centroids, device)
+    largest = int(np.bincount(assign).max())
+    most = max(2, math.ceil(2 * len(x) / k))  # twice the mean cluster, in the sample
+    centroids, assign = balance(x, centroids, assign, most, config.semantic_iterations, device)
     fit = float((x * centroids[assign]).sum(axis=1).mean())
     ctx.write_table(CENTROIDS + ".parquet", pa.table({"centroid": vector_array(centroids)}), work=True)
     return {

@@ -616,9 +616,10 @@ def test_balance_splits_large_clusters_and_leaves_copies_and_small_ones_whole():
     x = np.concatenate([x, copies])
     centroids = spherical_kmeans(x, 5, iterations=20)
     assert np.bincount(nearest(x, centroids)).max() == 400
-    balanced = balance(x, centroids, most=100, iterations=20)
-    assert np.array_equal(balanced, balance(x, centroids, most=100, iterations=20))
-    sizes = np.bincount(nearest(x, balanced))
+    balanced, assign = balance(x, centroids, nearest(x, centroids), most=100, iterations=20)
+    assert np.array_equal(balanced, balance(x, centroids, nearest(x, centroids), most=100, iterations=20)[0])
+    assert np.array_equal(assign, nearest(x, balanced))
+    sizes = np.bincount(assign)
     assert sorted(sizes.tolist())[-1] == 150  # the copies, which cannot split
     assert (np.sort(sizes)[:-1] <= 100).all() and sizes.sum() == len(x) and len(balanced) > 5
     for c in range(3):  # the small planted clusters keep their centroid
