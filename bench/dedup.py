@@ -293,11 +293,12 @@ def main() -> None:
     results = {}
     # The exact sides take seconds, so this shared machine's noise (+-10%) moves them most:
     # each runs `repeats` times, interleaved, and reports its median run (with every time).
-    runs: dict[str, list[dict]] = {side: [] for side in ("exact", "exact_int", "clipline_exact")}
-    for _ in range(0 if args.clipline_only else args.repeats):
+    sides = () if args.clipline_only else ("exact", "exact_int", "clipline_exact")
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for _ in range(args.repeats):
         for side, done in runs.items():
             done.append(run_subprocess(__file__, ["--side", side, "--work", str(work)]))
-    for side, done in runs.items() if not args.clipline_only else []:
+    for side, done in runs.items():
         results[side] = {
             **sorted(done, key=lambda r: r["seconds"])[len(done) // 2],
             "seconds_runs": [round(r["seconds"], 3) for r in done],

@@ -385,15 +385,16 @@ def closure(same: np.ndarray) -> np.ndarray:
 
 
 def stars(same: np.ndarray, area: np.ndarray) -> np.ndarray:
-    """The clusters of dedup's `clusters: star` over a pairwise matrix: images in keeper order (the
-    largest area, then the lowest index, as the stage's uids are); each one not yet taken is kept
-    and takes every image it matches that is not taken yet."""
-    owner = np.full(len(same), -1)
-    for i in np.lexsort((np.arange(len(same)), -area)):
-        if owner[i] < 0:
-            owner[i] = i
-            owner[np.flatnonzero(same[i] & (owner < 0))] = i
-    return owner[:, None] == owner[None, :]
+    """The clusters dedup's `clusters: star` makes of a pairwise matrix (the stage's own
+    star_keepers), with keepers in its order: the largest area, then the lowest index (as the
+    stage's uids are)."""
+    from pipeline.dedup.components import keeper_ranks, star_keepers
+
+    a, b = np.nonzero(np.triu(same, 1))
+    index = np.concatenate([a, b]).astype(np.int32)
+    order = np.arange(len(same), dtype=np.int64)
+    keeper, _ = star_keepers(index, np.zeros(len(a), dtype=bool), keeper_ranks(order, [order.astype(np.uint64)], area))
+    return keeper[:, None] == keeper[None, :]
 
 
 def main() -> None:
