@@ -65,6 +65,10 @@ class CrawlConfig:
     # img2dataset's modes; no = keep the decoded size
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
     resize_only_if_bigger: bool = False  # never upscale smaller images
+    # img2dataset's interpolations and defaults: area when shrinking (Pillow's antialiased bilinear, the
+    # closest of its filters to OpenCV's INTER_AREA), lanczos when growing
+    downscale_interpolation: Literal["area", "nearest", "linear", "cubic", "lanczos"] = "area"
+    upscale_interpolation: Literal["lanczos", "nearest", "linear", "cubic", "area"] = "lanczos"
     encode_format: Literal["jpg", "png", "webp"] = "jpg"  # format of the stored images
     encode_quality: int = 95  # JPEG/WebP quality
     min_image_size: int = 0  # refuse images whose smaller side is below this (image_too_small)
@@ -104,6 +108,8 @@ class CrawlConfig:
             image_size=self.image_size,
             resize_mode=self.resize_mode,
             resize_only_if_bigger=self.resize_only_if_bigger,
+            downscale_interpolation=self.downscale_interpolation,
+            upscale_interpolation=self.upscale_interpolation,
             encode_format=self.encode_format,
             encode_quality=self.encode_quality,
             min_image_size=self.min_image_size,
