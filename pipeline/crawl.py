@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import heapq
-import itertools
 import json
 import logging
 import random
@@ -163,7 +162,7 @@ class HostScheduler:
         limit: int,
         rps: float,
         leases=None,
-        max_leased: int = 256,
+        want_slots: int = 64,
         holder: str | None = None,
     ):
         self.limit, self.interval = max(1, limit), 1.0 / rps if rps > 0 else 0.0
@@ -177,7 +176,11 @@ class HostScheduler:
         self.pending = len(items)
         self.seq = 0
         self.cond = threading.Condition()
-        self.leases, self.max_leased = leases, max_leased  # hosts held at once: enough to keep the threads busy
+        # Leased work to keep at hand: requests startable at once over the hosts held (each host's queue
+        # and in flight, up to its limit). Counted in requests, not hosts: with a few URLs a host, a cap
+        # on hosts left the threads idle between handovers (a 1,000-URL shard over 64 hosts took 6.7 s
+        # against 4.8 s without leases).
+        self.leases, self.want_slots = leases, want_slots
         self.leased: set[str] = set()  # hosts whose lease this task holds (with leases)
         self.waiting: dict[str, None] = {}  # hosts with work and no lease yet, in order
         self.draining: set[str] = set()  # leased hosts being handed back: no new starts
@@ -190,6 +193,7 @@ class HostScheduler:
             self.holder = holder or uuid.uuid4().hex
             self.waiting = dict.fromkeys(random.Random(self.holder).sample(list(self.queues), len(self.queues)))
             self.finished = threading.Event()
+            self.wake = threading.Event()  # a host was handed back: ask for more at once, not at the next poll
             self.lease_thread = threading.Thread(target=self._lease_loop, name="crawl-leases", daemon=True)
             self.lease_thread.start()
 
@@ -250,6 +254,20 @@ class HostScheduler:
             self.leases.release(self.holder, host, self._wall(self.not_before.get(host, 0.0)))
             if self.queues[host]:
                 self.waiting[host] = None
+            self.wake.set()
+
+    def _to_ask(self) -> list[str]:
+        """Waiting hosts to ask for now: enough to bring the leased work up to `want_slots` requests."""
+        gap = self.want_slots - sum(
+            min(self.limit, len(self.queues[h]) + self.active[h]) for h in self.leased if h not in self.draining
+        )
+        ask = []
+        for host in self.waiting:
+            if gap <= 0 or len(ask) == self.LEASE_BATCH:
+                break
+            ask.append(host)
+            gap -= min(self.limit, len(self.queues[host]))
+        return ask
 
     def _unheap(self, host: str) -> None:
         if host in self.in_heap:  # drop its entry (a backoff re-keys it; a lost lease parks it)
@@ -278,9 +296,9 @@ class HostScheduler:
     def _lease_rounds(self) -> None:
         renewed = time.monotonic()
         while not self.finished.is_set():
+            self.wake.clear()  # a hand-back from here on wakes the next wait
             with self.cond:
-                room = min(self.LEASE_BATCH, self.max_leased - len(self.leased))
-                ask = list(itertools.islice(self.waiting, max(0, room)))
+                ask = self._to_ask()
             granted = self.leases.acquire(self.holder, ask) if ask else {}
             lost, give_back = [], []
             if time.monotonic() - renewed > min(1.0, self.leases.ttl_s / 6):
@@ -310,12 +328,14 @@ class HostScheduler:
                         self._unheap(host)
                         self._hand_back(host)
                 self.cond.notify_all()
-            self.finished.wait(0 if len(granted) == len(ask) > 0 else self.LEASE_POLL_S)
+            if not (len(granted) == len(ask) > 0):  # all asked for was granted: ask again at once
+                self.wake.wait(self.LEASE_POLL_S)
 
     def close(self) -> None:
         """Stop asking for leases and give back any still held (all of them at the end of a crawl)."""
         if hasattr(self, "lease_thread"):
             self.finished.set()
+            self.wake.set()
             self.lease_thread.join()
         if self.leases is not None:
             try:
@@ -456,7 +476,7 @@ def crawl_rows(
         config.per_host_concurrency,
         config.per_host_rps,
         leases,
-        max_leased=2 * -(-config.threads // max(1, config.per_host_concurrency)),
+        want_slots=2 * max(1, config.threads),
         holder=holder,
     )
 

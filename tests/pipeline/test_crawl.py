@@ -357,6 +357,44 @@ def test_a_lease_actor_that_fails_leaves_the_task_its_own_limits_never_a_hung_cr
     assert sorted(done) == list(range(9))
 
 
+def test_a_task_leases_enough_one_url_hosts_to_keep_its_threads_busy():
+    """On the web most hosts have a URL or two in a shard: the scheduler asks for hosts until the work
+    they hold fills `want_slots` requests, not for a fixed number of hosts (16 such hosts kept 32
+    threads half idle)."""
+
+    class Recording:
+        ttl_s = 20.0
+
+        def __init__(self):
+            self.asked: list[list[str]] = []
+
+        def acquire(self, holder, hosts):
+            self.asked.append(list(hosts))
+            return dict.fromkeys(hosts, 0.0)
+
+        def renew(self, holder, hosts):
+            return [], []
+
+        def release(self, holder, host, not_before):
+            pass
+
+        def finish(self, holder):
+            pass
+
+    leases = Recording()
+    items = [(i, f"h{i // 3}") for i in range(30)] + [(30 + i, f"one{i}") for i in range(200)]
+    scheduler = HostScheduler(items, 4, 0.0, leases, want_slots=64)
+    deadline = time.time() + 5
+    while not leases.asked and time.time() < deadline:
+        time.sleep(0.01)
+    scheduler.close()
+    urls = Counter(host for _, host in items)
+    first = leases.asked[0]
+    work = [min(4, urls[host]) for host in first]  # requests each host asked for can start at once
+    assert sum(work) >= 64 and sum(work[:-1]) < 64  # just enough: no host more than it takes
+    assert len(first) > 16
+
+
 def test_host_leases_share_a_few_hosts_fairly_between_tasks():
     from pipeline.hostlease import HostLeases
 
