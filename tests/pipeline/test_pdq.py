@@ -37,6 +37,34 @@ def test_hash_and_quality_equal_the_reference_on_real_photos(path):
         assert pdq.pdq(np.ascontiguousarray(arr)) == reference(arr)
 
 
+def box_passes_then_samples(grey: np.ndarray) -> np.ndarray:
+    """The reference's blur and sampling as its hashing document states them, one axis at a time:
+    two passes of a centred box of w = ceil(side / 128) (mean of in[o - (w - half) : o + half],
+    clipped, half = (w + 2) // 2), then the 64 samples at the cell centres."""
+    out = grey.astype(np.float64)
+    for axis in (0, 1):
+        a = np.moveaxis(out, axis, 0)
+        n = len(a)
+        w = (n + 127) // 128
+        half = (w + 2) // 2
+        for _ in range(2 if w > 1 else 0):
+            total = np.concatenate([np.zeros((1,) + a.shape[1:]), np.cumsum(a, axis=0)])
+            lo = np.maximum(np.arange(n) - (w - half), 0)
+            hi = np.minimum(np.arange(n) + half, n)
+            a = (total[hi] - total[lo]) / (hi - lo)[:, None]
+        a = a[((np.arange(64) + 0.5) * n / 64).astype(np.int64)]
+        out = np.moveaxis(a, 0, axis)
+    return out
+
+
+def test_the_banded_blur_and_sampling_equal_the_two_box_passes_at_every_size():
+    rng = np.random.default_rng(7)
+    sides = [64, 100, 127, 128, 129, 255, 256, 257, 300, 383, 384, 385, 511, 640, 1000, 1023, 1600, 2048, 3001]
+    for rows, cols in zip(sides, rng.permutation(sides), strict=True):
+        grey = rng.uniform(0, 255, (rows, cols)).astype(np.float32)
+        np.testing.assert_allclose(pdq._sample(grey), box_passes_then_samples(grey), rtol=0, atol=2e-3)
+
+
 def test_big_images_are_reduced_first_and_stay_well_within_the_match_distance():
     for path in PHOTOS:
         rgb = np.asarray(Image.open(path).convert("RGB").resize((1600, 1066), Image.Resampling.BICUBIC))
