@@ -220,7 +220,7 @@ def area_mean(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def test_interpolations_follow_img2dataset():
     """Shrinking follows img2dataset's default "area" (OpenCV's INTER_AREA) with Pillow's bilinear: half
-    as far from the exact area mean as Pillow's BOX (whole pixels in or out), as close as bicubic. Growing
+    as far from the exact area mean as Pillow's BOX (whole pixels in or out), about as close as bicubic. Growing
     uses lanczos by default; both are settings with img2dataset's names."""
     img = Image.open(REPO / "tests/data/photos/sunset.jpg").convert("RGB")
     area = resize(img, ImagePolicy(image_size=256, resize_mode="keep_ratio"))
