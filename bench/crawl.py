@@ -22,11 +22,14 @@ side's process tree for peak RSS. Prints a table and writes bench/results/crawl.
     python bench/crawl.py --quick        # ~1,500 images, under a minute
     python bench/crawl.py                # 12,000 images, 3 rounds
     python bench/crawl.py --photos       # 1,200 real photographs, 320-1,600 px, JPEG q85, to 256 px
+    python bench/crawl.py --photos --images 4800   # every core busy to the end, as at scale
 
 --photos serves web-sized real photographs instead of the synthetic images: crops of the
 photographs in Debian's wallpaper packages (bench/dedup_quality.py fetches them), each at a
 random longest side of 320-1,600 px, JPEG q85, the same bytes for both sides. Results go to
-bench/results/crawl-photos.json.
+bench/results/crawl-photos.json (crawl-photos-N.json for another --images N). With 1,200 photos in
+shards of 1,000, each side ends on its big shard alone; 4,800 keep both processes busy, which is
+the steady state of a large crawl.
 """
 
 from __future__ import annotations
@@ -274,6 +277,7 @@ def main() -> None:
     cpu = summary["cpu_ms_per_image"]
     print(f"CPU-ms an image (median): clipline {cpu['clipline']}, img2dataset {cpu['img2dataset']}")
     name = ("crawl-photos" if args.photos else "crawl") + ("-leases" if args.leases else "")
+    name += f"-{images}" if args.photos and images != 1200 else ""  # e.g. crawl-photos-4800.json
     out = REPO / "bench" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1) + "\n")
