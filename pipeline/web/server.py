@@ -87,11 +87,23 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 - http.server's naming
         path = self.path.split("?", 1)[0]
         n = self.web.log.enter(self.site, path, self.headers.get("User-Agent", ""))
+        self._in_flight = True
         try:
             self._route(path, n)
         except (OSError, ValueError):
             pass  # the client gave up (as the crawler is meant to on faults), or we reset the connection
         finally:
+            self._answered()
+
+    def _answered(self) -> None:
+        """The request leaves the in-flight count once, before its last bytes go out.
+
+        Counting it out after the write would race the client: it may read the whole response and
+        send its next request before this thread runs again, and two requests that never
+        overlapped for the client would count as two in flight.
+        """
+        if self._in_flight:
+            self._in_flight = False
             self.web.log.leave(self.site)
 
     # --- helpers
@@ -101,6 +113,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for k, v in headers:
             self.send_header(k, v)
+        self._answered()
         self.end_headers()
         self.wfile.write(body)
 
