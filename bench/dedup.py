@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 from bench.common import machine, run_subprocess, start_ray_warm  # noqa: E402
 
 SHARD_ROWS = 100_000
+CPUS = 2  # the local Ray's CPUs (--cpus)
 EXACT, NEAR = 0.10, 0.10
 
 
@@ -132,10 +133,47 @@ def make_rows(n: int, work: Path, seed: int = 0) -> dict:
         store.write_json(marker_path("crawl", shard), {"stats": {"success": e - s}, "config_sha256": "bench"})
     near_rows = np.nonzero(near)[0]
     return {
-        "near": {int(i): (int(source[i]), int(flips[i])) for i in near_rows},
+        # arrays, not a dict of tuples: 10M planted pairs at 100M rows
+        "near": {"row": near_rows, "source": source[near_rows], "bits": flips[near_rows]},
         "exact_rows": int(exact.sum()),
         "near_rows": int(near.sum()),
     }
+
+
+def near_recall(work: Path, near: dict) -> dict[int, float]:
+    """Recall of the planted near copies by bits flipped: the share that ended in their original's
+    cluster. Joins in polars on integer row ids (a dict of every row's cluster was ~15 GB at 100M)."""
+    import polars as pl
+
+    out = pl.scan_parquet(str(work / "dedup" / "0*.parquet")).select(
+        row=pl.col("uid").str.to_integer(base=16), cluster=pl.coalesce("dup_of", "uid").str.to_integer(base=16)
+    )
+    pairs = pl.LazyFrame({"row": near["row"], "source": near["source"], "bits": near["bits"]})
+    joined = pairs.join(out, on="row").join(out.rename({"row": "source", "cluster": "source_cluster"}), on="source")
+    by_bits = (
+        joined.group_by("bits")
+        .agg(recall=(pl.col("cluster") == pl.col("source_cluster")).mean(), pairs=pl.len())
+        .sort("bits")
+        .collect()
+    )
+    assert by_bits["pairs"].sum() == len(near["row"]), "every planted copy has a dedup row"
+    return {int(b): round(float(r), 4) for b, r in by_bits.select("bits", "recall").iter_rows()}
+
+
+# Scratch disk a row takes (measured at 1M rows, 2026-12-02): the crawl-shaped input 0.39 KB; the
+# dedup work files 3.23 KB with six windows (the map's shuffle most of it; fewer windows write less);
+# the exact-only peer run, a copy of the input and 0.07 KB of work files.
+INPUT_KB_PER_ROW, WORK_KB_PER_ROW, EXACT_WORK_KB_PER_ROW = 0.39, 3.23, 0.07
+
+
+def scratch_needed_gb(n: int, peers: bool) -> float:
+    """The scratch disk a run of n rows needs (both runs' files are kept to the end)."""
+    per_row = INPUT_KB_PER_ROW + WORK_KB_PER_ROW + (INPUT_KB_PER_ROW + EXACT_WORK_KB_PER_ROW if peers else 0)
+    return n * per_row / 1e6
+
+
+def tree_gb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9
 
 
 def side_clipline(
@@ -147,7 +185,7 @@ def side_clipline(
     from pipeline.stage import committed_shards, read_marker
     from pipeline.storage import open_storage
 
-    start_ray_warm(2)
+    start_ray_warm(CPUS)
     store = open_storage(work)
     started = time.perf_counter()
     settings = {"images_per_graph_partition": graph_images} if graph_images else {}
@@ -188,7 +226,7 @@ def side_clipline_exact(work: Path) -> dict:
     exact_work = work.parent / (work.name + "-exact")
     shutil.rmtree(exact_work, ignore_errors=True)  # a fresh location each repeat
     shutil.copytree(work / "crawl", exact_work / "crawl")
-    start_ray_warm(2)
+    start_ray_warm(CPUS)
     run = RunConfig(out=str(exact_work), dedup=DedupConfig(near=False, caption=False))
     started = time.perf_counter()
     reports = run_pipeline(list(STAGES), open_storage(exact_work), run, progress=False)
@@ -251,6 +289,8 @@ def main() -> None:
         "--side", choices=("clipline", "clipline_exact", "exact", "exact_int", "near"), help=argparse.SUPPRESS
     )
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", type=Path, default=None, help="where rows and work files go (default: temp dir)")
+    parser.add_argument("--cpus", type=int, default=2, help="the local Ray's CPUs")
     parser.add_argument("--near-windows", type=int, default=6, help="dedup.near_windows (1: the whole image only)")
     parser.add_argument("--graph-images", type=int, default=None, help="dedup.images_per_graph_partition")
     parser.add_argument("--hold-radius-from", type=int, default=None, help="dedup.hold_radius_from")
@@ -265,6 +305,8 @@ def main() -> None:
         help="run clipline again with G graph partitions and check its outputs are byte-identical",
     )
     args = parser.parse_args()
+    global CPUS
+    CPUS = args.cpus
     if args.side:
         fn = {
             "clipline": side_clipline,
@@ -279,10 +321,14 @@ def main() -> None:
             print(json.dumps(fn(args.work)))
         return
 
-    import polars as pl
-
     n = args.rows or (1_000_000 if args.quick else 10_000_000)
-    work = Path(tempfile.mkdtemp(prefix="clipline-bench-dedup-"))
+    scratch = args.scratch or Path(tempfile.gettempdir())
+    if not scratch.is_dir():
+        parser.error(f"--scratch {scratch} is not a directory")
+    need, free = scratch_needed_gb(n, not args.clipline_only), shutil.disk_usage(scratch).free / 1e9
+    if need > free:  # refuse now, not at ENOSPC an hour in
+        parser.error(f"{n:,} rows need ~{need:,.0f} GB of scratch disk; {scratch} has {free:,.0f} GB free (--scratch)")
+    work = Path(tempfile.mkdtemp(prefix="clipline-bench-dedup-", dir=scratch))
     t0 = time.perf_counter()
     truth = make_rows(n, work)
     print(
@@ -297,14 +343,14 @@ def main() -> None:
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     for _ in range(args.repeats):
         for side, done in runs.items():
-            done.append(run_subprocess(__file__, ["--side", side, "--work", str(work)]))
+            done.append(run_subprocess(__file__, ["--side", side, "--work", str(work), "--cpus", str(args.cpus)]))
     for side, done in runs.items():
         results[side] = {
             **sorted(done, key=lambda r: r["seconds"])[len(done) // 2],
             "seconds_runs": [round(r["seconds"], 3) for r in done],
             "peak_rss_mb": max(r["peak_rss_mb"] for r in done),
         }
-    clipline_args = ["--near-windows", str(args.near_windows)]
+    clipline_args = ["--near-windows", str(args.near_windows), "--cpus", str(args.cpus)]
     if args.graph_images:
         clipline_args += ["--graph-images", str(args.graph_images)]
     if args.hold_radius_from:
@@ -312,12 +358,14 @@ def main() -> None:
     if not args.clipline_only:
         results["near"] = run_subprocess(__file__, ["--side", "near", "--work", str(work)])
     results["clipline"] = run_subprocess(__file__, ["--side", "clipline", "--work", str(work), *clipline_args])
+    # Its disk: the input, and every dedup work file (kept to the end of the run).
+    results["clipline"] |= {"input_gb": round(tree_gb(work / "crawl"), 2), "scratch_gb": round(tree_gb(work), 2)}
     same_with = None
     if args.same_with_partitions:  # the graph steps in G partitions: the same bytes as in the run above
         other = work.parent / (work.name + "-partitions")
         shutil.copytree(work / "crawl", other / "crawl")
         graph_images = -(-n // args.same_with_partitions)
-        extra = ["--near-windows", str(args.near_windows), "--graph-images", str(graph_images)]
+        extra = [*clipline_args[:4], "--graph-images", str(graph_images)]  # windows and CPUs as above
         results["clipline_partitions"] = run_subprocess(__file__, ["--side", "clipline", "--work", str(other), *extra])
         outputs = sorted(p.name for p in (work / "dedup").glob("0*.parquet"))
         same = all((work / "dedup" / f).read_bytes() == (other / "dedup" / f).read_bytes() for f in outputs)
@@ -327,15 +375,7 @@ def main() -> None:
         shown = {k: v for k, v in result.items() if k != "neighbours"}
         print(f"{side:<9} {shown}", flush=True)
 
-    # Recall of planted near-dups by distance, and against the brute-force neighbours of the sample.
-    out = pl.read_parquet(str(work / "dedup" / "0*.parquet")).with_columns(
-        row=pl.col("uid").str.to_integer(base=16), cluster=pl.coalesce("dup_of", "uid")
-    )
-    cluster = dict(zip(out["row"].to_list(), out["cluster"].to_list(), strict=True))
-    by_distance: dict[int, list[int]] = {}
-    for row, (src, d) in truth["near"].items():
-        by_distance.setdefault(d, []).append(int(cluster[row] == cluster[src]))
-    recall = {d: round(sum(v) / len(v), 4) for d, v in sorted(by_distance.items())}
+    recall = near_recall(work, truth["near"])  # of the planted near copies, by bits flipped
     clip = results["clipline"]
     summary = {
         "benchmark": "dedup",
@@ -361,8 +401,11 @@ def main() -> None:
         f"clipline dedup (exact + near + caption): {n / clip['seconds']:,.0f} rows/s, peak RSS {clip['peak_rss_mb']} MB"
     )
     if not args.clipline_only:
-        pairs = [(r, j) for r, js in results["near"]["neighbours"].items() for j in js]
-        sample_recall = sum(cluster[int(r)] == cluster[int(j)] for r, j in pairs) / max(1, len(pairs))
+        # Against the brute-force neighbours of the sample: the same join on those pairs.
+        pairs = [(int(r), int(j)) for r, js in results["near"]["neighbours"].items() for j in js]
+        rows, others = [r for r, _ in pairs], [j for _, j in pairs]
+        found = near_recall(work, {"row": rows, "source": others, "bits": [0] * len(pairs)})
+        sample_recall = found.get(0, 0.0) if pairs else 0.0
         exact = results["exact"]
         summary |= {
             "clipline_exact_only": {
@@ -392,7 +435,7 @@ def main() -> None:
     print(f"per-task peak RSS by step (MB): {clip['task_peak_rss_mb']}")
     if same_with:
         print(f"outputs with {same_with['graph_partitions']} graph partitions identical: {same_with['identical']}")
-    shutil.rmtree(work, ignore_errors=True)  # 8 GB at 10M rows
+    shutil.rmtree(work, ignore_errors=True)  # ~36 GB at 10M rows
     shutil.rmtree(work.parent / (work.name + "-exact"), ignore_errors=True)
     suffix = "" if args.near_windows == 6 else f"-windows{args.near_windows}"
     suffix += f"-held{args.hold_radius_from}" if args.hold_radius_from else ""
