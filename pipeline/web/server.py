@@ -96,9 +96,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._answered()
 
     def _answered(self) -> None:
-        """The request leaves the in-flight count once, before its last bytes go out.
+        """The request leaves the in-flight count once: before `_send` writes its response, or at
+        the end of a fault route that writes its own (a cut, a drip, a reset).
 
-        Counting it out after the write would race the client: it may read the whole response and
+        Counting a whole response out after writing it would race the client: it may read it and
         send its next request before this thread runs again, and two requests that never
         overlapped for the client would count as two in flight.
         """
