@@ -403,9 +403,10 @@ def main() -> None:
     if not args.clipline_only:
         # Against the brute-force neighbours of the sample: the same join on those pairs.
         pairs = [(int(r), int(j)) for r, js in results["near"]["neighbours"].items() for j in js]
-        rows, others = [r for r, _ in pairs], [j for _, j in pairs]
-        found = near_recall(work, {"row": rows, "source": others, "bits": [0] * len(pairs)})
-        sample_recall = found.get(0, 0.0) if pairs else 0.0
+        sample_recall = 0.0  # no neighbours in the sample: nothing to find (as before, 0 over max(1, 0))
+        if pairs:
+            rows, others = [r for r, _ in pairs], [j for _, j in pairs]
+            sample_recall = near_recall(work, {"row": rows, "source": others, "bits": [0] * len(pairs)})[0]
         exact = results["exact"]
         summary |= {
             "clipline_exact_only": {
